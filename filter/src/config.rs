@@ -1,0 +1,312 @@
+//! The filter's `pluginConfig`, and the settings it resolves to once the
+//! pod's node metadata is known.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::arn::RoleArn;
+
+/// The label that enables the emulator on a pod; only the exact value
+/// [`ENABLED_VALUE`] enables it.
+pub const ENABLE_LABEL: &str = "gkemulticloud.googleapis.com/aws-imds-emulator-enabled";
+/// The exact label value that enables the emulator.
+pub const ENABLED_VALUE: &str = "True";
+/// The annotation that names the pod's role ARN.
+pub const ROLE_ANNOTATION: &str = "gkemulticloud.googleapis.com/aws-imds-emulator-role-arn";
+
+/// Whether GET requests must carry an IMDSv2 session token.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpTokens {
+    /// IMDSv1 and IMDSv2 both work (the EC2 default).
+    #[default]
+    Optional,
+    /// Only IMDSv2: a GET without a valid token answers 401.
+    Required,
+}
+
+/// The WasmPlugin `pluginConfig`. Every field has a default; unknown fields
+/// are rejected so a typo cannot silently fall back to a default.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Envoy cluster of the token broker (Istio names it
+    /// `outbound|<port>||<host>`).
+    pub broker_cluster: String,
+    /// `:authority` sent to the broker.
+    pub broker_authority: String,
+    /// Timeout of one broker call, in milliseconds (100..=30000).
+    pub broker_timeout_ms: u64,
+    /// Longest time an app request waits for a fetch in flight, in
+    /// milliseconds (0..=950; SDKs give IMDS one second).
+    pub max_wait_ms: u64,
+    /// IMDSv2 enforcement.
+    pub http_tokens: HttpTokens,
+    /// More `:authority` values to answer as IMDS (`host` or `host:port`).
+    pub extra_hosts: Vec<String>,
+    /// Role ARN to serve instead of the pod annotation (outside Istio).
+    pub role_arn: Option<String>,
+    /// Pod name to send the broker instead of node metadata `NAME`.
+    pub pod_name: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            broker_cluster: "outbound|8080||token-broker.imds-mesh.svc.cluster.local".to_owned(),
+            broker_authority: "token-broker.imds-mesh.svc.cluster.local".to_owned(),
+            broker_timeout_ms: 2000,
+            max_wait_ms: 800,
+            http_tokens: HttpTokens::Optional,
+            extra_hosts: Vec::new(),
+            role_arn: None,
+            pod_name: None,
+        }
+    }
+}
+
+/// A configuration the filter refuses, naming the field and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid pluginConfig field `{}`: {}", self.field, self.reason)
+    }
+}
+
+impl Config {
+    /// Parses and checks `pluginConfig` JSON; empty input means all defaults.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, ConfigError> {
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self::default());
+        }
+        let config: Self = serde_json::from_slice(bytes)
+            .map_err(|e| ConfigError { field: field_of(&e.to_string()), reason: e.to_string() })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |field, reason: &str| Err(ConfigError { field, reason: reason.to_owned() });
+        if self.broker_cluster.trim().is_empty() {
+            return fail("broker_cluster", "must not be empty");
+        }
+        if self.broker_authority.trim().is_empty() || self.broker_authority.contains(char::is_whitespace) {
+            return fail("broker_authority", "must be a host name without spaces");
+        }
+        if !(100..=30_000).contains(&self.broker_timeout_ms) {
+            return fail("broker_timeout_ms", "must be within 100..=30000");
+        }
+        if self.max_wait_ms > 950 {
+            return fail("max_wait_ms", "must be at most 950: SDKs give IMDS one second");
+        }
+        if let Some(host) = self.extra_hosts.iter().find(|h| !is_authority(h)) {
+            return fail("extra_hosts", &format!("{host:?} is not a host or host:port"));
+        }
+        if let Some(arn) = &self.role_arn {
+            RoleArn::parse(arn).map_err(|e| ConfigError { field: "role_arn", reason: e.to_string() })?;
+        }
+        if self.pod_name.as_deref().is_some_and(|p| !is_dns_label_path(p)) {
+            return fail("pod_name", "must be a Kubernetes object name");
+        }
+        Ok(())
+    }
+}
+
+/// serde names the unknown or mistyped field in its message; pick it out so
+/// the log line leads with it.
+fn field_of(message: &str) -> &'static str {
+    const FIELDS: &[&str] = &[
+        "broker_cluster",
+        "broker_authority",
+        "broker_timeout_ms",
+        "max_wait_ms",
+        "http_tokens",
+        "extra_hosts",
+        "role_arn",
+        "pod_name",
+    ];
+    if message.starts_with("unknown field") {
+        return "(unknown field)";
+    }
+    FIELDS.iter().find(|f| message.contains(&format!("`{f}`"))).copied().unwrap_or("(document)")
+}
+
+fn is_authority(text: &str) -> bool {
+    !text.is_empty() && text.len() <= 255 && text.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+}
+
+fn is_dns_label_path(text: &str) -> bool {
+    !text.is_empty() && text.len() <= 253 && text.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b))
+}
+
+/// What the filter does for this pod: serve a role, or answer every IMDS
+/// request with 404 (and say why once, at configure time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enablement {
+    Enabled { role: RoleArn, pod: String },
+    Disabled { reason: String },
+}
+
+/// The pod facts Istio puts in node metadata, as raw bytes.
+#[derive(Debug, Default, Clone)]
+pub struct PodMetadata {
+    pub enable_label: Option<Vec<u8>>,
+    pub role_annotation: Option<Vec<u8>>,
+    pub name: Option<Vec<u8>>,
+}
+
+impl Config {
+    /// Decides whether this pod is served, and with which role and pod name.
+    /// A role in the config stands for the annotation and the label (for use
+    /// outside Istio); otherwise the label must be exactly `True`.
+    pub fn enablement(&self, pod: &PodMetadata) -> Enablement {
+        let disabled = |reason: String| Enablement::Disabled { reason };
+        let role = match &self.role_arn {
+            Some(arn) => arn.clone(),
+            None => {
+                match pod.enable_label.as_deref() {
+                    None => return disabled(format!("label {ENABLE_LABEL} is absent")),
+                    Some(label) if label != ENABLED_VALUE.as_bytes() => {
+                        return disabled(format!("label {ENABLE_LABEL} is not exactly \"{ENABLED_VALUE}\""));
+                    }
+                    Some(_) => {}
+                }
+                match &pod.role_annotation {
+                    Some(arn) => String::from_utf8_lossy(arn).into_owned(),
+                    None => return disabled(format!("annotation {ROLE_ANNOTATION} is absent")),
+                }
+            }
+        };
+        let role = match RoleArn::parse(&role) {
+            Ok(role) => role,
+            Err(e) => return disabled(format!("annotation {ROLE_ANNOTATION}: {e}")),
+        };
+        let pod = match (&self.pod_name, &pod.name) {
+            (Some(name), _) => name.clone(),
+            (None, Some(name)) if is_dns_label_path(&String::from_utf8_lossy(name)) => {
+                String::from_utf8_lossy(name).into_owned()
+            }
+            _ => return disabled("node metadata NAME (the pod name) is absent or invalid".to_owned()),
+        };
+        Enablement::Enabled { role, pod }
+    }
+
+    /// Whether an `:authority` is the metadata service's.
+    #[inline]
+    pub fn is_imds_authority(&self, authority: &[u8]) -> bool {
+        matches!(
+            authority,
+            b"169.254.169.254" | b"169.254.169.254:80" | b"[fd00:ec2::254]" | b"[fd00:ec2::254]:80"
+        ) || self.extra_hosts.iter().any(|h| h.as_bytes().eq_ignore_ascii_case(authority))
+    }
+}
+
+/// Whether a connection's original destination (`destination.address`) is
+/// the metadata service, whatever `Host` the app sent.
+#[inline]
+pub fn is_imds_destination(address: &[u8]) -> bool {
+    matches!(address, b"169.254.169.254:80" | b"[fd00:ec2::254]:80")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ARN: &str = "arn:aws:iam::123456789012:role/app";
+
+    fn pod(label: Option<&str>, annotation: Option<&str>, name: Option<&str>) -> PodMetadata {
+        let bytes = |v: Option<&str>| v.map(|s| s.as_bytes().to_vec());
+        PodMetadata { enable_label: bytes(label), role_annotation: bytes(annotation), name: bytes(name) }
+    }
+
+    #[test]
+    fn empty_config_means_defaults() {
+        assert_eq!(Config::from_json(b"").unwrap(), Config::default());
+        assert_eq!(Config::from_json(b" {} ").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn every_field_parses() {
+        let config = Config::from_json(
+            br#"{"broker_cluster":"b","broker_authority":"broker.local","broker_timeout_ms":500,
+                "max_wait_ms":0,"http_tokens":"required","extra_hosts":["metadata.local:8080"],
+                "role_arn":"arn:aws:iam::123456789012:role/app","pod_name":"web-0"}"#,
+        )
+        .unwrap();
+        assert_eq!(config.http_tokens, HttpTokens::Required);
+        assert_eq!(config.max_wait_ms, 0);
+        assert!(config.is_imds_authority(b"METADATA.local:8080"));
+    }
+
+    #[test]
+    fn bad_config_names_the_field() {
+        for (json, field) in [
+            (&br#"{"broker_clustr":"x"}"#[..], "(unknown field)"),
+            (br#"{"http_tokens":"always"}"#, "(document)"),
+            (br#"{"broker_timeout_ms":"2s"}"#, "(document)"),
+            (br#"{"broker_timeout_ms":0}"#, "broker_timeout_ms"),
+            (br#"{"max_wait_ms":1000}"#, "max_wait_ms"),
+            (br#"{"broker_cluster":" "}"#, "broker_cluster"),
+            (br#"{"broker_authority":"a b"}"#, "broker_authority"),
+            (br#"{"extra_hosts":["a b"]}"#, "extra_hosts"),
+            (br#"{"role_arn":"arn:aws:iam::1:role/x"}"#, "role_arn"),
+            (br#"{"pod_name":"Web_0"}"#, "pod_name"),
+            (b"[", "(document)"),
+        ] {
+            let err = Config::from_json(json).unwrap_err();
+            assert_eq!(err.field, field, "{}: {err}", String::from_utf8_lossy(json));
+        }
+        let err = Config::from_json(br#"{"broker_clustr":"x"}"#).unwrap_err();
+        assert!(err.to_string().contains("broker_clustr"), "{err}");
+    }
+
+    #[test]
+    fn only_the_exact_label_value_enables() {
+        let config = Config::default();
+        let enabled = config.enablement(&pod(Some("True"), Some(ARN), Some("web-0")));
+        assert!(matches!(enabled, Enablement::Enabled { ref role, ref pod } if role.name() == "app" && pod == "web-0"));
+        for label in [Some("true"), Some("TRUE"), Some("True "), Some("1"), Some(""), None] {
+            assert!(
+                matches!(config.enablement(&pod(label, Some(ARN), Some("web-0"))), Enablement::Disabled { .. }),
+                "{label:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_missing_or_invalid_annotation_disables_with_a_reason() {
+        let config = Config::default();
+        for (annotation, want) in [(None, "absent"), (Some("arn:aws:iam::123:role/x"), "12 digits")] {
+            match config.enablement(&pod(Some("True"), annotation, Some("web-0"))) {
+                Enablement::Disabled { reason } => assert!(reason.contains(want), "{reason}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(config.enablement(&pod(Some("True"), Some(ARN), None)), Enablement::Disabled { .. }));
+    }
+
+    #[test]
+    fn configured_role_and_pod_stand_in_for_node_metadata() {
+        let config = Config { role_arn: Some(ARN.to_owned()), pod_name: Some("local".to_owned()), ..Config::default() };
+        assert!(matches!(config.enablement(&PodMetadata::default()), Enablement::Enabled { .. }));
+    }
+
+    #[test]
+    fn imds_is_recognised_by_authority_or_original_destination() {
+        let config = Config::default();
+        for authority in ["169.254.169.254", "169.254.169.254:80", "[fd00:ec2::254]", "[fd00:ec2::254]:80"] {
+            assert!(config.is_imds_authority(authority.as_bytes()), "{authority}");
+        }
+        for authority in ["169.254.169.254:8080", "169.254.169.25", "example.com", "", "[fd00:ec2::254]:81"] {
+            assert!(!config.is_imds_authority(authority.as_bytes()), "{authority}");
+        }
+        assert!(is_imds_destination(b"169.254.169.254:80"));
+        assert!(!is_imds_destination(b"169.254.169.254:443"));
+    }
+}

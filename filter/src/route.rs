@@ -1,0 +1,162 @@
+//! Strict, total parsing of IMDS request paths.
+//!
+//! Every byte sequence maps to a route or to a 400 with a reason: no
+//! normalisation is ever applied, so no spelling of a path can reach the
+//! credential route except the one canonical spelling.
+
+/// The longest path accepted. Real IMDS paths are under 100 bytes.
+pub const MAX_PATH: usize = 1024;
+
+/// What an IMDS path asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route<'a> {
+    /// `/<version>/api/token`: the IMDSv2 session token.
+    Token,
+    /// `/<version>/meta-data/iam/security-credentials[/]`: the role list.
+    RoleList,
+    /// `/<version>/meta-data/iam/security-credentials/<role>`.
+    Credentials(&'a str),
+    /// Any other well-formed path: IMDS answers 404.
+    Other,
+}
+
+/// A path that is not a well-formed IMDS path; answered with 400.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadPath(pub &'static str);
+
+/// Parses a request path (`:path`, including any query) into a [`Route`].
+pub fn route(path: &[u8]) -> Result<Route<'_>, BadPath> {
+    if path.len() > MAX_PATH {
+        return Err(BadPath("path too long"));
+    }
+    let Some(rest) = path.strip_prefix(b"/") else {
+        return Err(BadPath("path must start with /"));
+    };
+    for &b in rest {
+        match b {
+            b'?' | b'#' => return Err(BadPath("query strings are not supported")),
+            b'%' => return Err(BadPath("percent-encoded paths are not supported")),
+            b'\\' => return Err(BadPath("backslash in path")),
+            0x21..=0x7e => {}
+            _ => return Err(BadPath("path must be printable ASCII")),
+        }
+    }
+    // Only printable ASCII is left, so this cannot fail.
+    let Ok(rest) = std::str::from_utf8(rest) else {
+        return Err(BadPath("path must be printable ASCII"));
+    };
+    let (rest, trailing_slash) = match rest.strip_suffix('/') {
+        Some(stripped) => (stripped, true),
+        None => (rest, false),
+    };
+    if rest.is_empty() {
+        return Ok(Route::Other);
+    }
+    let mut segments = rest.split('/');
+    if segments.clone().any(|s| s.is_empty()) {
+        return Err(BadPath("empty path segment"));
+    }
+    if segments.clone().any(|s| s == "." || s == "..") {
+        return Err(BadPath("dot segment in path"));
+    }
+    let Some(version) = segments.next() else {
+        return Ok(Route::Other);
+    };
+    if !is_api_version(version) {
+        return Ok(Route::Other);
+    }
+    let tail: [Option<&str>; 5] = std::array::from_fn(|_| segments.next());
+    Ok(match tail {
+        [Some("api"), Some("token"), None, _, _] if !trailing_slash => Route::Token,
+        [Some("meta-data"), Some("iam"), Some("security-credentials"), None, _] => Route::RoleList,
+        [Some("meta-data"), Some("iam"), Some("security-credentials"), Some(role), None] if !trailing_slash => {
+            Route::Credentials(role)
+        }
+        _ => Route::Other,
+    })
+}
+
+/// `latest` or a dated version such as `2016-09-02`.
+fn is_api_version(segment: &str) -> bool {
+    if segment == "latest" {
+        return true;
+    }
+    let b = segment.as_bytes();
+    b.len() == 10
+        && b.iter().enumerate().all(|(i, c)| if i == 4 || i == 7 { *c == b'-' } else { c.is_ascii_digit() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credential_paths_route_for_any_api_version() {
+        for version in ["latest", "2016-09-02", "2009-04-04"] {
+            let list = format!("/{version}/meta-data/iam/security-credentials");
+            assert_eq!(route(list.as_bytes()), Ok(Route::RoleList));
+            assert_eq!(route(format!("{list}/").as_bytes()), Ok(Route::RoleList));
+            assert_eq!(route(format!("{list}/my-role").as_bytes()), Ok(Route::Credentials("my-role")));
+            assert_eq!(route(format!("/{version}/api/token").as_bytes()), Ok(Route::Token));
+        }
+    }
+
+    #[test]
+    fn other_metadata_paths_are_not_found() {
+        for path in [
+            "/",
+            "/latest",
+            "/latest/",
+            "/latest/meta-data/",
+            "/latest/meta-data/instance-id",
+            "/latest/meta-data/iam/info",
+            "/latest/meta-data/iam/security-credentials-extended/",
+            "/latest/meta-data/iam/security-credentials/my-role/",
+            "/latest/meta-data/iam/security-credentials/my-role/extra",
+            "/latest/api/token/",
+            "/latest/dynamic/instance-identity/document",
+            "/v1/credentials",
+            "/2016-9-02/meta-data/iam/security-credentials",
+            "/LATEST/meta-data/iam/security-credentials",
+        ] {
+            assert_eq!(route(path.as_bytes()), Ok(Route::Other), "{path}");
+        }
+    }
+
+    #[test]
+    fn unusual_spellings_are_rejected_not_normalised() {
+        for (path, why) in [
+            (&b"latest/meta-data"[..], "path must start with /"),
+            (b"", "path must start with /"),
+            (b"//latest/meta-data/iam/security-credentials/r", "empty path segment"),
+            (b"/latest//meta-data/iam/security-credentials/r", "empty path segment"),
+            (b"/latest/meta-data/iam/x/../security-credentials/r", "dot segment in path"),
+            (b"/latest/meta-data/./iam/security-credentials/r", "dot segment in path"),
+            (b"/latest/meta-data/iam/security-credentials/%72", "percent-encoded paths are not supported"),
+            (b"/latest/meta-data/iam/security-credentials/r?x=1", "query strings are not supported"),
+            (b"/latest/meta-data/iam/security-credentials/r#f", "query strings are not supported"),
+            (b"/latest\\meta-data", "backslash in path"),
+            (b"/latest/meta data", "path must be printable ASCII"),
+            (b"/latest/\xff\x00", "path must be printable ASCII"),
+        ] {
+            assert_eq!(route(path), Err(BadPath(why)), "{:?}", String::from_utf8_lossy(path));
+        }
+        assert_eq!(route(&[b'/'; MAX_PATH + 1]), Err(BadPath("path too long")));
+    }
+
+    #[test]
+    fn every_short_byte_string_is_answered_without_panicking() {
+        // Exhaustive over a small alphabet that covers every branch.
+        let alphabet = [b'/', b'.', b'a', b'%', b'?', 0u8, 0xff, b'l'];
+        let mut path = Vec::new();
+        for n in 0..(alphabet.len().pow(5)) {
+            path.clear();
+            let mut k = n;
+            for _ in 0..5 {
+                path.push(alphabet[k % alphabet.len()]);
+                k /= alphabet.len();
+            }
+            let _ = route(&path);
+        }
+    }
+}
