@@ -1,0 +1,316 @@
+//! The proxy-wasm shell: translates Envoy's callbacks into calls on the
+//! host-free core and the core's answers back into host calls. No decision
+//! is made here.
+//!
+//! Each Envoy worker (and the main thread) has one root context; the HTTP
+//! contexts of a worker share its [`Worker`] through an `Rc`, since a worker
+//! runs on one thread. Broker calls are made only by root contexts (from
+//! `on_tick`), so no request's lifetime can cut a fetch short.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
+
+use crate::broker::Answer;
+use crate::cache::SharedStore;
+use crate::config::{self, Config, Enablement, PodMetadata};
+use crate::imds::{self, Reply, Responder, Response};
+use crate::metrics;
+use crate::token::KEY_LEN;
+
+/// Tick while nothing waits: refresh-ahead checks, stats flush, pulling
+/// credentials other workers fetched.
+const SLOW_TICK: Duration = Duration::from_millis(1000);
+/// Tick while requests wait for a fetch (and at start-up, to prefetch).
+const FAST_TICK: Duration = Duration::from_millis(20);
+/// Shared-data key of the process-wide IMDSv2 token key.
+const TOKEN_KEY: &str = "imds-mesh/v1/token-key";
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|context_id| Box::new(Root { context_id, ..Root::default() }));
+}}
+
+/// Shared data through proxy-wasm host calls.
+struct HostStore;
+
+impl SharedStore for HostStore {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        match hostcalls::get_shared_data(key) {
+            Ok((Some(value), Some(version))) => Some((value, version)),
+            _ => None,
+        }
+    }
+
+    fn set(&self, key: &str, value: &[u8], version: Option<u32>) -> bool {
+        hostcalls::set_shared_data(key, Some(value), version).is_ok()
+    }
+}
+
+/// Request headers through proxy-wasm host calls.
+struct HostHeaders;
+
+impl imds::RequestHeaders for HostHeaders {
+    fn header(&self, name: &str) -> Option<Vec<u8>> {
+        hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name).ok().flatten()
+    }
+}
+
+fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// What one worker's contexts share.
+struct Worker {
+    responder: Responder,
+    waiters: Vec<Waiter>,
+}
+
+/// A request held until a credential lands or its deadline passes.
+struct Waiter {
+    context_id: u32,
+    deadline_ms: u64,
+}
+
+#[derive(Default)]
+struct Root {
+    context_id: u32,
+    worker: Option<Rc<RefCell<Worker>>>,
+    metric_ids: Vec<u32>,
+    fetch_in_flight: Option<u32>,
+    tick: Option<Duration>,
+}
+
+impl Context for Root {
+    fn on_http_call_response(&mut self, token_id: u32, _headers: usize, body_size: usize, _trailers: usize) {
+        if self.fetch_in_flight != Some(token_id) {
+            return;
+        }
+        self.fetch_in_flight = None;
+        let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .and_then(|s| std::str::from_utf8(&s).ok()?.parse().ok());
+        let retry_after = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, "retry-after").ok().flatten();
+        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten().unwrap_or_default();
+        if let Some(worker) = &self.worker {
+            let answer = Answer { status, retry_after: retry_after.as_deref(), body: &body };
+            worker.borrow_mut().responder.finish_fetch(now_ms(), answer, &HostStore);
+        }
+        self.answer_waiters();
+    }
+}
+
+impl RootContext for Root {
+    fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
+        if let Ok(level) = hostcalls::get_log_level() {
+            proxy_wasm::set_log_level(level);
+        }
+        true
+    }
+
+    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+        let raw = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX).ok().flatten().unwrap_or_default();
+        let config = match Config::from_json(&raw) {
+            Ok(config) => config,
+            Err(e) => {
+                log::error!("imds-mesh: {e}");
+                return false;
+            }
+        };
+        let Some(key) = token_key() else {
+            log::error!("imds-mesh: no randomness for the IMDSv2 token key");
+            return false;
+        };
+        let enablement = config.enablement(&pod_metadata());
+        match &enablement {
+            Enablement::Enabled { role, pod } => log::info!("imds-mesh: serving role {role} for pod {pod}"),
+            Enablement::Disabled { reason } => log::info!("imds-mesh: disabled for this pod ({reason}); IMDS answers 404"),
+        }
+        let responder = Responder::new(config, enablement, &key, &HostStore);
+        self.worker = Some(Rc::new(RefCell::new(Worker { responder, waiters: Vec::new() })));
+        self.metric_ids =
+            metrics::names().iter().filter_map(|name| hostcalls::define_metric(MetricType::Counter, name).ok()).collect();
+        self.set_tick(FAST_TICK);
+        true
+    }
+
+    fn on_tick(&mut self) {
+        let Some(worker) = self.worker.clone() else { return };
+        if self.fetch_in_flight.is_none() {
+            let request = worker.borrow_mut().responder.tick(now_ms(), &HostStore);
+            if let Some(request) = request {
+                self.dispatch(&worker, &request.path, request.timeout_ms);
+            }
+        }
+        self.answer_waiters();
+        let counts: Vec<u64> = worker.borrow_mut().responder.counters.take().collect();
+        for (id, count) in self.metric_ids.iter().zip(counts) {
+            if count > 0 {
+                let _ = hostcalls::increment_metric(*id, i64::try_from(count).unwrap_or(i64::MAX));
+            }
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let worker = self.worker.clone()?;
+        Some(Box::new(Request { context_id, worker }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+impl Root {
+    fn dispatch(&mut self, worker: &Rc<RefCell<Worker>>, path: &str, timeout_ms: u64) {
+        let (cluster, authority) = {
+            let w = worker.borrow();
+            (w.responder.config().broker_cluster.clone(), w.responder.config().broker_authority.clone())
+        };
+        let headers = vec![(":method", "GET"), (":path", path), (":authority", authority.as_str()), ("accept", "application/json")];
+        match hostcalls::dispatch_http_call(&cluster, headers, None, vec![], Duration::from_millis(timeout_ms)) {
+            Ok(token) => self.fetch_in_flight = Some(token),
+            Err(status) => {
+                log::warn!("imds-mesh: cannot call broker cluster {cluster}: {status:?}");
+                let answer = Answer { status: None, retry_after: None, body: &[] };
+                worker.borrow_mut().responder.finish_fetch(now_ms(), answer, &HostStore);
+            }
+        }
+    }
+
+    /// Answers every held request that can be answered now, and picks the
+    /// tick period: fast while any request waits.
+    fn answer_waiters(&mut self) {
+        let Some(worker) = self.worker.clone() else { return };
+        let mut w = worker.borrow_mut();
+        let now = now_ms();
+        let Worker { responder, waiters } = &mut *w;
+        waiters.retain(|waiter| {
+            let Some(response) = responder.resume(now, now >= waiter.deadline_ms, &HostStore) else {
+                return true;
+            };
+            if hostcalls::set_effective_context(waiter.context_id).is_ok() {
+                send(&response);
+            }
+            false
+        });
+        let _ = hostcalls::set_effective_context(self.context_id);
+        let period = if waiters.is_empty() { SLOW_TICK } else { FAST_TICK };
+        drop(w);
+        self.set_tick(period);
+    }
+
+    fn set_tick(&mut self, period: Duration) {
+        if self.tick != Some(period) && hostcalls::set_tick_period(period).is_ok() {
+            self.tick = Some(period);
+        }
+    }
+}
+
+/// One HTTP stream on a worker.
+struct Request {
+    context_id: u32,
+    worker: Rc<RefCell<Worker>>,
+}
+
+impl Context for Request {}
+
+impl HttpContext for Request {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let mut w = self.worker.borrow_mut();
+        let authority = HostHeaders.header_bytes(":authority");
+        let is_imds = authority.as_deref().is_some_and(|a| w.responder.config().is_imds_authority(a))
+            || hostcalls::get_property(vec!["destination", "address"])
+                .ok()
+                .flatten()
+                .is_some_and(|d| config::is_imds_destination(&d));
+        if !is_imds {
+            return Action::Continue;
+        }
+        let method = HostHeaders.header_bytes(":method").unwrap_or_default();
+        let path = HostHeaders.header_bytes(":path").unwrap_or_default();
+        let now = now_ms();
+        let max_wait_ms = w.responder.config().max_wait_ms;
+        let Worker { responder, waiters } = &mut *w;
+        match responder.respond(&method, &path, &HostHeaders, now, &HostStore) {
+            Reply::Respond(response) => send(&response),
+            Reply::Wait if max_wait_ms == 0 => {
+                if let Some(response) = responder.resume(now, true, &HostStore) {
+                    send(&response);
+                }
+            }
+            Reply::Wait => {
+                waiters.push(Waiter { context_id: self.context_id, deadline_ms: now + max_wait_ms });
+                let _ = hostcalls::set_tick_period(FAST_TICK);
+            }
+        }
+        Action::Pause
+    }
+}
+
+impl Drop for Request {
+    fn drop(&mut self) {
+        // A client that hung up while waiting must not be answered later.
+        if let Ok(mut w) = self.worker.try_borrow_mut() {
+            let id = self.context_id;
+            w.waiters.retain(|waiter| waiter.context_id != id);
+        }
+    }
+}
+
+impl HostHeaders {
+    fn header_bytes(&self, name: &str) -> Option<Vec<u8>> {
+        imds::RequestHeaders::header(self, name)
+    }
+}
+
+fn send(response: &Response<'_>) {
+    let ttl = response.token_ttl.map(|t| t.to_string());
+    let mut headers = vec![("content-type", response.content_type)];
+    if let Some(ttl) = &ttl {
+        headers.push((imds::TTL_HEADER, ttl.as_str()));
+    }
+    let body = (!response.body.is_empty()).then_some(&*response.body);
+    let _ = hostcalls::send_http_response(response.status, headers, body);
+}
+
+/// The pod's label, annotation and name from node metadata: `xds.node.*`
+/// on current Envoy, `node.*` on builds older than the xds attributes.
+fn pod_metadata() -> PodMetadata {
+    let read = |path: &[&str]| {
+        ["xds", ""].iter().find_map(|root| {
+            let mut full: Vec<&str> = if root.is_empty() { vec![] } else { vec![root] };
+            full.extend(["node", "metadata"]);
+            full.extend(path);
+            hostcalls::get_property(full).ok().flatten().filter(|v| !v.is_empty())
+        })
+    };
+    PodMetadata {
+        enable_label: read(&["LABELS", config::ENABLE_LABEL]),
+        role_annotation: read(&["ANNOTATIONS", config::ROLE_ANNOTATION]),
+        name: read(&["NAME"]),
+    }
+}
+
+/// The process-wide token key: created by the first root context to
+/// configure, then read by every other.
+fn token_key() -> Option<[u8; KEY_LEN]> {
+    let stored = || {
+        HostStore.get(TOKEN_KEY).and_then(|(bytes, _)| <[u8; KEY_LEN]>::try_from(bytes.as_slice()).ok())
+    };
+    if let Some(key) = stored() {
+        return Some(key);
+    }
+    let mut fresh = [0u8; KEY_LEN];
+    getrandom::fill(&mut fresh).ok()?;
+    HostStore.set(TOKEN_KEY, &fresh, None);
+    stored()
+}
