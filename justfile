@@ -15,6 +15,7 @@ setup:
     rustup component add clippy rustfmt
     scripts/setup-venv.sh "{{venv}}"
     scripts/setup-wasm-bindgen.sh
+    scripts/setup-node.sh
 
 # Build the filter (.wasm, release) and the native crates.
 build:
@@ -45,4 +46,4 @@ lint:
 
 # Filter throughput and latency against Envoy baselines (not a test).
 bench-filter: setup build
-    IMDS_MESH_VENV="{{venv}}" cargo run --release -p integration --bin bench-filter
+    IMDS_MESH_VENV="{{venv}}" cargo run -p integration --bin bench-filter

@@ -4,7 +4,8 @@ use std::fmt;
 
 /// Partitions IAM issues role ARNs in. An ARN in any other partition is a typo
 /// or an attack, never a role STS will accept.
-const PARTITIONS: &[&str] = &["aws", "aws-cn", "aws-us-gov", "aws-iso", "aws-iso-b", "aws-iso-e", "aws-iso-f", "aws-eusc"];
+const PARTITIONS: &[&str] =
+    &["aws", "aws-cn", "aws-us-gov", "aws-iso", "aws-iso-b", "aws-iso-e", "aws-iso-f", "aws-eusc"];
 
 /// IAM limits a role name to 64 characters and an ARN to 2048.
 const MAX_ROLE_NAME: usize = 64;
@@ -62,9 +63,7 @@ impl RoleArn {
         }
         // IAM paths are `/` or `/segment/.../`; ours omit the leading slash
         // because `role/` already supplies it.
-        if path.split('/').any(|segment| segment.bytes().any(|b| !is_path_byte(b)))
-            || path.contains("//")
-        {
+        if path.split('/').any(|segment| segment.bytes().any(|b| !is_path_byte(b))) || path.contains("//") {
             return Err(InvalidArn("invalid role path"));
         }
         Ok(Self { name_start: text.len() - name.len(), arn: text.to_owned() })
@@ -106,6 +105,8 @@ impl fmt::Display for RoleArn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn role_name_is_the_last_path_segment() {

@@ -84,6 +84,8 @@ pub fn error_summary(body: &[u8]) -> String {
 mod tests {
     use super::*;
     use crate::credentials::tests::broker_body;
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn answer(status: u32, body: &[u8]) -> FetchResult {
         read_answer(Answer { status: Some(status), retry_after: Some(b"7"), body })
@@ -111,7 +113,10 @@ mod tests {
         assert_eq!(answer(502, error).unwrap_err().0, Failure::StsError);
         assert_eq!(answer(503, b"upstream connect error").unwrap_err().0, Failure::Unavailable);
         assert_eq!(answer(504, b"").unwrap_err().0, Failure::Timeout);
-        assert_eq!(read_answer(Answer { status: None, retry_after: None, body: b"" }).unwrap_err().0, Failure::Unavailable);
+        assert_eq!(
+            read_answer(Answer { status: None, retry_after: None, body: b"" }).unwrap_err().0,
+            Failure::Unavailable
+        );
     }
 
     #[test]
@@ -124,7 +129,10 @@ mod tests {
 
     #[test]
     fn error_summary_is_bounded_and_ignores_foreign_bodies() {
-        assert_eq!(error_summary(br#"{"Code":"StsError","Message":"InvalidIdentityToken"}"#), "StsError: InvalidIdentityToken");
+        assert_eq!(
+            error_summary(br#"{"Code":"StsError","Message":"InvalidIdentityToken"}"#),
+            "StsError: InvalidIdentityToken"
+        );
         let long = format!(r#"{{"Code":"X","Message":"{}"}}"#, "m".repeat(1000));
         assert_eq!(error_summary(long.as_bytes()).len(), 300);
         assert_eq!(error_summary(b"<html>secret</html>"), "non-contract body of 19 bytes");

@@ -78,10 +78,10 @@ impl CredentialCache {
         if self.serve(now_ms).is_none() {
             self.sync(store);
         }
-        if let Some(credential) = &self.local {
-            if policy::servable(now_ms, credential.expires_at_ms) {
-                return Lookup::Hit(&credential.body);
-            }
+        if let Some(credential) = &self.local
+            && policy::servable(now_ms, credential.expires_at_ms)
+        {
+            return Lookup::Hit(&credential.body);
         }
         let state = self.state(store).map_or_else(FetchState::default, |(s, _)| s);
         match state.last_failure {
@@ -94,13 +94,12 @@ impl CredentialCache {
 
     /// Pulls the shared credential if another worker stored a newer one.
     pub fn sync(&mut self, store: &impl SharedStore) {
-        if let Some((bytes, version)) = store.get(&self.credential_key) {
-            if version != self.version {
-                if let Some(credential) = Credential::decode(&bytes) {
-                    self.local = Some(credential);
-                    self.version = version;
-                }
-            }
+        if let Some((bytes, version)) = store.get(&self.credential_key)
+            && version != self.version
+            && let Some(credential) = Credential::decode(&bytes)
+        {
+            self.local = Some(credential);
+            self.version = version;
         }
     }
 
@@ -188,10 +187,10 @@ pub mod memory {
 
         fn set(&self, key: &str, value: &[u8], version: Option<u32>) -> bool {
             let mut entries = self.entries.borrow_mut();
-            if let (Some(want), Some((_, have))) = (version, entries.get(key)) {
-                if want != *have {
-                    return false;
-                }
+            if let (Some(want), Some((_, have))) = (version, entries.get(key))
+                && want != *have
+            {
+                return false;
             }
             self.next.set(self.next.get() + 1);
             entries.insert(key.to_owned(), (value.to_vec(), self.next.get()));
@@ -206,6 +205,8 @@ mod tests {
     use super::*;
     use crate::credentials::tests::broker_body;
     use crate::policy::REFRESH_BEFORE_MS;
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     const NOW: u64 = 1_800_007_200_000; // 2027-01-15T10:00:00Z
     const TIMEOUT: u64 = 2000;

@@ -142,7 +142,9 @@ fn is_authority(text: &str) -> bool {
 }
 
 fn is_dns_label_path(text: &str) -> bool {
-    !text.is_empty() && text.len() <= 253 && text.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b))
+    !text.is_empty()
+        && text.len() <= 253
+        && text.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b))
 }
 
 /// What the filter does for this pod: serve a role, or answer every IMDS
@@ -200,10 +202,8 @@ impl Config {
     /// Whether an `:authority` is the metadata service's.
     #[inline]
     pub fn is_imds_authority(&self, authority: &[u8]) -> bool {
-        matches!(
-            authority,
-            b"169.254.169.254" | b"169.254.169.254:80" | b"[fd00:ec2::254]" | b"[fd00:ec2::254]:80"
-        ) || self.extra_hosts.iter().any(|h| h.as_bytes().eq_ignore_ascii_case(authority))
+        matches!(authority, b"169.254.169.254" | b"169.254.169.254:80" | b"[fd00:ec2::254]" | b"[fd00:ec2::254]:80")
+            || self.extra_hosts.iter().any(|h| h.as_bytes().eq_ignore_ascii_case(authority))
     }
 }
 
@@ -217,6 +217,8 @@ pub fn is_imds_destination(address: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     const ARN: &str = "arn:aws:iam::123456789012:role/app";
 

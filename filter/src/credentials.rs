@@ -65,11 +65,9 @@ impl Credential {
         if doc.kind != "AWS-HMAC" {
             return Err(BadCredential::WrongType);
         }
-        for (field, value) in [
-            ("AccessKeyId", &doc.access_key_id),
-            ("SecretAccessKey", &doc.secret_access_key),
-            ("Token", &doc.token),
-        ] {
+        for (field, value) in
+            [("AccessKeyId", &doc.access_key_id), ("SecretAccessKey", &doc.secret_access_key), ("Token", &doc.token)]
+        {
             if value.is_empty() {
                 return Err(BadCredential::Empty(field));
             }
@@ -108,16 +106,15 @@ fn parse_utc(text: &str) -> Option<u64> {
 impl fmt::Debug for Credential {
     // The body holds the secret key and session token: never print it.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Credential")
-            .field("expires_at_ms", &self.expires_at_ms)
-            .field("body", &"<redacted>")
-            .finish()
+        f.debug_struct("Credential").field("expires_at_ms", &self.expires_at_ms).field("body", &"<redacted>").finish()
     }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     /// A broker body as the v1 contract specifies it.
     pub(crate) fn broker_body(expiration: &str) -> Vec<u8> {
@@ -134,10 +131,11 @@ pub(crate) mod tests {
         let credential = Credential::from_broker(&broker_body("2027-01-15T11:00:00Z")).unwrap();
         assert_eq!(credential.expires_at_ms, 1_800_010_800_000);
         let text = String::from_utf8(credential.body).unwrap();
-        let order: Vec<usize> = ["Code", "LastUpdated", "Type", "AccessKeyId", "SecretAccessKey", "Token", "Expiration"]
-            .iter()
-            .map(|k| text.find(&format!("\"{k}\"")).unwrap())
-            .collect();
+        let order: Vec<usize> =
+            ["Code", "LastUpdated", "Type", "AccessKeyId", "SecretAccessKey", "Token", "Expiration"]
+                .iter()
+                .map(|k| text.find(&format!("\"{k}\"")).unwrap())
+                .collect();
         assert!(order.windows(2).all(|w| w[0] < w[1]), "{text}");
         assert!(!text.contains("Extra"));
     }

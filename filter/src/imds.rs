@@ -76,9 +76,7 @@ impl Responder {
     /// A responder for this pod; `key` is the process-wide token key.
     pub fn new(config: Config, enablement: Enablement, key: &[u8; KEY_LEN], store: &impl SharedStore) -> Self {
         let served = match enablement {
-            Enablement::Enabled { role, pod } => {
-                Some(Served { cache: CredentialCache::new(&role, store), role, pod })
-            }
+            Enablement::Enabled { role, pod } => Some(Served { cache: CredentialCache::new(&role, store), role, pod }),
             Enablement::Disabled { .. } => None,
         };
         Self { config, served, signer: TokenSigner::new(key), counters: Counters::default() }
@@ -130,10 +128,10 @@ impl Responder {
         let served = self.served.as_mut()?;
         served.cache.sync(store);
         let timeout_ms = self.config.broker_timeout_ms;
-        served.cache.begin_fetch(now_ms, timeout_ms, store).then(|| FetchRequest {
-            path: broker::request_path(&served.role, &served.pod),
-            timeout_ms,
-        })
+        served
+            .cache
+            .begin_fetch(now_ms, timeout_ms, store)
+            .then(|| FetchRequest { path: broker::request_path(&served.role, &served.pod), timeout_ms })
     }
 
     /// Records the broker's answer to the fetch [`tick`](Self::tick) started.
@@ -205,16 +203,14 @@ fn route_request<'a>(
         return respond(kind, text(405, "Method Not Allowed"));
     }
     match headers.header(TOKEN_HEADER) {
-        Some(token) => {
-            if signer.verify(&token, now_ms).is_err() {
-                counters.token_rejected();
-                return respond(kind, text(401, "Unauthorized"));
-            }
+        Some(token) if signer.verify(&token, now_ms).is_err() => {
+            counters.token_rejected();
+            return respond(kind, text(401, "Unauthorized"));
         }
         None if config.http_tokens == HttpTokens::Required => {
             return respond(kind, text(401, "Unauthorized"));
         }
-        None => {}
+        _ => {}
     }
     match route {
         Route::RoleList => respond(
@@ -235,7 +231,9 @@ fn route_request<'a>(
 
 fn credential_reply(lookup: Lookup<'_>) -> Reply<'_> {
     match lookup {
-        Lookup::Hit(body) => Reply::Respond(Response { status: 200, content_type: JSON, token_ttl: None, body: body.into() }),
+        Lookup::Hit(body) => {
+            Reply::Respond(Response { status: 200, content_type: JSON, token_ttl: None, body: body.into() })
+        }
         Lookup::Wait => Reply::Wait,
         Lookup::Fail(failure) if failure.app_status() == 404 => Reply::Respond(text(404, "Not Found")),
         Lookup::Fail(_) => Reply::Respond(text(503, "Service Unavailable")),
@@ -250,6 +248,8 @@ mod tests {
     use crate::cache::memory::MemoryStore;
     use crate::config::PodMetadata;
     use crate::credentials::tests::broker_body;
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     const NOW: u64 = 1_800_007_200_000; // 2027-01-15T10:00:00Z
     const ARN: &str = "arn:aws:iam::123456789012:role/team/app";
@@ -280,7 +280,10 @@ mod tests {
     fn warm(config: Config, store: &MemoryStore) -> Responder {
         let mut r = responder(config, store);
         let fetch = r.tick(NOW, store).unwrap();
-        assert_eq!(fetch.path, "/v1/credentials?role_arn=arn%3Aaws%3Aiam%3A%3A123456789012%3Arole%2Fteam%2Fapp&pod=web-0");
+        assert_eq!(
+            fetch.path,
+            "/v1/credentials?role_arn=arn%3Aaws%3Aiam%3A%3A123456789012%3Arole%2Fteam%2Fapp&pod=web-0"
+        );
         let body = broker_body("2027-01-15T11:00:00Z");
         r.finish_fetch(NOW, Answer { status: Some(200), retry_after: None, body: &body }, store);
         r
@@ -348,7 +351,11 @@ mod tests {
         let mut r = warm(Config::default(), &store);
         assert_eq!(status(&mut r, "PUT", "/latest/api/token", &headers(&[(TTL_HEADER, "21600")]), &store), 200);
         for ttl in ["0", "21601", "abc", ""] {
-            assert_eq!(status(&mut r, "PUT", "/latest/api/token", &headers(&[(TTL_HEADER, ttl)]), &store), 400, "{ttl}");
+            assert_eq!(
+                status(&mut r, "PUT", "/latest/api/token", &headers(&[(TTL_HEADER, ttl)]), &store),
+                400,
+                "{ttl}"
+            );
         }
         assert_eq!(status(&mut r, "PUT", "/latest/api/token", &Headers::default(), &store), 400);
         let proxied = headers(&[(TTL_HEADER, "60"), (FORWARDED_FOR_HEADER, "10.0.0.1")]);

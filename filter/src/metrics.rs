@@ -107,6 +107,8 @@ pub fn names() -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn counts_line_up_with_names_and_reset_on_take() {
@@ -118,8 +120,7 @@ mod tests {
         let names = names();
         let counts: Vec<u64> = counters.take().collect();
         assert_eq!(names.len(), counts.len());
-        let counted: Vec<&str> =
-            names.iter().zip(&counts).filter(|(_, c)| **c > 0).map(|(n, _)| n.as_str()).collect();
+        let counted: Vec<&str> = names.iter().zip(&counts).filter(|(_, c)| **c > 0).map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             counted,
             [

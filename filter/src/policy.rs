@@ -90,7 +90,8 @@ impl Failure {
     /// How long to wait before the next fetch after `failures` consecutive
     /// failures (this one included).
     pub fn backoff_ms(self, failures: u32, retry_after_ms: Option<u64>) -> u64 {
-        let exponential = BACKOFF_BASE_MS.saturating_mul(1 << failures.clamp(1, 7).saturating_sub(1)).min(BACKOFF_MAX_MS);
+        let exponential =
+            BACKOFF_BASE_MS.saturating_mul(1 << failures.clamp(1, 7).saturating_sub(1)).min(BACKOFF_MAX_MS);
         match self {
             Self::Invalid => 60_000,
             Self::Unauthenticated | Self::Denied => 30_000,
@@ -159,6 +160,8 @@ pub fn servable(now_ms: u64, expires_at_ms: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     const NOW: u64 = 1_800_000_000_000;
     const MIN: u64 = 60_000;

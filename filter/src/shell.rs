@@ -71,6 +71,18 @@ fn now_ms() -> u64 {
 struct Worker {
     responder: Responder,
     waiters: Vec<Waiter>,
+    /// The tick period last set for this worker's root context.
+    tick: Option<Duration>,
+}
+
+impl Worker {
+    /// Sets the root context's tick period (a host call from any context of
+    /// the worker sets its root's period) unless it already is `period`.
+    fn set_tick(&mut self, period: Duration) {
+        if self.tick != Some(period) && hostcalls::set_tick_period(period).is_ok() {
+            self.tick = Some(period);
+        }
+    }
 }
 
 /// A request held until a credential lands or its deadline passes.
@@ -85,7 +97,6 @@ struct Root {
     worker: Option<Rc<RefCell<Worker>>>,
     metric_ids: Vec<u32>,
     fetch_in_flight: Option<u32>,
-    tick: Option<Duration>,
 }
 
 impl Context for Root {
@@ -98,8 +109,10 @@ impl Context for Root {
             .ok()
             .flatten()
             .and_then(|s| std::str::from_utf8(&s).ok()?.parse().ok());
-        let retry_after = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, "retry-after").ok().flatten();
-        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten().unwrap_or_default();
+        let retry_after =
+            hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, "retry-after").ok().flatten();
+        let body =
+            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten().unwrap_or_default();
         if let Some(worker) = &self.worker {
             let answer = Answer { status, retry_after: retry_after.as_deref(), body: &body };
             worker.borrow_mut().responder.finish_fetch(now_ms(), answer, &HostStore);
@@ -117,7 +130,8 @@ impl RootContext for Root {
     }
 
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        let raw = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX).ok().flatten().unwrap_or_default();
+        let raw =
+            hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX).ok().flatten().unwrap_or_default();
         let config = match Config::from_json(&raw) {
             Ok(config) => config,
             Err(e) => {
@@ -132,13 +146,18 @@ impl RootContext for Root {
         let enablement = config.enablement(&pod_metadata());
         match &enablement {
             Enablement::Enabled { role, pod } => log::info!("imds-mesh: serving role {role} for pod {pod}"),
-            Enablement::Disabled { reason } => log::info!("imds-mesh: disabled for this pod ({reason}); IMDS answers 404"),
+            Enablement::Disabled { reason } => {
+                log::info!("imds-mesh: disabled for this pod ({reason}); IMDS answers 404")
+            }
         }
         let responder = Responder::new(config, enablement, &key, &HostStore);
-        self.worker = Some(Rc::new(RefCell::new(Worker { responder, waiters: Vec::new() })));
-        self.metric_ids =
-            metrics::names().iter().filter_map(|name| hostcalls::define_metric(MetricType::Counter, name).ok()).collect();
-        self.set_tick(FAST_TICK);
+        let mut worker = Worker { responder, waiters: Vec::new(), tick: None };
+        worker.set_tick(FAST_TICK); // prefetch promptly
+        self.worker = Some(Rc::new(RefCell::new(worker)));
+        self.metric_ids = metrics::names()
+            .iter()
+            .filter_map(|name| hostcalls::define_metric(MetricType::Counter, name).ok())
+            .collect();
         true
     }
 
@@ -175,7 +194,12 @@ impl Root {
             let w = worker.borrow();
             (w.responder.config().broker_cluster.clone(), w.responder.config().broker_authority.clone())
         };
-        let headers = vec![(":method", "GET"), (":path", path), (":authority", authority.as_str()), ("accept", "application/json")];
+        let headers = vec![
+            (":method", "GET"),
+            (":path", path),
+            (":authority", authority.as_str()),
+            ("accept", "application/json"),
+        ];
         match hostcalls::dispatch_http_call(&cluster, headers, None, vec![], Duration::from_millis(timeout_ms)) {
             Ok(token) => self.fetch_in_flight = Some(token),
             Err(status) => {
@@ -192,7 +216,7 @@ impl Root {
         let Some(worker) = self.worker.clone() else { return };
         let mut w = worker.borrow_mut();
         let now = now_ms();
-        let Worker { responder, waiters } = &mut *w;
+        let Worker { responder, waiters, .. } = &mut *w;
         waiters.retain(|waiter| {
             let Some(response) = responder.resume(now, now >= waiter.deadline_ms, &HostStore) else {
                 return true;
@@ -204,14 +228,7 @@ impl Root {
         });
         let _ = hostcalls::set_effective_context(self.context_id);
         let period = if waiters.is_empty() { SLOW_TICK } else { FAST_TICK };
-        drop(w);
-        self.set_tick(period);
-    }
-
-    fn set_tick(&mut self, period: Duration) {
-        if self.tick != Some(period) && hostcalls::set_tick_period(period).is_ok() {
-            self.tick = Some(period);
-        }
+        w.set_tick(period);
     }
 }
 
@@ -239,7 +256,7 @@ impl HttpContext for Request {
         let path = HostHeaders.header_bytes(":path").unwrap_or_default();
         let now = now_ms();
         let max_wait_ms = w.responder.config().max_wait_ms;
-        let Worker { responder, waiters } = &mut *w;
+        let Worker { responder, waiters, .. } = &mut *w;
         match responder.respond(&method, &path, &HostHeaders, now, &HostStore) {
             Reply::Respond(response) => send(&response),
             Reply::Wait if max_wait_ms == 0 => {
@@ -249,7 +266,7 @@ impl HttpContext for Request {
             }
             Reply::Wait => {
                 waiters.push(Waiter { context_id: self.context_id, deadline_ms: now + max_wait_ms });
-                let _ = hostcalls::set_tick_period(FAST_TICK);
+                w.set_tick(FAST_TICK);
             }
         }
         Action::Pause
@@ -303,9 +320,7 @@ fn pod_metadata() -> PodMetadata {
 /// The process-wide token key: created by the first root context to
 /// configure, then read by every other.
 fn token_key() -> Option<[u8; KEY_LEN]> {
-    let stored = || {
-        HostStore.get(TOKEN_KEY).and_then(|(bytes, _)| <[u8; KEY_LEN]>::try_from(bytes.as_slice()).ok())
-    };
+    let stored = || HostStore.get(TOKEN_KEY).and_then(|(bytes, _)| <[u8; KEY_LEN]>::try_from(bytes.as_slice()).ok());
     if let Some(key) = stored() {
         return Some(key);
     }

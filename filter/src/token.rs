@@ -119,6 +119,8 @@ impl TokenSigner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     const NOW: u64 = 1_800_000_000_000;
 
@@ -165,7 +167,7 @@ mod tests {
         raw[7] ^= 0x01; // stretch the expiry
         let tampered = URL_SAFE_NO_PAD.encode(&raw);
         assert_eq!(s.verify(tampered.as_bytes(), NOW), Err(BadToken::Forged));
-        for junk in [&b""[..], b"x", b"!!!!", &[0xff; 32], token[..token.len() - 1].as_bytes()] {
+        for junk in [&b""[..], b"x", b"!!!!", &[0xff; 32], &token.as_bytes()[..token.len() - 1]] {
             assert_eq!(s.verify(junk, NOW), Err(BadToken::Malformed));
         }
     }

@@ -38,7 +38,12 @@ impl Scripted {
             "Token": format!("harness-session-token-{call}"),
             "Expiration": format(expiration),
         });
-        Self { status: 200, headers: vec![("content-type".into(), "application/json".into())], body: body.to_string(), delay: Duration::ZERO }
+        Self {
+            status: 200,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: body.to_string(),
+            delay: Duration::ZERO,
+        }
     }
 
     /// A v1 failure with its JSON body.
@@ -142,12 +147,12 @@ async fn answer(State(shared): State<Arc<Shared>>, RawQuery(query): RawQuery, he
         }
     };
     tokio::time::sleep(scripted.delay).await;
-    let mut response = (StatusCode::from_u16(scripted.status).unwrap_or(StatusCode::IM_A_TEAPOT), scripted.body).into_response();
+    let mut response =
+        (StatusCode::from_u16(scripted.status).unwrap_or(StatusCode::IM_A_TEAPOT), scripted.body).into_response();
     for (name, value) in &scripted.headers {
-        if let (Ok(name), Ok(value)) = (
-            axum::http::HeaderName::from_bytes(name.as_bytes()),
-            axum::http::HeaderValue::from_str(value),
-        ) {
+        if let (Ok(name), Ok(value)) =
+            (axum::http::HeaderName::from_bytes(name.as_bytes()), axum::http::HeaderValue::from_str(value))
+        {
             response.headers_mut().insert(name, value);
         }
     }

@@ -163,16 +163,19 @@ impl EnvoyBuilder {
 
     /// The broker cluster name the filter config points at.
     fn broker_cluster(&self) -> String {
-        self.config.get("broker_cluster").and_then(Value::as_str).unwrap_or_default().to_owned()
+        match self.config.get("broker_cluster").and_then(Value::as_str) {
+            Some(cluster) => cluster.to_owned(),
+            None => Config::default().broker_cluster,
+        }
     }
 
     /// The Envoy bootstrap for this sidecar, listening on the given ports.
     pub fn bootstrap(&self, ports: &Ports) -> Value {
         let mut config = self.config.clone();
-        if self.sdk_endpoint {
-            if let Some(hosts) = config.get_mut("extra_hosts").and_then(Value::as_array_mut) {
-                hosts.push(Value::from(format!("127.0.0.1:{}", ports.filter)));
-            }
+        if self.sdk_endpoint
+            && let Some(hosts) = config.get_mut("extra_hosts").and_then(Value::as_array_mut)
+        {
+            hosts.push(Value::from(format!("127.0.0.1:{}", ports.filter)));
         }
         let closed = SocketAddr::from(([127, 0, 0, 1], 9)); // discard port: nothing listens
         let upstream = self.upstream.unwrap_or(closed);
@@ -333,10 +336,7 @@ impl Envoy {
 
     /// Everything Envoy has logged so far.
     pub fn log(&self) -> String {
-        self.dir
-            .as_ref()
-            .and_then(|d| std::fs::read_to_string(d.path().join("envoy.log")).ok())
-            .unwrap_or_default()
+        self.dir.as_ref().and_then(|d| std::fs::read_to_string(d.path().join("envoy.log")).ok()).unwrap_or_default()
     }
 
     /// Where this Envoy's bootstrap and log live.
@@ -349,15 +349,15 @@ impl Drop for Envoy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if std::thread::panicking() {
-            if let Some(dir) = self.dir.take() {
-                let kept = dir.keep();
-                let log = std::fs::read_to_string(kept.join("envoy.log")).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(80).collect();
-                eprintln!("--- Envoy log (kept in {}), last lines:", kept.display());
-                for line in tail.iter().rev() {
-                    eprintln!("{line}");
-                }
+        if std::thread::panicking()
+            && let Some(dir) = self.dir.take()
+        {
+            let kept = dir.keep();
+            let log = std::fs::read_to_string(kept.join("envoy.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(80).collect();
+            eprintln!("--- Envoy log (kept in {}), last lines:", kept.display());
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
             }
         }
     }

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs the system tools the recipes need that neither cargo nor the venv
+# provides: `wrk` (Debian package) for `just bench-filter`. Idempotent: calls
+# apt-get only when a tool is missing, so a provisioned machine needs no root.
+set -euo pipefail
+missing=()
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+if [[ ${#missing[@]} -eq 0 ]]; then
+    exit 0
+fi
+sudo=()
+if [[ $(id -u) -ne 0 ]]; then
+    sudo=(sudo)
+fi
+"${sudo[@]}" apt-get update -qq
+"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
