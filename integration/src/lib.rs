@@ -21,11 +21,13 @@
 //! - [`paths`]: where the venv, the Envoy binary and the built filter live.
 //! - [`envoy`]: the sidecar bootstrap and the running Envoy.
 //! - [`broker`]: a scripted broker speaking the v1 contract.
+//! - [`clients`]: real AWS SDK clients (Python, node) as child processes.
 //! - [`upstream`]: a plain HTTP upstream that records what reaches it.
 //! - [`http`]: a raw HTTP/1.1 client, able to send what real clients would not.
 //! - [`wait`]: polling for eventual states without timing assumptions.
 
 pub mod broker;
+pub mod clients;
 pub mod envoy;
 pub mod http;
 pub mod paths;

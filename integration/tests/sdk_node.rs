@@ -8,7 +8,8 @@
 use std::time::Duration;
 
 use integration::broker::access_key_id;
-use integration::{Envoy, HOUR, Scripted, ScriptedBroker, paths, wait};
+use integration::clients::SdkClient;
+use integration::{Envoy, HOUR, Scripted, ScriptedBroker, wait};
 use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -42,32 +43,10 @@ async fn smithy_imds_provider_with_imdsv1_disabled_resolves_credentials_over_imd
 
 /// Runs `smithy-imds.mjs` against `envoy` and returns what it printed.
 async fn smithy_imds(envoy: &Envoy, env: &[(&str, &str)]) -> Value {
-    let clients = paths::repo_root().join("integration/clients");
-    assert!(
-        clients.join("node_modules/@smithy/credential-provider-imds").exists(),
-        "{} has no node_modules: run scripts/setup-node.sh (`just setup`)",
-        clients.display()
-    );
-    // Nothing from the developer's ~/.aws or AWS_* environment may steer the
-    // provider (a profile can set the endpoint or disable IMDSv1).
-    let no_config = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let mut node = tokio::process::Command::new("node");
-    node.arg(clients.join("smithy-imds.mjs")).current_dir(&clients).kill_on_drop(true);
-    for (name, _) in std::env::vars_os().filter(|(name, _)| name.to_string_lossy().starts_with("AWS_")) {
-        node.env_remove(name);
-    }
-    node.env("AWS_CONFIG_FILE", no_config.path().join("config"))
-        .env("AWS_SHARED_CREDENTIALS_FILE", no_config.path().join("credentials"))
-        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", envoy.endpoint())
-        .envs(env.iter().copied());
-    let output = tokio::time::timeout(wait::PATIENCE, node.output())
+    env.iter()
+        .fold(SdkClient::node("smithy-imds.mjs", envoy), |client, (name, value)| client.env(name, value))
+        .run()
         .await
-        .unwrap_or_else(|_| panic!("node smithy-imds.mjs took longer than {:?}", wait::PATIENCE))
-        .unwrap_or_else(|e| panic!("run node (is it installed?): {e}"));
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "smithy-imds.mjs failed with {}:\n{stderr}{stdout}", output.status);
-    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("smithy-imds.mjs printed no JSON ({e}):\n{stdout}"))
 }
 
 /// The credentials are the broker's first issue (call 0), expiring in about

@@ -1,0 +1,70 @@
+//! Real AWS SDK clients run as child processes against an Envoy, with
+//! nothing from the developer's `~/.aws` or `AWS_*` environment steering them
+//! (a profile can set the endpoint or disable IMDSv1).
+
+use std::ffi::OsStr;
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+use crate::{Envoy, paths, wait};
+
+/// A client program pointed at `envoy`'s IMDS endpoint.
+pub struct SdkClient {
+    command: tokio::process::Command,
+    name: String,
+    _no_config: TempDir,
+}
+
+impl SdkClient {
+    /// `program args...` with a clean AWS environment whose only IMDS
+    /// setting is `AWS_EC2_METADATA_SERVICE_ENDPOINT`.
+    pub fn new(program: impl AsRef<OsStr>, args: &[&OsStr], envoy: &Envoy) -> Self {
+        let no_config = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let mut command = tokio::process::Command::new(program.as_ref());
+        command.args(args).kill_on_drop(true);
+        for (name, _) in std::env::vars_os().filter(|(name, _)| name.to_string_lossy().starts_with("AWS_")) {
+            command.env_remove(name);
+        }
+        command
+            .env("HOME", no_config.path())
+            .env("AWS_CONFIG_FILE", no_config.path().join("config"))
+            .env("AWS_SHARED_CREDENTIALS_FILE", no_config.path().join("credentials"))
+            .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", envoy.endpoint());
+        let name = args.last().map_or_else(|| program.as_ref(), |a| a).to_string_lossy().into_owned();
+        Self { command, name, _no_config: no_config }
+    }
+
+    /// The venv's Python running `integration/clients/<script>`.
+    pub fn python(script: &str, envoy: &Envoy) -> Self {
+        let script = paths::repo_root().join("integration/clients").join(script);
+        Self::new(paths::python(), &[script.as_os_str()], envoy)
+    }
+
+    /// node running `integration/clients/<script>`.
+    pub fn node(script: &str, envoy: &Envoy) -> Self {
+        let clients = paths::repo_root().join("integration/clients");
+        assert!(clients.join("node_modules").exists(), "{} has no node_modules: run `just setup`", clients.display());
+        let mut client = Self::new("node", &[clients.join(script).as_os_str()], envoy);
+        client.command.current_dir(&clients);
+        client
+    }
+
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.command.env(name, value);
+        self
+    }
+
+    /// Runs the client and returns the JSON it printed; panics with its
+    /// output if it failed.
+    pub async fn run(mut self) -> Value {
+        let output = tokio::time::timeout(wait::PATIENCE, self.command.output())
+            .await
+            .unwrap_or_else(|_| panic!("{} took longer than {:?}", self.name, wait::PATIENCE))
+            .unwrap_or_else(|e| panic!("run {}: {e}", self.name));
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{} failed with {}:\n{stderr}{stdout}", self.name, output.status);
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{} printed no JSON ({e}):\n{stdout}", self.name))
+    }
+}
