@@ -3,7 +3,8 @@
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
 venv := justfile_directory() / ".venv"
-wasm := justfile_directory() / "target/wasm32-wasip1/release/imds_filter.wasm"
+target := env_var_or_default("CARGO_TARGET_DIR", justfile_directory() / "target")
+wasm := target / "imds-mesh/imds_filter.wasm"
 
 # List the recipes.
 default:
@@ -11,15 +12,20 @@ default:
 
 # Install everything the build and the tests need (idempotent).
 setup:
+    scripts/setup-system.sh
     rustup target add wasm32-wasip1 wasm32-unknown-unknown
     rustup component add clippy rustfmt
     scripts/setup-venv.sh "{{venv}}"
     scripts/setup-wasm-bindgen.sh
     scripts/setup-node.sh
 
-# Build the filter (.wasm, release) and the native crates.
+# Build the filter: release .wasm, then binaryen's optimiser (the shipped artifact).
 build:
     cargo build --release -p imds-filter --target wasm32-wasip1
+    mkdir -p "$(dirname "{{wasm}}")"
+    wasm-opt -O3 --enable-bulk-memory --enable-mutable-globals --enable-nontrapping-float-to-int \
+        --enable-sign-ext --strip-debug --strip-producers \
+        "{{target}}/wasm32-wasip1/release/imds_filter.wasm" -o "{{wasm}}"
     @ls -l "{{wasm}}" | awk '{print "filter: " $5 " bytes, " $9}'
 
 # Run every test this machine can run: lint, unit (native and wasm32), integration.
@@ -36,7 +42,7 @@ test-wasm:
 
 # Real Envoy, real clients, started by the harness.
 test-integration: build
-    IMDS_MESH_VENV="{{venv}}" cargo test -p integration --tests
+    IMDS_MESH_VENV="{{venv}}" IMDS_MESH_WASM="{{wasm}}" cargo test -p integration --tests
 
 # fmt check and clippy (warnings denied) for the host and the wasm target.
 lint:
@@ -46,4 +52,4 @@ lint:
 
 # Filter throughput and latency against Envoy baselines (not a test).
 bench-filter: setup build
-    IMDS_MESH_VENV="{{venv}}" cargo run -p integration --bin bench-filter
+    IMDS_MESH_VENV="{{venv}}" IMDS_MESH_WASM="{{wasm}}" cargo run -p integration --bin bench-filter

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs the system tools the recipes need that neither cargo nor the venv
-# provides: `wrk` (Debian package) for `just bench-filter`. Idempotent: calls
+# provides, from Debian packages: `wasm-opt` (binaryen) for `just build` and
+# `wrk` for `just bench-filter`. Idempotent: calls
 # apt-get only when a tool is missing, so a provisioned machine needs no root.
 set -euo pipefail
 missing=()
+command -v wasm-opt >/dev/null 2>&1 || missing+=(binaryen)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 if [[ ${#missing[@]} -eq 0 ]]; then
     exit 0

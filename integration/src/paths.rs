@@ -25,12 +25,12 @@ pub fn python() -> PathBuf {
     venv().join("bin/python")
 }
 
-/// The release build of the filter (`just build`).
+/// The optimised release build of the filter (`just build`).
 pub fn filter_wasm() -> PathBuf {
     let wasm = std::env::var_os("IMDS_MESH_WASM").map_or_else(
         || {
             let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo_root().join("target"), PathBuf::from);
-            target.join("wasm32-wasip1/release/imds_filter.wasm")
+            target.join("imds-mesh/imds_filter.wasm")
         },
         PathBuf::from,
     );

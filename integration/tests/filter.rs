@@ -468,6 +468,28 @@ async fn requests_tokens_cache_and_fetches_are_counted_in_envoy_stats() {
     assert_eq!(stats["imds_mesh.broker_fetches.success"], 1);
 }
 
+// --- secrets -----------------------------------------------------------------------
+
+#[tokio::test]
+async fn no_key_secret_or_token_reaches_the_envoy_log() {
+    let broker = ScriptedBroker::start(|n| match n {
+        0 => Scripted::error(503, "Unavailable", "warming up"),
+        _ => Scripted::credentials_for(REFRESH_BEFORE + Duration::from_secs(2), n),
+    })
+    .await;
+    let envoy = Envoy::sidecar().broker(&broker).start().await;
+    let token = envoy.imds(Req::token("60")).await.body_text();
+    let key = served_key(&envoy).await;
+    envoy.imds(Req::get(CREDENTIALS_PATH).header("X-aws-ec2-metadata-token", &token)).await;
+    envoy.imds(Req::get(CREDENTIALS_PATH).header("X-aws-ec2-metadata-token", &format!("{token}x"))).await;
+    wait::until("a refresh", || async { (broker.call_count() >= 3).then_some(()) }).await;
+    let log = envoy.log();
+    assert!(log.contains("credentials for arn:aws:iam::123456789012:role/app"), "the run logged nothing useful");
+    for secret in [token.as_str(), key.as_str(), "harness-secret-", "harness-session-token-"] {
+        assert!(!log.contains(secret), "the log contains {secret:?}");
+    }
+}
+
 /// Runs `n` requests concurrently, each on its own connection.
 async fn futures_join<'a, F, Fut>(n: usize, make: F) -> Vec<Reply>
 where

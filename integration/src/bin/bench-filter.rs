@@ -10,14 +10,17 @@
 //! - c: `Host: app.example.com` through the filter to the upstream.
 //! - d: the same on the listener without the filter, the baseline for c.
 //!
-//! Reading the output: each round prints req/s and p99 per case; the rounds
-//! interleave the cases (rotating which goes first) and the summary takes the
-//! median per case. `b/a` is the filter's local answer against Envoy's own
-//! (target >= 0.90); `c/d` is what the filter costs traffic it only looks at
-//! (target >= 0.97); the .wasm size is held against 250 KB. PASS/MISS are
-//! information, not a verdict: the exit code is 0 whenever the benchmark ran.
-//! Absolute figures depend on the machine and its neighbours; compare the
-//! ratios, and look at the per-round spread before trusting a near miss.
+//! Reading the output: one line per round with req/s and p99 per case, then
+//! the median per case over the rounds, then the targets. A ratio is taken
+//! within each round, between a case and its baseline run right next to it,
+//! and the median of those per-round ratios is held against the target:
+//! `b/a` >= 0.90 (the filter's local answer vs Envoy's own), `c/d` >= 0.97
+//! (what the filter costs traffic it only looks at), and the .wasm against
+//! 250 KB. PASS/MISS are information, not a verdict: the exit code is 0
+//! whenever the benchmark ran. Absolute figures depend on the machine and its
+//! neighbours; compare ratios, and read the per-round spread before trusting
+//! a near miss. Last, the filter's own cache-hit counter shows that b was
+//! answered from the cache (one broker call for the whole run).
 //!
 //! Usage: `just bench-filter`, or
 //! `cargo run -p integration --bin bench-filter -- [--workers N] [--rounds N]
@@ -46,9 +49,15 @@ const WRK_THREADS: u32 = 1;
 /// Unmeasured load per case before the rounds: lets V8 tier the filter up
 /// and Envoy fill its upstream connection pool.
 const WARM_UP_SECS: u32 = 1;
+const IMDS_HOST: &str = "169.254.169.254";
 /// Passthrough cases send this; the upstream answers any path alike.
 const PASSTHROUGH_HOST: &str = "app.example.com";
 const PASSTHROUGH_PATH: &str = "/app/data";
+/// Case indices, in [`Bench::cases`] order.
+const A: usize = 0;
+const B: usize = 1;
+const C: usize = 2;
+const D: usize = 3;
 /// Marks the line our `done` hook prints among wrk's own output.
 const WRK_MARK: &str = "imds-mesh-bench";
 /// wrk's `--latency` table rounds to two decimals in changing units, so a
@@ -70,9 +79,12 @@ struct Options {
     /// and one wrk thread each get a core; a second worker would share a
     /// core with wrk and measure the scheduler as much as the filter.
     workers: u32,
-    /// Interleaved rounds; the summary is the median over them.
+    /// Rounds of all four cases. 6 short rounds rather than 3 long ones:
+    /// the neighbours' load drifts over seconds, and finer interleaving
+    /// spreads a slow spell over every case instead of one.
     rounds: u32,
-    /// Seconds per case per round.
+    /// Seconds per case per round: 3 s is ~10^4 requests or more, plenty
+    /// for a p99.
     duration_secs: u32,
     /// Keep-alive connections. 16 keeps the single worker busy (it always
     /// has requests queued, so loopback round trips do not idle it) while
@@ -82,7 +94,7 @@ struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self { workers: 1, rounds: 3, duration_secs: 5, connections: 16 }
+        Self { workers: 1, rounds: 6, duration_secs: 3, connections: 16 }
     }
 }
 
@@ -125,12 +137,6 @@ struct Case {
     path: &'static str,
 }
 
-impl Case {
-    fn new(key: &'static str, what: &'static str, addr: SocketAddr, host: &'static str, path: &'static str) -> Self {
-        Self { key, what, addr, host, path }
-    }
-}
-
 /// What one wrk run measured.
 #[derive(Debug, Clone, Copy)]
 struct Sample {
@@ -142,128 +148,98 @@ struct Sample {
     errors: u64,
 }
 
+/// How long and how wide one wrk run is.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    connections: u32,
+    secs: u32,
+}
+
 // Current-thread on purpose: the broker, the upstream and this driver share
 // one thread, so the bench process takes as little CPU as it can from Envoy
 // and wrk. wrk runs as an async child, so the upstream keeps serving.
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let options = match Options::parse(std::env::args().skip(1)) {
-        Ok(options) => options,
-        Err(message) => {
-            eprintln!("{message}");
-            return if message == USAGE { ExitCode::SUCCESS } else { ExitCode::from(2) };
+    match Options::parse(std::env::args().skip(1)) {
+        Ok(options) => match run(options).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(problem) => {
+                eprintln!("bench-filter: {problem}");
+                ExitCode::FAILURE
+            }
+        },
+        Err(usage) if usage == USAGE => {
+            println!("{USAGE}");
+            ExitCode::SUCCESS
         }
-    };
-    let Some(wrk_version) = wrk_version().await else {
-        eprintln!("`wrk` is not installed: run scripts/setup-system.sh (Debian package `wrk`)");
-        return ExitCode::FAILURE;
-    };
-    let wasm = paths::filter_wasm();
-    let wasm_size = std::fs::metadata(&wasm).map(|m| m.len()).unwrap_or(0);
-
-    // One broker answer, reused for every call, so the served body is known
-    // before Envoy starts: the direct_response listener needs it in its
-    // bootstrap. It is checked against what the filter really serves below.
-    let answer = Scripted::credentials_for(HOUR, 0);
-    let body = match Credential::from_broker(answer.body.as_bytes()) {
-        Ok(credential) => credential.body,
-        Err(e) => {
-            eprintln!("the scripted broker's credential does not validate: {e}");
-            return ExitCode::FAILURE;
+        Err(problem) => {
+            eprintln!("{problem}");
+            ExitCode::from(2)
         }
-    };
-    let broker = ScriptedBroker::start(move |_| answer.clone()).await;
-    let upstream = Upstream::start().await;
-    let envoy = Envoy::sidecar()
-        .broker(&broker)
-        .upstream(&upstream)
-        .workers(options.workers)
-        .direct_response(body.clone())
-        .start()
-        .await;
-    let Some(direct_addr) = envoy.direct_addr else {
-        eprintln!("the harness started Envoy without the direct_response listener");
-        return ExitCode::FAILURE;
-    };
-    const IMDS: &str = "169.254.169.254";
-    let cases = [
-        Case::new("a", "direct_response, no filter", direct_addr, IMDS, CREDENTIALS_PATH),
-        Case::new("b", "filter, IMDS credentials from cache", envoy.addr, IMDS, CREDENTIALS_PATH),
-        Case::new("c", "filter, passthrough to upstream", envoy.addr, PASSTHROUGH_HOST, PASSTHROUGH_PATH),
-        Case::new("d", "no filter, passthrough to upstream", envoy.plain_addr, PASSTHROUGH_HOST, PASSTHROUGH_PATH),
-    ];
-
-    let served = wait::until("the filter to serve the credential", || async {
-        let reply = envoy.imds(Req::get(CREDENTIALS_PATH)).await;
-        (reply.status == 200).then_some(reply.body)
-    })
-    .await;
-    if let Err(problem) = check_answers(&cases, &served, &body).await {
-        eprintln!("not benchmarking: {problem}");
-        return ExitCode::FAILURE;
     }
+}
+
+/// Everything the benchmark runs against, started once.
+struct Bench {
+    broker: ScriptedBroker,
+    envoy: Envoy,
+    cases: [Case; 4],
+    /// Holds the wrk script.
+    dir: tempfile::TempDir,
+    /// The credential JSON served in cases a and b.
+    body: Vec<u8>,
+    // Last, so it outlives Envoy's connections to it.
+    _upstream: Upstream,
+}
+
+async fn run(options: Options) -> Result<(), String> {
+    let wrk_version = wrk_version().await.ok_or("`wrk` is not installed: run scripts/setup-system.sh")?;
+    let wasm = paths::filter_wasm();
+    let wasm_size = std::fs::metadata(&wasm).map_err(|e| format!("{}: {e}", wasm.display()))?.len();
+    let bench = Bench::start(options.workers).await?;
+    let load = Load { connections: options.connections, secs: options.duration_secs };
 
     println!("imds-mesh filter benchmark");
     println!("  envoy        {}", envoy_version());
     println!("  workers      {} (envoy --concurrency {})", options.workers, options.workers);
     println!(
         "  wrk          {wrk_version}; -t{WRK_THREADS} -c{} -d{}s --latency, keep-alive",
-        options.connections, options.duration_secs
+        load.connections, load.secs
     );
     println!(
-        "  rounds       {} interleaved, first case rotating; {WARM_UP_SECS}s unmeasured warm-up per case first",
+        "  rounds       {}: a b c d, then d c b a, and so on; {WARM_UP_SECS}s unmeasured warm-up per case first",
         options.rounds
     );
     println!("  nproc        {}", nproc().await);
     println!("  load avg     {} (before)", load_average());
     println!("  filter       {} ({wasm_size} bytes)", wasm.display());
-    println!("  bodies       a, b: {} bytes of credential JSON; c, d: {} bytes", body.len(), upstream::BODY.len());
+    println!(
+        "  bodies       a, b: {} bytes of credential JSON; c, d: {} bytes",
+        bench.body.len(),
+        upstream::BODY.len()
+    );
     println!();
 
-    let dir = match tempfile::Builder::new().prefix("imds-mesh-bench-").tempdir() {
-        Ok(dir) => dir,
-        Err(e) => {
-            eprintln!("cannot create a temporary directory: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let script = dir.path().join("report.lua");
-    if let Err(e) = std::fs::write(&script, WRK_SCRIPT) {
-        eprintln!("cannot write {}: {e}", script.display());
-        return ExitCode::FAILURE;
-    }
-
-    let mut local_answers = 0; // requests wrk completed against case b
-    let warm_up = Load { connections: options.connections, secs: WARM_UP_SECS };
-    for (i, case) in cases.iter().enumerate() {
-        match wrk(case, warm_up, &script).await {
-            Ok(sample) if i == 1 => local_answers += sample.requests,
-            Ok(_) => {}
-            Err(e) => {
-                eprintln!("warm-up of case {} failed: {e}", case.key);
-                return ExitCode::FAILURE;
-            }
+    let mut local_answers = 0; // requests wrk completed in case b
+    let warm_up = Load { secs: WARM_UP_SECS, ..load };
+    for (i, case) in bench.cases.iter().enumerate() {
+        let sample = bench.wrk(case, warm_up).await.map_err(|e| format!("warm-up of case {}: {e}", case.key))?;
+        if i == B {
+            local_answers += sample.requests;
         }
     }
-
-    let load = Load { connections: options.connections, secs: options.duration_secs };
-    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); cases.len()];
+    let mut samples: [Vec<Sample>; 4] = Default::default();
     for round in 0..options.rounds as usize {
         let mut line = format!("round {}/{}:", round + 1, options.rounds);
-        for offset in 0..cases.len() {
-            let i = (round + offset) % cases.len();
-            let sample = match wrk(&cases[i], load, &script).await {
-                Ok(sample) => sample,
-                Err(e) => {
-                    eprintln!("round {}, case {} failed: {e}", round + 1, cases[i].key);
-                    return ExitCode::FAILURE;
-                }
-            };
-            let _ = write!(line, "  {} {:>6.0} req/s p99 {:>5.0} µs", cases[i].key, sample.rps, sample.p99_us);
+        for i in schedule(round) {
+            let case = &bench.cases[i];
+            let sample =
+                bench.wrk(case, load).await.map_err(|e| format!("round {}, case {}: {e}", round + 1, case.key))?;
+            let _ = write!(line, "  {} {:>6.0} req/s p99 {:>5.0} µs", case.key, sample.rps, sample.p99_us);
             if sample.errors > 0 {
                 let _ = write!(line, " ({} errors)", sample.errors);
             }
-            if i == 1 {
+            if i == B {
                 local_answers += sample.requests;
             }
             samples[i].push(sample);
@@ -272,98 +248,137 @@ async fn main() -> ExitCode {
     }
     println!();
 
-    let medians: Vec<(f64, f64)> =
-        samples.iter().map(|s| (median(s.iter().map(|s| s.rps)), median(s.iter().map(|s| s.p99_us)))).collect();
+    print_cases(&bench.cases, &samples);
+    print_targets(&samples, wasm_size);
+
+    let hits = cache_hits_reaching(&bench.envoy, local_answers).await;
+    let misses = bench.envoy.stat("imds_mesh.cache.misses").await;
+    let fetches = bench.broker.call_count();
+    let verdict = if hits >= local_answers && fetches == 1 { "b was served from cache" } else { "NOT all from cache" };
+    println!(
+        "cache        imds_mesh.cache.hits {hits} >= {local_answers} requests wrk completed in b (warm-up included)? \
+         cache.misses {misses}, broker calls {fetches}: {verdict}"
+    );
+    println!("load avg     {} (after)", load_average());
+    Ok(())
+}
+
+impl Bench {
+    /// Starts the broker, the upstream and Envoy, waits for the filter's
+    /// prefetch, and checks that every case answers as it should.
+    async fn start(workers: u32) -> Result<Self, String> {
+        // One broker answer, reused for every call, so the served body is
+        // known before Envoy starts: the direct_response listener needs it
+        // in its bootstrap. It is checked against what the filter serves.
+        let answer = Scripted::credentials_for(HOUR, 0);
+        let body = Credential::from_broker(answer.body.as_bytes())
+            .map_err(|e| format!("the scripted credential does not validate: {e}"))?
+            .body;
+        let broker = ScriptedBroker::start(move |_| answer.clone()).await;
+        let upstream = Upstream::start().await;
+        let envoy = Envoy::sidecar()
+            .broker(&broker)
+            .upstream(&upstream)
+            .workers(workers)
+            .direct_response(body.clone())
+            .start()
+            .await;
+        let direct = envoy.direct_addr.ok_or("the harness started Envoy without the direct_response listener")?;
+        let case = |key, what, addr, host, path| Case { key, what, addr, host, path };
+        let cases = [
+            case("a", "direct_response, no filter", direct, IMDS_HOST, CREDENTIALS_PATH),
+            case("b", "filter, IMDS credentials from cache", envoy.addr, IMDS_HOST, CREDENTIALS_PATH),
+            case("c", "filter, passthrough to upstream", envoy.addr, PASSTHROUGH_HOST, PASSTHROUGH_PATH),
+            case("d", "no filter, passthrough to upstream", envoy.plain_addr, PASSTHROUGH_HOST, PASSTHROUGH_PATH),
+        ];
+        wait::until("the filter to serve the credential", || async {
+            (envoy.imds(Req::get(CREDENTIALS_PATH)).await.status == 200).then_some(())
+        })
+        .await;
+        for case in &cases {
+            let reply = Req::get(case.path).host(case.host).send(case.addr).await;
+            if reply.status != 200 {
+                return Err(format!("case {} answers {}, not 200", case.key, reply.status));
+            }
+            if case.path == CREDENTIALS_PATH && reply.body != body {
+                return Err(format!(
+                    "case {} answers {} bytes, not the {} bytes of the credential: a and b would not compare",
+                    case.key,
+                    reply.body.len(),
+                    body.len()
+                ));
+            }
+        }
+        let dir = tempfile::Builder::new().prefix("imds-mesh-bench-").tempdir().map_err(|e| format!("tempdir: {e}"))?;
+        std::fs::write(dir.path().join("report.lua"), WRK_SCRIPT).map_err(|e| format!("write the wrk script: {e}"))?;
+        Ok(Self { broker, envoy, cases, dir, body, _upstream: upstream })
+    }
+
+    /// Runs wrk once against `case`.
+    async fn wrk(&self, case: &Case, load: Load) -> Result<Sample, String> {
+        run_wrk(case, load, &self.dir.path().join("report.lua")).await
+    }
+}
+
+/// The order of the cases in `round`: forward, then backward (ABBA). Each
+/// case stays next to its baseline (a-b, c-d), so a per-round ratio compares
+/// runs seconds apart, and within a pair each goes first in half the rounds.
+fn schedule(round: usize) -> [usize; 4] {
+    if round.is_multiple_of(2) { [A, B, C, D] } else { [D, C, B, A] }
+}
+
+/// The per-case medians over the rounds, with the req/s spread.
+fn print_cases(cases: &[Case; 4], samples: &[Vec<Sample>; 4]) {
     println!(
         "{:<42} {:>9} {:>9} {:>17} {:>7}",
         "case (median of rounds)", "req/s", "p99 µs", "req/s min..max", "errors"
     );
-    for ((case, (rps, p99)), runs) in cases.iter().zip(&medians).zip(&samples) {
+    for (case, runs) in cases.iter().zip(samples) {
+        let rps = median(runs.iter().map(|s| s.rps));
+        let p99 = median(runs.iter().map(|s| s.p99_us));
         let (lo, hi) = runs.iter().fold((f64::MAX, 0.0_f64), |(lo, hi), s| (lo.min(s.rps), hi.max(s.rps)));
         let errors: u64 = runs.iter().map(|s| s.errors).sum();
-        println!(
-            "{:<42} {rps:>9.0} {p99:>9.0} {:>17} {errors:>7}",
-            format!("{}  {}", case.key, case.what),
-            format!("{lo:.0}..{hi:.0}")
-        );
+        let spread = format!("{lo:.0}..{hi:.0}");
+        println!("{:<42} {rps:>9.0} {p99:>9.0} {spread:>17} {errors:>7}", format!("{}  {}", case.key, case.what));
     }
     println!();
+}
 
-    let ratio = |x: usize, y: usize| if medians[y].0 > 0.0 { medians[x].0 / medians[y].0 } else { 0.0 };
+/// The targets: per-round paired ratios (median, spread) and the .wasm size.
+fn print_targets(samples: &[Vec<Sample>; 4], wasm_size: u64) {
+    let ratios = |x: usize, base: usize, of: fn(&Sample) -> f64| -> Vec<f64> {
+        samples[x].iter().zip(&samples[base]).map(|(s, b)| if of(b) > 0.0 { of(s) / of(b) } else { 0.0 }).collect()
+    };
     let verdict = |ok: bool| if ok { "PASS" } else { "MISS" };
-    let (local, passthrough) = (ratio(1, 0), ratio(2, 3));
-    println!("{:<42} {:>12} {:>12}", "target", "measured", "goal");
     println!(
-        "{:<42} {local:>12.3} {:>12} {}",
-        "b/a req/s (local answer vs Envoy's own)",
-        format!(">= {LOCAL_ANSWER_TARGET:.2}"),
-        verdict(local >= LOCAL_ANSWER_TARGET)
+        "{:<42} {:>9} {:>15} {:>10}",
+        "target (median of per-round ratios)", "measured", "rounds min..max", "goal"
     );
+    for (what, x, base, target) in [
+        ("b/a req/s (local answer vs Envoy's own)", B, A, LOCAL_ANSWER_TARGET),
+        ("c/d req/s (passthrough, filter vs none)", C, D, PASSTHROUGH_TARGET),
+    ] {
+        let r = ratios(x, base, |s| s.rps);
+        let (lo, hi) = r.iter().fold((f64::MAX, 0.0_f64), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+        let m = median(r.into_iter());
+        let spread = format!("{lo:.2}..{hi:.2}");
+        println!("{what:<42} {m:>9.3} {spread:>15} {:>10} {}", format!(">= {target:.2}"), verdict(m >= target));
+    }
+    let size_goal = format!("<= {WASM_SIZE_TARGET}");
     println!(
-        "{:<42} {passthrough:>12.3} {:>12} {}",
-        "c/d req/s (passthrough, filter vs none)",
-        format!(">= {PASSTHROUGH_TARGET:.2}"),
-        verdict(passthrough >= PASSTHROUGH_TARGET)
-    );
-    println!(
-        "{:<42} {wasm_size:>12} {:>12} {}",
+        "{:<42} {wasm_size:>9} {:>15} {size_goal:>10} {}",
         "filter .wasm bytes",
-        format!("<= {WASM_SIZE_TARGET}"),
+        "",
         verdict(wasm_size <= WASM_SIZE_TARGET)
     );
-    println!(
-        "{:<42} {:>12.2} {:>12.2}",
-        "p99 ratios b/a, c/d (lower is better)",
-        medians[1].1 / medians[0].1,
-        medians[2].1 / medians[3].1
-    );
+    let p99_b = median(ratios(B, A, |s| s.p99_us).into_iter());
+    let p99_c = median(ratios(C, D, |s| s.p99_us).into_iter());
+    println!("{:<42} {:>9}", "p99 b/a, c/d (no target; lower is better)", format!("{p99_b:.2}, {p99_c:.2}"));
     println!();
-
-    // Counters reach Envoy stats on each worker's once-a-second tick.
-    let hits = cache_hits_reaching(&envoy, local_answers).await;
-    let misses = envoy.stat("imds_mesh.cache.misses").await;
-    let fetches = broker.call_count();
-    let from_cache = hits >= local_answers && fetches == 1;
-    println!(
-        "cache        imds_mesh.cache.hits {hits} for {local_answers} requests wrk completed in case b \
-         (warm-up included); cache.misses {misses}; broker calls {fetches}: {}",
-        if from_cache { "b was served from cache" } else { "b was NOT all served from cache" }
-    );
-    println!("load avg     {} (after)", load_average());
-    ExitCode::SUCCESS
-}
-
-/// Checks that every case answers 200 and that a and b serve the same bytes,
-/// so the benchmark compares like with like.
-async fn check_answers(cases: &[Case], served: &[u8], expected: &[u8]) -> Result<(), String> {
-    if served != expected {
-        return Err(format!(
-            "the filter serves {} bytes, not the {} bytes the direct_response listener was given",
-            served.len(),
-            expected.len()
-        ));
-    }
-    for case in cases {
-        let reply = Req::get(case.path).host(case.host).send(case.addr).await;
-        if reply.status != 200 {
-            return Err(format!("case {} answers {}", case.key, reply.status));
-        }
-        if case.path == CREDENTIALS_PATH && reply.body != expected {
-            return Err(format!("case {} answers a different body ({} bytes)", case.key, reply.body.len()));
-        }
-    }
-    Ok(())
-}
-
-/// How long and how wide one wrk run is.
-#[derive(Debug, Clone, Copy)]
-struct Load {
-    connections: u32,
-    secs: u32,
 }
 
 /// Runs wrk once against `case` and reads what the `done` hook printed.
-async fn wrk(case: &Case, load: Load, script: &Path) -> Result<Sample, String> {
+async fn run_wrk(case: &Case, load: Load, script: &Path) -> Result<Sample, String> {
     // wrk derives Host from the URL unless a Host header is given
     // (wrk.lua's `init`), and the URL must name the loopback port.
     let output = tokio::process::Command::new("wrk")
@@ -390,7 +405,7 @@ async fn wrk(case: &Case, load: Load, script: &Path) -> Result<Sample, String> {
         return Err(format!("no report from wrk:\n{stdout}{}", String::from_utf8_lossy(&output.stderr)));
     };
     let rps = if duration_us > 0.0 { requests / (duration_us / 1e6) } else { 0.0 };
-    // wrk prints integer counts; the casts only drop a fraction that is 0.
+    // wrk printed integer counts: the casts drop nothing.
     Ok(Sample { requests: requests as u64, rps, p99_us, errors: (connect + read + write + timeout + status) as u64 })
 }
 
@@ -408,12 +423,12 @@ fn envoy_version() -> String {
     std::process::Command::new(paths::envoy_binary())
         .arg("--version")
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .ok()
-        .and_then(|text| text.split_once("version: ").map(|(_, v)| v.to_owned()))
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).split_once("version: ").map(|(_, v)| v.trim().to_owned()))
         .unwrap_or_else(|| "(unknown)".to_owned())
 }
 
+/// `nproc`: the cores this process may use.
 async fn nproc() -> String {
     match tokio::process::Command::new("nproc").output().await {
         Ok(output) => String::from_utf8_lossy(&output.stdout).trim().to_owned(),
@@ -428,9 +443,9 @@ fn load_average() -> String {
         .unwrap_or_else(|_| "(unknown)".to_owned())
 }
 
-/// The filter's cache hit count once it covers `expected` (or after a few
-/// flushes, whatever it is then): counters reach Envoy stats on each
-/// worker's once-a-second tick.
+/// The filter's cache-hit counter once it covers `expected`, or whatever it
+/// is after three seconds: counters reach Envoy stats on each worker's
+/// once-a-second tick.
 async fn cache_hits_reaching(envoy: &Envoy, expected: u64) -> u64 {
     let mut hits = 0;
     for _ in 0..30 {
@@ -473,6 +488,17 @@ mod tests {
         assert!(parse(&["--workers", "0"]).unwrap_err().contains("positive integer"));
         assert!(parse(&["--threads", "2"]).unwrap_err().contains("unknown argument"));
         assert_eq!(parse(&["--help"]).unwrap_err(), USAGE);
+    }
+
+    #[test]
+    fn each_case_runs_next_to_its_baseline_and_pairs_alternate_who_goes_first() {
+        let at = |round, case| schedule(round).iter().position(|c| *c == case).unwrap();
+        for round in 0..4 {
+            assert_eq!(at(round, A).abs_diff(at(round, B)), 1, "round {round}");
+            assert_eq!(at(round, C).abs_diff(at(round, D)), 1, "round {round}");
+            assert_ne!(at(round, A) < at(round, B), at(round + 1, A) < at(round + 1, B), "round {round}");
+            assert_ne!(at(round, C) < at(round, D), at(round + 1, C) < at(round + 1, D), "round {round}");
+        }
     }
 
     #[test]
