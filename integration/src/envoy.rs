@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use tempfile::TempDir;
 
 use crate::http::{Reply, Req};
+use crate::netns::NetNs;
 use crate::{ROLE_ARN, ScriptedBroker, Upstream, paths, wait};
 
 /// The pod the sidecar belongs to, as Istio reports it in node metadata.
@@ -77,6 +78,7 @@ pub struct EnvoyBuilder {
     workers: u32,
     direct_body: Option<Vec<u8>>,
     sdk_endpoint: bool,
+    filter_listener: Option<SocketAddr>,
 }
 
 /// A running Envoy; killed on drop.
@@ -103,6 +105,7 @@ impl Envoy {
             workers: 2,
             direct_body: None,
             sdk_endpoint: false,
+            filter_listener: None,
         }
     }
 }
@@ -181,8 +184,12 @@ impl EnvoyBuilder {
         let upstream = self.upstream.unwrap_or(closed);
         let broker = self.broker.unwrap_or(closed);
         let mut listeners = vec![
-            listener("outbound_80_with_filter", ports.filter, vec![wasm_filter(&config), router()]),
-            listener("outbound_80_without_filter", ports.plain, vec![router()]),
+            listener(
+                "outbound_80_with_filter",
+                self.filter_listener.unwrap_or(SocketAddr::from(([127, 0, 0, 1], ports.filter))),
+                vec![wasm_filter(&config), router()],
+            ),
+            listener("outbound_80_without_filter", SocketAddr::from(([127, 0, 0, 1], ports.plain)), vec![router()]),
         ];
         if let (Some(body), Some(port)) = (&self.direct_body, ports.direct) {
             listeners.push(direct_listener(port, body));
@@ -249,7 +256,22 @@ impl EnvoyBuilder {
         format!("{}\n{}", String::from_utf8_lossy(&validate.stderr), envoy.log())
     }
 
+    /// Starts Envoy inside `netns`, its filter listener on `filter_addr`
+    /// (say `0.0.0.0:80`, where a connection to the metadata address lands
+    /// with that original destination). Readiness is the caller's to check:
+    /// the namespace's loopback is not reachable from the test process.
+    pub fn start_in(mut self, netns: &NetNs, filter_addr: SocketAddr) -> Envoy {
+        self.filter_listener = Some(filter_addr);
+        let (mut envoy, _) = self.spawn_in(Some(netns));
+        envoy.addr = filter_addr;
+        envoy
+    }
+
     fn spawn(&self) -> (Envoy, PathBuf) {
+        self.spawn_in(None)
+    }
+
+    fn spawn_in(&self, netns: Option<&NetNs>) -> (Envoy, PathBuf) {
         let ports = Ports::free(self.direct_body.is_some());
         let dir = tempfile::Builder::new().prefix("imds-mesh-envoy-").tempdir().unwrap_or_else(|e| panic!("{e}"));
         let config_path = dir.path().join("envoy.json");
@@ -257,7 +279,11 @@ impl EnvoyBuilder {
         std::fs::write(&config_path, bootstrap).unwrap_or_else(|e| panic!("write bootstrap: {e}"));
         let log = std::fs::File::create(dir.path().join("envoy.log")).unwrap_or_else(|e| panic!("{e}"));
         let log_err = log.try_clone().unwrap_or_else(|e| panic!("{e}"));
-        let child = Command::new(paths::envoy_binary())
+        let mut command = match netns {
+            Some(netns) => netns.command(paths::envoy_binary()),
+            None => Command::new(paths::envoy_binary()),
+        };
+        let child = command
             .args(["--disable-hot-restart", "--log-level", "info", "--component-log-level", "wasm:debug"])
             .args(["--concurrency", &self.workers.to_string(), "-c"])
             .arg(&config_path)
@@ -426,11 +452,11 @@ fn http_connection_manager(stat_prefix: &str, routes: Value, filters: Vec<Value>
     })
 }
 
-fn listener(name: &str, port: u16, filters: Vec<Value>) -> Value {
+fn listener(name: &str, addr: SocketAddr, filters: Vec<Value>) -> Value {
     let route = json!({ "match": { "prefix": "/" }, "route": { "cluster": "upstream" } });
     json!({
         "name": name,
-        "address": socket(SocketAddr::from(([127, 0, 0, 1], port))),
+        "address": socket(addr),
         "filter_chains": [{ "filters": [http_connection_manager(name, route, filters)] }],
     })
 }

@@ -24,12 +24,14 @@
 //! - [`clients`]: real AWS SDK clients (Python, node) as child processes.
 //! - [`upstream`]: a plain HTTP upstream that records what reaches it.
 //! - [`http`]: a raw HTTP/1.1 client, able to send what real clients would not.
+//! - [`netns`]: network namespaces, for tests that need the metadata address itself.
 //! - [`wait`]: polling for eventual states without timing assumptions.
 
 pub mod broker;
 pub mod clients;
 pub mod envoy;
 pub mod http;
+pub mod netns;
 pub mod paths;
 pub mod upstream;
 pub mod wait;

@@ -521,3 +521,30 @@ async fn join_all<Fut: std::future::Future<Output = Reply>>(futures: Vec<Fut>) -
     .await;
     out.into_iter().flatten().collect()
 }
+
+// --- 2a, by original destination ---------------------------------------------------
+
+/// GETs `url` with `Host: host` from inside `netns`.
+fn get_in(netns: &integration::netns::NetNs, url: &str, host: &str) -> serde_json::Value {
+    let script = integration::paths::repo_root().join("integration/clients/http_get.py");
+    let output = netns.command(integration::paths::python()).arg(script).args([url, host]).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn a_spoofed_host_sent_to_the_metadata_address_is_still_answered_locally() {
+    let Some(netns) = integration::netns::NetNs::create(&["169.254.169.254/32"]) else {
+        panic!("this test needs root to create a network namespace (CI and `just test` run as root)");
+    };
+    let broker = hour_broker().await;
+    let envoy = Envoy::sidecar().broker(&broker).start_in(&netns, "0.0.0.0:80".parse().unwrap());
+    // The app connects to the metadata address but names another host.
+    let spoofed = get_in(&netns, "http://169.254.169.254/latest/meta-data/iam/security-credentials/", "example.com");
+    assert_eq!((spoofed["status"].as_u64(), spoofed["body"].as_str()), (Some(200), Some(ROLE_NAME)), "{spoofed}");
+    // The same request to any other address is not IMDS: it goes upstream
+    // (here there is none, so Envoy answers 503).
+    let elsewhere = get_in(&netns, "http://127.0.0.1:80/latest/meta-data/iam/security-credentials/", "example.com");
+    assert_eq!(elsewhere["status"].as_u64(), Some(503), "{elsewhere}");
+    drop(envoy);
+}
