@@ -17,10 +17,22 @@ pub const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 /// IMDS refuses token requests that went through a proxy.
 pub const FORWARDED_FOR_HEADER: &str = "x-forwarded-for";
 
-/// Lazy access to request headers: the shell fetches one only when a route
-/// needs it.
+/// The request's headers, pseudo-headers included (`:method`, `:path`),
+/// names in lower case as Envoy hands them over.
 pub trait RequestHeaders {
-    fn header(&self, name: &str) -> Option<Vec<u8>>;
+    fn header(&self, name: &str) -> Option<&[u8]>;
+}
+
+/// Time for one request. Cache decisions may use the worker's last tick
+/// time, at most a tick old: a credential is withdrawn
+/// [`MIN_SERVED_LIFETIME_MS`](crate::policy::MIN_SERVED_LIFETIME_MS) before
+/// it expires, far more than a tick. Tokens expire to the millisecond and read
+/// the precise time.
+pub trait Clock {
+    /// Unix milliseconds as of the last tick.
+    fn coarse_ms(&self) -> u64;
+    /// Unix milliseconds now.
+    fn now_ms(&self) -> u64;
 }
 
 /// A complete local answer.
@@ -90,14 +102,13 @@ impl Responder {
     /// Answers one IMDS request.
     pub fn respond(
         &mut self,
-        method: &[u8],
-        path: &[u8],
         headers: &impl RequestHeaders,
-        now_ms: u64,
+        clock: &impl Clock,
         store: &impl SharedStore,
     ) -> Reply<'_> {
         let Self { config, served, signer, counters } = self;
-        let (kind, reply) = route_request(config, served, signer, counters, method, path, headers, now_ms, store);
+        let method = headers.header(":method").unwrap_or_default();
+        let (kind, reply) = route_request(config, served, signer, counters, method, headers, clock, store);
         if let Reply::Respond(response) = &reply {
             counters.request(kind, response.status);
         }
@@ -154,16 +165,15 @@ fn route_request<'a>(
     signer: &mut TokenSigner,
     counters: &mut Counters,
     method: &[u8],
-    path: &[u8],
     headers: &impl RequestHeaders,
-    now_ms: u64,
+    clock: &impl Clock,
     store: &impl SharedStore,
 ) -> (RouteKind, Reply<'a>) {
     let respond = |kind, response| (kind, Reply::Respond(response));
     let Some(served) = served else {
         return respond(RouteKind::Other, text(404, "Not Found"));
     };
-    let route = match route::route(path) {
+    let route = match route::route(headers.header(":path").unwrap_or_default()) {
         Ok(route) => route,
         Err(route::BadPath(reason)) => {
             log::debug!("IMDS request refused: {reason}");
@@ -184,10 +194,10 @@ fn route_request<'a>(
             counters.token_rejected();
             return respond(kind, text(403, "Forbidden"));
         }
-        return match token::parse_ttl(headers.header(TTL_HEADER).as_deref()) {
+        return match token::parse_ttl(headers.header(TTL_HEADER)) {
             Ok(ttl) => {
                 counters.token_issued();
-                let token = signer.issue(now_ms, ttl);
+                let token = signer.issue(clock.now_ms(), ttl);
                 respond(
                     kind,
                     Response { status: 200, content_type: TEXT, token_ttl: Some(ttl), body: token.into_bytes().into() },
@@ -203,7 +213,7 @@ fn route_request<'a>(
         return respond(kind, text(405, "Method Not Allowed"));
     }
     match headers.header(TOKEN_HEADER) {
-        Some(token) if signer.verify(&token, now_ms).is_err() => {
+        Some(token) if signer.verify(token, clock.now_ms()).is_err() => {
             counters.token_rejected();
             return respond(kind, text(401, "Unauthorized"));
         }
@@ -218,7 +228,7 @@ fn route_request<'a>(
             Response { status: 200, content_type: TEXT, token_ttl: None, body: served.role.name().as_bytes().into() },
         ),
         Route::Credentials(name) if name == served.role.name() => {
-            let reply = credential_reply(served.cache.lookup(now_ms, config.max_wait_ms, store));
+            let reply = credential_reply(served.cache.lookup(clock.coarse_ms(), config.max_wait_ms, store));
             match &reply {
                 Reply::Respond(Response { status: 200, .. }) => counters.cache_hit(),
                 _ => counters.cache_miss(),
@@ -254,13 +264,33 @@ mod tests {
     const NOW: u64 = 1_800_007_200_000; // 2027-01-15T10:00:00Z
     const ARN: &str = "arn:aws:iam::123456789012:role/team/app";
 
-    #[derive(Default)]
+    #[derive(Default, Clone)]
     struct Headers(HashMap<&'static str, &'static str>);
 
     impl RequestHeaders for Headers {
-        fn header(&self, name: &str) -> Option<Vec<u8>> {
-            self.0.get(name).map(|v| v.as_bytes().to_vec())
+        fn header(&self, name: &str) -> Option<&[u8]> {
+            self.0.get(name).map(|v| v.as_bytes())
         }
+    }
+
+    /// A clock stopped at one instant.
+    struct At(u64);
+
+    impl Clock for At {
+        fn coarse_ms(&self) -> u64 {
+            self.0
+        }
+        fn now_ms(&self) -> u64 {
+            self.0
+        }
+    }
+
+    /// `headers` plus the pseudo-headers of `method path`.
+    fn request(method: &'static str, path: &'static str, headers: &Headers) -> Headers {
+        let mut all = headers.clone();
+        all.0.insert(":method", method);
+        all.0.insert(":path", path);
+        all
     }
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> Headers {
@@ -289,15 +319,15 @@ mod tests {
         r
     }
 
-    fn status(r: &mut Responder, method: &str, path: &str, h: &Headers, store: &MemoryStore) -> u32 {
-        match r.respond(method.as_bytes(), path.as_bytes(), h, NOW, store) {
+    fn status(r: &mut Responder, method: &'static str, path: &'static str, h: &Headers, store: &MemoryStore) -> u32 {
+        match r.respond(&request(method, path, h), &At(NOW), store) {
             Reply::Respond(response) => response.status,
             Reply::Wait => 0,
         }
     }
 
     fn token(r: &mut Responder, store: &MemoryStore) -> String {
-        match r.respond(b"PUT", b"/latest/api/token", &headers(&[(TTL_HEADER, "60")]), NOW, store) {
+        match r.respond(&request("PUT", "/latest/api/token", &headers(&[(TTL_HEADER, "60")])), &At(NOW), store) {
             Reply::Respond(Response { status: 200, token_ttl: Some(60), body, .. }) => {
                 String::from_utf8(body.into_owned()).unwrap()
             }
@@ -310,11 +340,12 @@ mod tests {
         let store = MemoryStore::default();
         let mut r = warm(Config::default(), &store);
         let none = Headers::default();
-        match r.respond(b"GET", b"/latest/meta-data/iam/security-credentials/", &none, NOW, &store) {
+        match r.respond(&request("GET", "/latest/meta-data/iam/security-credentials/", &none), &At(NOW), &store) {
             Reply::Respond(Response { status: 200, content_type: TEXT, body, .. }) => assert_eq!(&*body, b"app"),
             other => panic!("{other:?}"),
         }
-        match r.respond(b"GET", b"/2016-09-02/meta-data/iam/security-credentials/app", &none, NOW, &store) {
+        match r.respond(&request("GET", "/2016-09-02/meta-data/iam/security-credentials/app", &none), &At(NOW), &store)
+        {
             Reply::Respond(Response { status: 200, content_type: JSON, body, .. }) => {
                 assert!(String::from_utf8_lossy(&body).contains("\"AccessKeyId\": \"ASIAEXAMPLE\""));
             }
@@ -328,7 +359,11 @@ mod tests {
     fn head_answers_like_get_without_a_body() {
         let store = MemoryStore::default();
         let mut r = warm(Config::default(), &store);
-        match r.respond(b"HEAD", b"/latest/meta-data/iam/security-credentials/app", &Headers::default(), NOW, &store) {
+        match r.respond(
+            &request("HEAD", "/latest/meta-data/iam/security-credentials/app", &Headers::default()),
+            &At(NOW),
+            &store,
+        ) {
             Reply::Respond(Response { status: 200, body, .. }) => assert!(body.is_empty()),
             other => panic!("{other:?}"),
         }

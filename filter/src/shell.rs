@@ -51,13 +51,39 @@ impl SharedStore for HostStore {
     }
 }
 
-/// Request headers through proxy-wasm host calls.
-struct HostHeaders;
+/// All request headers, read in one host call: an IMDS request needs
+/// several, and each host call costs more than a scan of a short list.
+struct HeaderPairs(Vec<(String, Vec<u8>)>);
 
-impl imds::RequestHeaders for HostHeaders {
-    fn header(&self, name: &str) -> Option<Vec<u8>> {
-        hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name).ok().flatten()
+impl HeaderPairs {
+    fn read() -> Self {
+        Self(hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default())
     }
+}
+
+impl imds::RequestHeaders for HeaderPairs {
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
+    }
+}
+
+/// The worker's last tick time, and the host's clock when precision counts.
+struct HostClock {
+    tick_ms: u64,
+}
+
+impl imds::Clock for HostClock {
+    fn coarse_ms(&self) -> u64 {
+        self.tick_ms
+    }
+
+    fn now_ms(&self) -> u64 {
+        now_ms()
+    }
+}
+
+fn request_header(name: &str) -> Option<Vec<u8>> {
+    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name).ok().flatten()
 }
 
 fn now_ms() -> u64 {
@@ -73,6 +99,8 @@ struct Worker {
     waiters: Vec<Waiter>,
     /// The tick period last set for this worker's root context.
     tick: Option<Duration>,
+    /// When this worker's root context last ticked (Unix ms).
+    tick_ms: u64,
 }
 
 impl Worker {
@@ -151,7 +179,7 @@ impl RootContext for Root {
             }
         }
         let responder = Responder::new(config, enablement, &key, &HostStore);
-        let mut worker = Worker { responder, waiters: Vec::new(), tick: None };
+        let mut worker = Worker { responder, waiters: Vec::new(), tick: None, tick_ms: now_ms() };
         worker.set_tick(FAST_TICK); // prefetch promptly
         self.worker = Some(Rc::new(RefCell::new(worker)));
         self.metric_ids = metrics::names()
@@ -163,8 +191,10 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         let Some(worker) = self.worker.clone() else { return };
+        let now = now_ms();
+        worker.borrow_mut().tick_ms = now;
         if self.fetch_in_flight.is_none() {
-            let request = worker.borrow_mut().responder.tick(now_ms(), &HostStore);
+            let request = worker.borrow_mut().responder.tick(now, &HostStore);
             if let Some(request) = request {
                 self.dispatch(&worker, &request.path, request.timeout_ms);
             }
@@ -243,8 +273,8 @@ impl Context for Request {}
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let mut w = self.worker.borrow_mut();
-        let authority = HostHeaders.header_bytes(":authority");
-        let is_imds = authority.as_deref().is_some_and(|a| w.responder.config().is_imds_authority(a))
+        // The cheapest test first: every port-80 request of the pod comes here.
+        let is_imds = request_header(":authority").is_some_and(|a| w.responder.config().is_imds_authority(&a))
             || hostcalls::get_property(vec!["destination", "address"])
                 .ok()
                 .flatten()
@@ -252,21 +282,22 @@ impl HttpContext for Request {
         if !is_imds {
             return Action::Continue;
         }
-        let method = HostHeaders.header_bytes(":method").unwrap_or_default();
-        let path = HostHeaders.header_bytes(":path").unwrap_or_default();
-        let now = now_ms();
+        let headers = HeaderPairs::read();
+        let clock = HostClock { tick_ms: w.tick_ms };
         let max_wait_ms = w.responder.config().max_wait_ms;
         let Worker { responder, waiters, .. } = &mut *w;
-        match responder.respond(&method, &path, &HostHeaders, now, &HostStore) {
+        match responder.respond(&headers, &clock, &HostStore) {
             Reply::Respond(response) => send(&response),
-            Reply::Wait if max_wait_ms == 0 => {
-                if let Some(response) = responder.resume(now, true, &HostStore) {
-                    send(&response);
-                }
-            }
             Reply::Wait => {
-                waiters.push(Waiter { context_id: self.context_id, deadline_ms: now + max_wait_ms });
-                w.set_tick(FAST_TICK);
+                let now = now_ms();
+                if max_wait_ms == 0 {
+                    if let Some(response) = responder.resume(now, true, &HostStore) {
+                        send(&response);
+                    }
+                } else {
+                    waiters.push(Waiter { context_id: self.context_id, deadline_ms: now + max_wait_ms });
+                    w.set_tick(FAST_TICK);
+                }
             }
         }
         Action::Pause
@@ -280,12 +311,6 @@ impl Drop for Request {
             let id = self.context_id;
             w.waiters.retain(|waiter| waiter.context_id != id);
         }
-    }
-}
-
-impl HostHeaders {
-    fn header_bytes(&self, name: &str) -> Option<Vec<u8>> {
-        imds::RequestHeaders::header(self, name)
     }
 }
 

@@ -31,7 +31,7 @@ impl SdkClient {
             .env("AWS_CONFIG_FILE", no_config.path().join("config"))
             .env("AWS_SHARED_CREDENTIALS_FILE", no_config.path().join("credentials"))
             .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", envoy.endpoint());
-        let name = args.last().map_or_else(|| program.as_ref(), |a| a).to_string_lossy().into_owned();
+        let name = args.last().copied().unwrap_or_else(|| program.as_ref()).to_string_lossy().into_owned();
         Self { command, name, _no_config: no_config }
     }
 
