@@ -211,17 +211,7 @@ impl EnvoyBuilder {
     /// checked with `envoy --mode validate`.
     pub async fn start(self) -> Envoy {
         let (mut envoy, config_path) = self.spawn();
-        let validate = Command::new(paths::envoy_binary())
-            .args(["--mode", "validate", "--disable-hot-restart", "-c"])
-            .arg(&config_path)
-            .output()
-            .unwrap_or_else(|e| panic!("run envoy --mode validate: {e}"));
-        assert!(
-            validate.status.success(),
-            "envoy --mode validate rejected {}:\n{}",
-            config_path.display(),
-            String::from_utf8_lossy(&validate.stderr)
-        );
+        assert_valid(&config_path);
         let admin = envoy.admin_addr;
         wait::until("Envoy to become ready", || {
             if let Ok(Some(status)) = envoy.child.try_wait() {
@@ -241,11 +231,7 @@ impl EnvoyBuilder {
     /// `--mode validate` and the server printed.
     pub async fn start_expecting_failure(self) -> String {
         let (mut envoy, config_path) = self.spawn();
-        let validate = Command::new(paths::envoy_binary())
-            .args(["--mode", "validate", "--disable-hot-restart", "-c"])
-            .arg(&config_path)
-            .output()
-            .unwrap_or_else(|e| panic!("run envoy --mode validate: {e}"));
+        let validate = validate(&config_path);
         assert!(!validate.status.success(), "envoy --mode validate accepted {}", config_path.display());
         let status = wait::until("Envoy to exit", || {
             let exited = envoy.child.try_wait().ok().flatten();
@@ -262,7 +248,8 @@ impl EnvoyBuilder {
     /// the namespace's loopback is not reachable from the test process.
     pub fn start_in(mut self, netns: &NetNs, filter_addr: SocketAddr) -> Envoy {
         self.filter_listener = Some(filter_addr);
-        let (mut envoy, _) = self.spawn_in(Some(netns));
+        let (mut envoy, config_path) = self.spawn_in(Some(netns));
+        assert_valid(&config_path);
         envoy.addr = filter_addr;
         envoy
     }
@@ -360,6 +347,16 @@ impl Envoy {
         self.stats().await.get(name).copied().unwrap_or(0)
     }
 
+    /// Waits until counter `name` reaches `at_least` and returns it; the
+    /// filter flushes its counters once a second.
+    pub async fn wait_for_stat(&self, name: &str, at_least: u64) -> u64 {
+        wait::until(&format!("{name} >= {at_least}"), || async {
+            let value = self.stat(name).await;
+            (value >= at_least).then_some(value)
+        })
+        .await
+    }
+
     /// Everything Envoy has logged so far.
     pub fn log(&self) -> String {
         self.dir.as_ref().and_then(|d| std::fs::read_to_string(d.path().join("envoy.log")).ok()).unwrap_or_default()
@@ -387,6 +384,26 @@ impl Drop for Envoy {
             }
         }
     }
+}
+
+/// `envoy --mode validate` on a bootstrap: loads the wasm and runs its
+/// `on_configure` without binding anything.
+fn validate(config_path: &Path) -> std::process::Output {
+    Command::new(paths::envoy_binary())
+        .args(["--mode", "validate", "--disable-hot-restart", "-c"])
+        .arg(config_path)
+        .output()
+        .unwrap_or_else(|e| panic!("run envoy --mode validate: {e}"))
+}
+
+fn assert_valid(config_path: &Path) {
+    let output = validate(config_path);
+    assert!(
+        output.status.success(),
+        "envoy --mode validate rejected {}:\n{}",
+        config_path.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 fn socket(addr: SocketAddr) -> Value {

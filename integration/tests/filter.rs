@@ -267,10 +267,7 @@ async fn odd_paths_get_a_4xx_never_a_credential_and_never_a_crash() {
 async fn credentials_are_prefetched_before_the_first_request() {
     let broker = hour_broker().await;
     let envoy = Envoy::sidecar().broker(&broker).start().await;
-    wait::until("the start-up prefetch to land", || async {
-        (envoy.stat("imds_mesh.broker_fetches.success").await == 1).then_some(())
-    })
-    .await;
+    envoy.wait_for_stat("imds_mesh.broker_fetches.success", 1).await;
     // The first app request finds the credential already there.
     assert_eq!(envoy.imds(Req::get(CREDENTIALS_PATH)).await.status, 200);
     let hits = wait::until("stats", || async {
@@ -305,10 +302,7 @@ async fn a_warm_cache_keeps_serving_while_the_broker_is_down() {
     let envoy = Envoy::sidecar().broker(&broker).start().await;
     let key = served_key(&envoy).await;
     drop(broker); // connection refused from now on
-    wait::until("a failed refresh", || async {
-        (envoy.stat("imds_mesh.broker_fetches.unavailable").await > 0).then_some(())
-    })
-    .await;
+    envoy.wait_for_stat("imds_mesh.broker_fetches.unavailable", 1).await;
     assert_eq!(served_key(&envoy).await, key);
 }
 
@@ -322,10 +316,7 @@ async fn a_warm_cache_keeps_serving_while_the_broker_times_out() {
     .await;
     let envoy = Envoy::sidecar().broker(&broker).config(|c| c.broker_timeout_ms = 300).start().await;
     let key = served_key(&envoy).await;
-    wait::until("a timed-out refresh", || async {
-        (envoy.stat("imds_mesh.broker_fetches.timeout").await > 0).then_some(())
-    })
-    .await;
+    envoy.wait_for_stat("imds_mesh.broker_fetches.timeout", 1).await;
     assert_eq!(served_key(&envoy).await, key);
 }
 
@@ -421,10 +412,7 @@ async fn an_unusable_broker_answer_is_not_served() {
     })
     .await;
     let envoy = Envoy::sidecar().broker(&broker).start().await;
-    wait::until("the malformed fetch", || async {
-        (envoy.stat("imds_mesh.broker_fetches.malformed").await > 0).then_some(())
-    })
-    .await;
+    envoy.wait_for_stat("imds_mesh.broker_fetches.malformed", 1).await;
     assert_eq!(envoy.imds(Req::get(CREDENTIALS_PATH)).await.status, 503);
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use integration::broker::access_key_id;
 use integration::clients::SdkClient;
-use integration::{Envoy, HOUR, Scripted, ScriptedBroker, wait};
+use integration::{Envoy, HOUR, Scripted, ScriptedBroker};
 use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -65,8 +65,5 @@ fn assert_issued_by_first_broker_call(credentials: &Value) {
 
 /// Stats are flushed once a second, hence the polling.
 async fn wait_for_issued_token(envoy: &Envoy) {
-    wait::until("the filter to count an issued token", || async {
-        (envoy.stat("imds_mesh.tokens.issued").await >= 1).then_some(())
-    })
-    .await;
+    envoy.wait_for_stat("imds_mesh.tokens.issued", 1).await;
 }

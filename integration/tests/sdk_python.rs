@@ -3,7 +3,7 @@
 
 use integration::broker::access_key_id;
 use integration::clients::SdkClient;
-use integration::{Envoy, HOUR, Scripted, ScriptedBroker, wait};
+use integration::{Envoy, HOUR, Scripted, ScriptedBroker};
 
 #[tokio::test]
 async fn boto3_resolves_credentials_as_an_iam_role() {
@@ -28,8 +28,5 @@ async fn boto3_with_imdsv1_disabled_resolves_credentials_over_imdsv2() {
 
     assert_eq!(credentials["method"], "iam-role");
     assert_eq!(credentials["access_key"], access_key_id(0));
-    wait::until("the filter to count an issued token", || async {
-        (envoy.stat("imds_mesh.tokens.issued").await >= 1).then_some(())
-    })
-    .await;
+    envoy.wait_for_stat("imds_mesh.tokens.issued", 1).await;
 }

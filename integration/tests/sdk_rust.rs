@@ -8,7 +8,7 @@ use aws_config::imds::credentials::ImdsCredentialsProvider;
 use aws_config::provider_config::ProviderConfig;
 use aws_credential_types::provider::ProvideCredentials;
 use integration::broker::access_key_id;
-use integration::{Envoy, HOUR, Scripted, ScriptedBroker, wait};
+use integration::{Envoy, HOUR, Scripted, ScriptedBroker};
 
 #[tokio::test]
 async fn aws_config_imds_provider_resolves_credentials_over_imdsv2() {
@@ -42,8 +42,5 @@ async fn aws_config_imds_provider_resolves_credentials_over_imdsv2() {
 
     // The provider went through IMDSv2: the filter issued a session token.
     // Stats are flushed once a second, hence the polling.
-    wait::until("the filter to count an issued token", || async {
-        (envoy.stat("imds_mesh.tokens.issued").await >= 1).then_some(())
-    })
-    .await;
+    envoy.wait_for_stat("imds_mesh.tokens.issued", 1).await;
 }
