@@ -63,7 +63,10 @@ impl RoleArn {
         }
         // IAM paths are `/` or `/segment/.../`; ours omit the leading slash
         // because `role/` already supplies it.
-        if path.split('/').any(|segment| segment.bytes().any(|b| !is_path_byte(b))) || path.contains("//") {
+        if path.split('/').any(|segment| segment.bytes().any(|b| !is_path_byte(b)))
+            || path.starts_with('/')
+            || path.contains("//")
+        {
             return Err(InvalidArn("invalid role path"));
         }
         Ok(Self { name_start: text.len() - name.len(), arn: text.to_owned() })
@@ -131,6 +134,7 @@ mod tests {
             ("arn:aws:iam::123456789012:role/a b", "role name must be 1-64 of [A-Za-z0-9+=,.@_-]"),
             ("arn:aws:iam::123456789012:role/a:b", "role name must be 1-64 of [A-Za-z0-9+=,.@_-]"),
             ("arn:aws:iam::123456789012:role/a//b", "invalid role path"),
+            ("arn:aws:iam::123456789012:role//b", "invalid role path"),
             ("arn:aws:iam::123456789012:role/p\u{e9}/b", "invalid role path"),
         ] {
             assert_eq!(RoleArn::parse(text), Err(InvalidArn(why)), "{text:?}");
