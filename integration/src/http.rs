@@ -78,6 +78,120 @@ impl Req {
         stream.read_to_end(&mut raw).await.unwrap_or_else(|e| panic!("read from {addr}: {e}"));
         Reply::parse(&raw, self.method == "HEAD")
     }
+
+    /// Sends the request and returns once the response head has arrived,
+    /// for bodies that stream (a Kubernetes watch).
+    pub async fn open(&self, addr: SocketAddr) -> Streaming {
+        let mut stream = TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        stream.write_all(&self.to_bytes()).await.unwrap_or_else(|e| panic!("write to {addr}: {e}"));
+        let mut raw = Vec::new();
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut response = httparse::Response::new(&mut headers);
+            match response.parse(&raw) {
+                Ok(httparse::Status::Complete(len)) => {
+                    let headers: Vec<(String, String)> = response
+                        .headers
+                        .iter()
+                        .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned()))
+                        .collect();
+                    let chunked = headers.iter().any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
+                    return Streaming {
+                        status: response.code.unwrap_or(0),
+                        headers,
+                        stream,
+                        raw: raw[len..].to_vec(),
+                        body: Vec::new(),
+                        chunked,
+                        ended: false,
+                    };
+                }
+                Ok(httparse::Status::Partial) => {}
+                Err(e) => panic!("not an HTTP response ({e}): {:?}", String::from_utf8_lossy(&raw)),
+            }
+            let mut buf = [0u8; 4096];
+            let n = stream.read(&mut buf).await.unwrap_or_else(|e| panic!("read from {addr}: {e}"));
+            assert!(n > 0, "connection closed before a response head: {:?}", String::from_utf8_lossy(&raw));
+            raw.extend_from_slice(&buf[..n]);
+        }
+    }
+}
+
+/// A response whose body is read as it arrives (chunked or until close).
+#[derive(Debug)]
+pub struct Streaming {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    stream: TcpStream,
+    /// Received body bytes not yet de-chunked.
+    raw: Vec<u8>,
+    /// De-chunked body bytes not yet returned.
+    body: Vec<u8>,
+    chunked: bool,
+    ended: bool,
+}
+
+impl Streaming {
+    /// A header's value (names are lower-cased).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
+    }
+
+    /// The next newline-terminated line of the body, without the newline;
+    /// `None` once the body has ended (a last unterminated line is
+    /// returned first).
+    pub async fn next_line(&mut self) -> Option<String> {
+        loop {
+            if let Some(at) = self.body.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.body.drain(..=at).collect();
+                return Some(String::from_utf8_lossy(&line[..at]).into_owned());
+            }
+            if self.ended {
+                return (!self.body.is_empty())
+                    .then(|| String::from_utf8_lossy(&std::mem::take(&mut self.body)).into_owned());
+            }
+            self.dechunk();
+            if self.ended || self.body.contains(&b'\n') {
+                continue;
+            }
+            let mut buf = [0u8; 4096];
+            match self.stream.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    self.dechunk();
+                    self.ended = true;
+                }
+                Ok(n) => self.raw.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    /// Moves complete chunks (or, unchunked, everything) from `raw` to
+    /// `body`; marks the end at the last chunk.
+    fn dechunk(&mut self) {
+        if !self.chunked {
+            self.body.append(&mut self.raw);
+            return;
+        }
+        while let Some(line_end) = self.raw.windows(2).position(|w| w == b"\r\n") {
+            let size_field = String::from_utf8_lossy(&self.raw[..line_end]);
+            let size_hex = size_field.split(';').next().unwrap_or_default().trim();
+            let Ok(size) = usize::from_str_radix(size_hex, 16) else {
+                panic!("bad chunk size line {size_field:?}");
+            };
+            if size == 0 {
+                self.ended = true;
+                self.raw.clear();
+                return;
+            }
+            let start = line_end + 2;
+            if self.raw.len() < start + size + 2 {
+                return;
+            }
+            self.body.extend_from_slice(&self.raw[start..start + size]);
+            self.raw.drain(..start + size + 2);
+        }
+    }
 }
 
 /// A parsed response, with the raw bytes kept for byte-level comparisons.

@@ -23,6 +23,8 @@
 //! - [`broker`]: a scripted broker speaking the v1 contract.
 //! - [`clients`]: real AWS SDK clients (Python, node) as child processes.
 //! - [`upstream`]: a plain HTTP upstream that records what reaches it.
+//! - [`sts`]: AWS STS from PyPI `moto`, in server mode.
+//! - [`kube_api`]: a Kubernetes API endpoint (pods, namespaces, TokenRequest, events).
 //! - [`http`]: a raw HTTP/1.1 client, able to send what real clients would not.
 //! - [`netns`]: network namespaces, for tests that need the metadata address itself.
 //! - [`wait`]: polling for eventual states without timing assumptions.
@@ -31,14 +33,18 @@ pub mod broker;
 pub mod clients;
 pub mod envoy;
 pub mod http;
+pub mod kube_api;
 pub mod netns;
 pub mod paths;
+pub mod sts;
 pub mod upstream;
 pub mod wait;
 
 pub use broker::{BrokerCall, Scripted, ScriptedBroker};
 pub use envoy::{Envoy, EnvoyBuilder, Pod};
 pub use http::{Reply, Req};
+pub use kube_api::KubeApi;
+pub use sts::Sts;
 pub use upstream::Upstream;
 
 use std::time::Duration;

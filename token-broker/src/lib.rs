@@ -4,16 +4,20 @@
 //! it, exchanges that at AWS STS, and caches the result per
 //! (role, namespace, service account).
 //!
-//! This crate is being built up from its pure parts; the service binary
-//! (HTTP server, Kubernetes and STS clients) comes next.
+//! So far: the rules (identity, authorization, STS parameters) and the
+//! credential cache. The service binary (HTTP server, Kubernetes and STS
+//! clients) comes next.
 //!
 //! Layout:
 //! - [`identity`]: who is calling: SPIFFE IDs and `X-Forwarded-Client-Cert`.
 //! - [`authz`]: may this caller use this role: the pod and namespace rules.
 //! - [`session`]: STS request parameters we validate ourselves (role ARN,
 //!   duration) and the `RoleSessionName` CloudTrail shows.
+//! - [`cache`]: credentials per (role, namespace, service account): single
+//!   flight, refresh ahead, backoff, bounded upstream load and memory.
 #![forbid(unsafe_code)]
 
 pub mod authz;
+pub mod cache;
 pub mod identity;
 pub mod session;

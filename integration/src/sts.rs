@@ -1,0 +1,139 @@
+//! AWS STS from PyPI `moto` in server mode: the real STS query protocol and
+//! XML, on loopback. moto accepts unsigned requests and validates little
+//! (no trust policy, any token), so the broker's own checks are what tests
+//! exercise; what moto proves is that the wire format is right.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use tempfile::TempDir;
+
+use crate::http::Req;
+use crate::{paths, wait};
+
+/// The STS API version every query-protocol request names.
+pub const STS_VERSION: &str = "2011-06-15";
+
+/// A running moto server; killed on drop, its log printed if the test
+/// panics.
+pub struct Sts {
+    child: Child,
+    dir: Option<TempDir>,
+    addr: SocketAddr,
+}
+
+impl Sts {
+    /// Starts moto on a free loopback port and waits until it answers.
+    pub async fn start() -> Self {
+        let moto = paths::venv().join("bin/moto_server");
+        assert!(moto.exists(), "{} is missing: run `just setup`", moto.display());
+        let dir = tempfile::Builder::new().prefix("imds-mesh-sts-").tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let log = std::fs::File::create(dir.path().join("moto.log")).unwrap_or_else(|e| panic!("{e}"));
+        let log_err = log.try_clone().unwrap_or_else(|e| panic!("{e}"));
+        let port = free_port();
+        let child = Command::new(&moto)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .env("PYTHONUNBUFFERED", "1")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", moto.display()));
+        let mut sts = Self { child, dir: Some(dir), addr: SocketAddr::from(([127, 0, 0, 1], port)) };
+        let addr = sts.addr;
+        wait::until("moto (STS) to answer", || {
+            if let Ok(Some(status)) = sts.child.try_wait() {
+                panic!("moto exited with {status} before answering:\n{}", sts.log());
+            }
+            async move {
+                // moto's own API answers 200 once the WSGI app is up.
+                let up = tokio::net::TcpStream::connect(addr).await.is_ok()
+                    && Req::get("/moto-api/").host(&addr.to_string()).send(addr).await.status == 200;
+                up.then_some(())
+            }
+        })
+        .await;
+        sts
+    }
+
+    /// `http://127.0.0.1:<port>`: the endpoint URL to give an STS client.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Sends an unsigned `AssumeRoleWithWebIdentity` (query protocol, as
+    /// the SDKs send it) and returns the raw reply.
+    pub async fn assume_role_with_web_identity(&self, role_arn: &str, session_name: &str, token: &str) -> crate::Reply {
+        assume_role_with_web_identity(role_arn, session_name, token).host(&self.addr.to_string()).send(self.addr).await
+    }
+
+    /// Everything moto has logged so far.
+    pub fn log(&self) -> String {
+        self.log_path().and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default()
+    }
+
+    fn log_path(&self) -> Option<PathBuf> {
+        self.dir.as_ref().map(|d| d.path().join("moto.log"))
+    }
+}
+
+impl Drop for Sts {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking()
+            && let Some(dir) = self.dir.take()
+        {
+            let kept = dir.keep();
+            let log = std::fs::read_to_string(kept.join("moto.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(80).collect();
+            eprintln!("--- moto (STS) log (kept in {}), last lines:", kept.display());
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+/// An unsigned `AssumeRoleWithWebIdentity` request in the STS query
+/// protocol: a form-encoded POST to `/`.
+pub fn assume_role_with_web_identity(role_arn: &str, session_name: &str, token: &str) -> Req {
+    let body = form(&[
+        ("Action", "AssumeRoleWithWebIdentity"),
+        ("Version", STS_VERSION),
+        ("RoleArn", role_arn),
+        ("RoleSessionName", session_name),
+        ("WebIdentityToken", token),
+    ]);
+    Req::new("POST", "/").header("Content-Type", "application/x-www-form-urlencoded; charset=utf-8").body(body)
+}
+
+/// The text of the first `<name>` element in an STS XML reply (enough for
+/// the flat, namespace-free elements STS answers with).
+pub fn xml_element<'a>(xml: &'a str, name: &str) -> Option<&'a str> {
+    let start = xml.find(&format!("<{name}>"))? + name.len() + 2;
+    let end = start + xml[start..].find(&format!("</{name}>"))?;
+    Some(&xml[start..end])
+}
+
+fn form(pairs: &[(&str, &str)]) -> String {
+    let encode = |s: &str| {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => char::from(b).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect::<String>()
+    };
+    pairs.iter().map(|(k, v)| format!("{}={}", encode(k), encode(v))).collect::<Vec<_>>().join("&")
+}
+
+fn free_port() -> u16 {
+    let socket = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    socket.local_addr().map(|a| a.port()).unwrap_or_else(|e| panic!("{e}"))
+}

@@ -1,0 +1,1108 @@
+//! The broker's credential cache: one entry per (role ARN, namespace,
+//! service account), filled by a fetch function the server supplies
+//! (TokenRequest then STS `AssumeRoleWithWebIdentity`). It knows nothing of
+//! either; it decides when to serve, when to fetch, and how hard upstream may
+//! be pushed.
+//!
+//! What it guarantees:
+//! - A credential cached for one [`CacheKey`] is only ever served for that key.
+//! - Single flight: concurrent [`Cache::get`]s for a key share one fetch and
+//!   all receive its result, success or error. The fetch runs in its own task,
+//!   so a caller that gives up (a client disconnect) does not cancel it for
+//!   the others.
+//! - Refresh ahead: a background task refreshes keys requested within
+//!   [`IDLE_EVICT_AFTER`] once they have less than [`REFRESH_BEFORE`] left,
+//!   while the current credential keeps being served. A credential with
+//!   [`MIN_SERVED_LIFETIME`] or less left is never served, whatever upstream
+//!   is doing.
+//! - Failures back off per key (exponential with jitter, capped, never before
+//!   upstream's `retry_after`); a get during backoff with nothing servable
+//!   gets the remembered error at once instead of another upstream call.
+//! - Upstream load is bounded: at most `max_concurrent_fetches` fetches run at
+//!   once, and fetches start at most `fetches_per_second` (with a burst) on
+//!   average, so a cold start of thousands of pods queues here instead of
+//!   storming STS and the Kubernetes API.
+//! - Memory is bounded: idle keys are evicted, and beyond `max_keys` the
+//!   least recently used key goes.
+//!
+//! Time: every decision is made on the monotonic [`tokio::time::Instant`], so
+//! tests drive it with `tokio::time::pause`/`advance`. STS states expiry as a
+//! wall-clock time; it is converted once, when the credential is stored, into
+//! a monotonic deadline (`now + (expiration - wall_clock())`), using the
+//! injectable [`CacheConfig::wall_clock`]. After that a step of the system
+//! clock cannot make a stored credential look fresher or staler than it is.
+//! The decisions themselves are pure functions ([`is_servable`],
+//! [`refresh_due`], [`is_idle`], [`backoff`]) of durations.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::hash::BuildHasher;
+use std::hash::RandomState;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, MissedTickBehavior};
+
+/// Refresh a credential once it has less than this left. The filter refreshes
+/// its own copy with 25 minutes left (`filter::policy::REFRESH_BEFORE_MS`),
+/// so what the broker hands out must have more than that: 35 minutes leaves a
+/// 10-minute margin for a refresh that fails and has to back off.
+pub const REFRESH_BEFORE: Duration = Duration::from_secs(35 * 60);
+
+/// A credential with this much left or less is never served: the filter and
+/// the SDK behind it would refetch at once, or sign requests that expire in
+/// flight.
+pub const MIN_SERVED_LIFETIME: Duration = Duration::from_secs(5 * 60);
+
+/// Floor between a successful fetch and the refresh of its result, for an
+/// upstream that hands out credentials already inside the refresh window
+/// (a role whose session duration is under [`REFRESH_BEFORE`]).
+pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
+
+/// A key not requested for this long is evicted, and is no longer refreshed.
+/// Longer than the longest gap between a filter's requests for a one-hour
+/// credential (it gets one with up to 60 minutes left and comes back at 25,
+/// so after up to 35 minutes): with a shorter window the default session
+/// length would always come back to a cold key and never benefit from
+/// refresh ahead.
+pub const IDLE_EVICT_AFTER: Duration = Duration::from_secs(45 * 60);
+
+/// Default bound on the number of keys held. An entry holds a role ARN, two
+/// Kubernetes names and one credential (the session token is about 1 KiB),
+/// so this is a few tens of MiB at most.
+pub const MAX_KEYS: usize = 10_000;
+
+/// How often the background task looks for keys to refresh or evict. Small
+/// against [`REFRESH_BEFORE`] - [`MIN_SERVED_LIFETIME`] (30 minutes), so a
+/// refresh never starts meaningfully late.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Exponential backoff after consecutive failures: first step and ceiling.
+pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Upstream's `retry_after` is honoured up to this; beyond it a typo or a
+/// hostile value would lock a key out for too long.
+pub const RETRY_AFTER_MAX: Duration = Duration::from_secs(5 * 60);
+/// A denial is remembered at least this long: retrying will not change STS's
+/// mind soon, and the filter caches denials similarly.
+pub const DENIED_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Default upstream limits: fetches in flight, fetch starts per second and
+/// the burst allowed above that rate. One fetch is one TokenRequest plus one
+/// STS call. STS's per-account request quotas are in the hundreds per
+/// second, shared with everything else in the account; these defaults keep
+/// one broker replica well below that.
+pub const MAX_CONCURRENT_FETCHES: usize = 16;
+pub const FETCHES_PER_SECOND: u32 = 20;
+pub const FETCH_BURST: u32 = 40;
+
+/// Default time one fetch may take once it has its permit and rate slot.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What credentials are cached under. A credential fetched for one key is
+/// never served for another: the key is the whole identity STS sees (the
+/// role, and the token subject `system:serviceaccount:<ns>:<sa>`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    pub role_arn: String,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+/// Temporary AWS credentials as STS returned them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: String,
+    /// When STS says they stop working.
+    pub expiration: OffsetDateTime,
+}
+
+impl fmt::Debug for Credentials {
+    // All three strings are redacted: the secret and token are secrets, and
+    // the key ID is kept out too so the log test's rule ("no key, secret or
+    // token in any line") needs no exceptions.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("access_key_id", &"<redacted>")
+            .field("secret_access_key", &"<redacted>")
+            .field("session_token", &"<redacted>")
+            .field("expiration", &self.expiration)
+            .finish()
+    }
+}
+
+/// How a fetch failed, as far as the cache's scheduling cares. The server
+/// maps these to the v1 contract (Throttled 429, Denied 403, Failed 502/503).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchErrorKind {
+    /// Upstream asked us to slow down.
+    Throttled,
+    /// Upstream refused this identity the role.
+    Denied,
+    /// Anything else: upstream down, a malformed answer, a timeout.
+    Failed,
+}
+
+/// A failed fetch. Cloned to every waiter of the fetch and remembered for the
+/// backoff, so `detail` must never carry a secret (an STS error code and
+/// fixed text are fine; a token is not).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind:?}: {detail}")]
+pub struct FetchError {
+    pub kind: FetchErrorKind,
+    /// Upstream's own "not before" hint (STS throttling, HTTP `Retry-After`).
+    pub retry_after: Option<Duration>,
+    pub detail: String,
+}
+
+impl FetchError {
+    /// A [`FetchErrorKind::Failed`] error without a retry hint.
+    pub fn failed(detail: impl Into<String>) -> Self {
+        Self { kind: FetchErrorKind::Failed, retry_after: None, detail: detail.into() }
+    }
+}
+
+/// The future a fetch returns.
+pub type FetchFuture = Pin<Box<dyn Future<Output = Result<Credentials, FetchError>> + Send>>;
+
+/// The wall clock STS expirations are read against.
+pub type WallClock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;
+
+/// Limits and the clock. [`Default`] gives the named constants and the
+/// system clock.
+#[derive(Clone)]
+pub struct CacheConfig {
+    /// At most this many keys are held; beyond it the least recently used
+    /// key is evicted (idle keys first).
+    pub max_keys: usize,
+    /// At most this many fetches run at once across all keys.
+    pub max_concurrent_fetches: usize,
+    /// Fetch starts per second, on average, across all keys.
+    pub fetches_per_second: u32,
+    /// Fetch starts allowed at once above that rate after a quiet period.
+    pub fetch_burst: u32,
+    /// Time one fetch may take, counted from when it starts (after its
+    /// permit and rate slot), so queueing never makes a fetch time out.
+    pub fetch_timeout: Duration,
+    /// Reads STS expirations; `OffsetDateTime::now_utc` outside tests.
+    pub wall_clock: WallClock,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_keys: MAX_KEYS,
+            max_concurrent_fetches: MAX_CONCURRENT_FETCHES,
+            fetches_per_second: FETCHES_PER_SECOND,
+            fetch_burst: FETCH_BURST,
+            fetch_timeout: FETCH_TIMEOUT,
+            wall_clock: Arc::new(OffsetDateTime::now_utc),
+        }
+    }
+}
+
+impl fmt::Debug for CacheConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheConfig")
+            .field("max_keys", &self.max_keys)
+            .field("max_concurrent_fetches", &self.max_concurrent_fetches)
+            .field("fetches_per_second", &self.fetches_per_second)
+            .field("fetch_burst", &self.fetch_burst)
+            .field("fetch_timeout", &self.fetch_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A snapshot of the cache's counters, for the server's `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Gets answered from a servable credential.
+    pub hits: u64,
+    /// Gets with nothing servable (they joined a fetch, started one, or got
+    /// the remembered error during backoff).
+    pub misses: u64,
+    /// Upstream fetches started (each one TokenRequest plus one STS call).
+    pub fetches: u64,
+    /// Of those, refreshes: started while a servable credential existed.
+    pub refreshes: u64,
+    /// Fetches that failed (including credentials that expire too soon).
+    pub fetch_errors: u64,
+    /// Keys evicted, idle or over `max_keys`.
+    pub evictions: u64,
+    /// Keys held now.
+    pub keys: usize,
+    /// Fetches holding a concurrency permit now.
+    pub fetches_in_flight: usize,
+}
+
+// ---------------------------------------------------------------------------
+// The decisions, as pure functions of durations.
+
+/// May a credential with `remaining` life left be served?
+pub fn is_servable(remaining: Duration) -> bool {
+    remaining > MIN_SERVED_LIFETIME
+}
+
+/// Should a credential fetched `age` ago, with `remaining` left, be refreshed?
+pub fn refresh_due(age: Duration, remaining: Duration) -> bool {
+    remaining < REFRESH_BEFORE && age >= MIN_REFRESH_INTERVAL
+}
+
+/// Has a key not requested for `unused_for` gone idle?
+pub fn is_idle(unused_for: Duration) -> bool {
+    unused_for >= IDLE_EVICT_AFTER
+}
+
+/// How long a key waits before its next fetch after `failures` consecutive
+/// failures (this one included). `jitter` in `[0, 1)` spreads the retries of
+/// keys that failed together (an STS outage fails them all at once).
+///
+/// "Equal jitter": the exponential step is kept at least half, so no retry
+/// comes almost immediately, and the other half is random. Upstream's
+/// `retry_after` (up to [`RETRY_AFTER_MAX`]) and, for a denial,
+/// [`DENIED_BACKOFF`] are floors.
+pub fn backoff(kind: FetchErrorKind, failures: u32, retry_after: Option<Duration>, jitter: f64) -> Duration {
+    let doublings = failures.clamp(1, 16) - 1;
+    let step = BACKOFF_BASE.saturating_mul(1 << doublings).min(BACKOFF_MAX);
+    let jittered = step / 2 + step.mul_f64(jitter.clamp(0.0, 1.0)) / 2;
+    let floor = match kind {
+        FetchErrorKind::Denied => DENIED_BACKOFF,
+        FetchErrorKind::Throttled | FetchErrorKind::Failed => Duration::ZERO,
+    };
+    let upstream = retry_after.map_or(Duration::ZERO, |after| after.min(RETRY_AFTER_MAX));
+    jittered.max(floor).max(upstream)
+}
+
+/// A token bucket in its GCRA form: each fetch reserves the next start time,
+/// so waiters start in arrival order and nothing polls.
+#[derive(Debug)]
+struct RateLimiter {
+    /// Time between two starts at the sustained rate.
+    interval: Duration,
+    /// How far ahead of the sustained rate a burst may run.
+    tolerance: Duration,
+    /// The "theoretical arrival time" of the next start at the sustained rate.
+    next: Option<Instant>,
+}
+
+impl RateLimiter {
+    fn new(per_second: u32, burst: u32) -> Self {
+        let interval = Duration::from_secs(1) / per_second.max(1);
+        Self { interval, tolerance: interval * (burst.max(1) - 1), next: None }
+    }
+
+    /// Reserves a start and returns when it is; `now` if there is room.
+    fn reserve(&mut self, now: Instant) -> Instant {
+        let theoretical = self.next.map_or(now, |next| next.max(now));
+        self.next = Some(theoretical + self.interval);
+        theoretical.checked_sub(self.tolerance).map_or(now, |start| start.max(now))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The cache.
+
+type Outcome = Result<Arc<Credentials>, FetchError>;
+type FetchFn = Arc<dyn Fn(CacheKey) -> FetchFuture + Send + Sync>;
+
+/// The credential cache. Create it inside a tokio runtime ([`Cache::new`]
+/// spawns the refresh task); share it behind an `Arc`. Dropping it stops the
+/// refresh task; fetches already running finish and are discarded.
+pub struct Cache {
+    inner: Arc<Inner>,
+    sweeper: JoinHandle<()>,
+}
+
+struct Inner {
+    config: CacheConfig,
+    fetch: FetchFn,
+    entries: Mutex<HashMap<CacheKey, Entry>>,
+    permits: Semaphore,
+    rate: Mutex<RateLimiter>,
+    /// Seeds the backoff jitter: `RandomState` is randomly keyed per process,
+    /// so replicas decorrelate, and hashing (key, failures) gives each key its
+    /// own jitter without a `rand` dependency.
+    jitter: RandomState,
+    next_fetch_id: AtomicU64,
+    counters: Counters,
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    fetches: AtomicU64,
+    refreshes: AtomicU64,
+    fetch_errors: AtomicU64,
+    evictions: AtomicU64,
+}
+
+impl Counters {
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+struct Entry {
+    current: Option<Stored>,
+    inflight: Option<InFlight>,
+    /// Consecutive failed fetches.
+    failures: u32,
+    /// The last failure, answered during backoff when nothing is servable.
+    last_error: Option<FetchError>,
+    /// No fetch starts before this (backoff).
+    retry_at: Instant,
+    last_used: Instant,
+}
+
+#[derive(Clone)]
+struct Stored {
+    credentials: Arc<Credentials>,
+    fetched_at: Instant,
+    /// Monotonic form of `credentials.expiration`.
+    expires_at: Instant,
+}
+
+struct InFlight {
+    /// Tells this fetch's result apart from a later one's, should the key be
+    /// evicted and re-created while it runs.
+    id: u64,
+    result: watch::Receiver<Option<Outcome>>,
+}
+
+impl Entry {
+    fn new(now: Instant) -> Self {
+        Self { current: None, inflight: None, failures: 0, last_error: None, retry_at: now, last_used: now }
+    }
+
+    /// Drops a credential that may no longer be served, so it can be neither
+    /// served nor kept in memory.
+    fn forget_unservable(&mut self, now: Instant) {
+        if self.current.as_ref().is_some_and(|stored| !is_servable(stored.expires_at.saturating_duration_since(now))) {
+            self.current = None;
+        }
+    }
+
+    /// Is a servable credential here due for a refresh that may start now?
+    fn wants_refresh(&self, now: Instant) -> bool {
+        self.inflight.is_none()
+            && now >= self.retry_at
+            && !is_idle(now.saturating_duration_since(self.last_used))
+            && self.current.as_ref().is_some_and(|stored| {
+                refresh_due(
+                    now.saturating_duration_since(stored.fetched_at),
+                    stored.expires_at.saturating_duration_since(now),
+                )
+            })
+    }
+}
+
+impl Cache {
+    /// A cache that fills itself with `fetch`. Must be called inside a tokio
+    /// runtime.
+    pub fn new<F>(config: CacheConfig, fetch: F) -> Self
+    where
+        F: Fn(CacheKey) -> FetchFuture + Send + Sync + 'static,
+    {
+        let inner = Arc::new(Inner {
+            permits: Semaphore::new(config.max_concurrent_fetches.max(1)),
+            rate: Mutex::new(RateLimiter::new(config.fetches_per_second, config.fetch_burst)),
+            config,
+            fetch: Arc::new(fetch),
+            entries: Mutex::new(HashMap::new()),
+            jitter: RandomState::new(),
+            next_fetch_id: AtomicU64::new(0),
+            counters: Counters::default(),
+        });
+        let sweeper = tokio::spawn(sweep_forever(Arc::downgrade(&inner)));
+        Self { inner, sweeper }
+    }
+
+    /// Credentials for `key`: the cached ones while servable, else the result
+    /// of a fetch (joining one already running), else, during backoff, the
+    /// last error. Waiting for a fetch has no time limit of its own here
+    /// (the fetch has [`CacheConfig::fetch_timeout`] once it starts; queueing
+    /// for a permit or rate slot is not counted), so the server puts its own
+    /// deadline around this call.
+    pub async fn get(&self, key: &CacheKey) -> Result<Arc<Credentials>, FetchError> {
+        let mut result = {
+            let now = Instant::now();
+            let mut entries = self.inner.lock_entries();
+            if !entries.contains_key(key) {
+                self.inner.make_room(&mut entries, now);
+            }
+            let entry = entries.entry(key.clone()).or_insert_with(|| Entry::new(now));
+            entry.last_used = now;
+            entry.forget_unservable(now);
+            if let Some(stored) = &entry.current {
+                let credentials = Arc::clone(&stored.credentials);
+                Counters::bump(&self.inner.counters.hits);
+                if entry.wants_refresh(now) {
+                    self.inner.start_fetch(key, entry);
+                }
+                return Ok(credentials);
+            }
+            Counters::bump(&self.inner.counters.misses);
+            match (&entry.inflight, &entry.last_error) {
+                (Some(inflight), _) => inflight.result.clone(),
+                (None, Some(error)) if now < entry.retry_at => return Err(error.clone()),
+                (None, _) => self.inner.start_fetch(key, entry),
+            }
+        };
+        match result.wait_for(Option::is_some).await {
+            Ok(outcome) => outcome.clone().unwrap_or_else(|| Err(FetchError::failed("fetch ended without a result"))),
+            // The fetch task went away without answering (runtime shutdown).
+            Err(_) => Err(FetchError::failed("fetch abandoned")),
+        }
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> CacheStats {
+        let counters = &self.inner.counters;
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        CacheStats {
+            hits: load(&counters.hits),
+            misses: load(&counters.misses),
+            fetches: load(&counters.fetches),
+            refreshes: load(&counters.refreshes),
+            fetch_errors: load(&counters.fetch_errors),
+            evictions: load(&counters.evictions),
+            keys: self.inner.lock_entries().len(),
+            fetches_in_flight: self
+                .inner
+                .config
+                .max_concurrent_fetches
+                .max(1)
+                .saturating_sub(self.inner.permits.available_permits()),
+        }
+    }
+}
+
+impl Drop for Cache {
+    fn drop(&mut self) {
+        self.sweeper.abort();
+    }
+}
+
+impl fmt::Debug for Cache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cache").field("config", &self.inner.config).field("stats", &self.stats()).finish()
+    }
+}
+
+/// The background task: refresh and evict every [`SWEEP_INTERVAL`]. It holds
+/// the cache only weakly, so it ends once the cache is gone even if the abort
+/// in `Drop` were missed.
+async fn sweep_forever(inner: Weak<Inner>) {
+    let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        inner.sweep();
+    }
+}
+
+impl Inner {
+    fn lock_entries(&self) -> MutexGuard<'_, HashMap<CacheKey, Entry>> {
+        // Nothing panics while holding the lock; if something ever did, the
+        // map is still consistent entry by entry, so keep going.
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn sweep(self: &Arc<Self>) {
+        let now = Instant::now();
+        let mut entries = self.lock_entries();
+        let before = entries.len();
+        entries.retain(|_, entry| entry.inflight.is_some() || !is_idle(now.saturating_duration_since(entry.last_used)));
+        self.counters.evictions.fetch_add((before - entries.len()) as u64, Ordering::Relaxed);
+        for (key, entry) in entries.iter_mut() {
+            entry.forget_unservable(now);
+            if entry.wants_refresh(now) {
+                self.start_fetch(key, entry);
+            }
+        }
+    }
+
+    /// Makes room for one more key: idle keys first, then the least recently
+    /// used, preferring keys with no fetch running (their waiters still get
+    /// the result; only the storing is lost). The scan is linear, but only
+    /// runs at the bound, and a full map of busy keys is the rare case.
+    fn make_room(&self, entries: &mut HashMap<CacheKey, Entry>, now: Instant) {
+        let max_keys = self.config.max_keys.max(1);
+        if entries.len() < max_keys {
+            return;
+        }
+        let before = entries.len();
+        entries.retain(|_, entry| entry.inflight.is_some() || !is_idle(now.saturating_duration_since(entry.last_used)));
+        while entries.len() >= max_keys {
+            let oldest = entries
+                .iter()
+                .min_by_key(|(_, entry)| (entry.inflight.is_some(), entry.last_used))
+                .map(|(key, _)| key.clone());
+            let Some(oldest) = oldest else { break };
+            entries.remove(&oldest);
+        }
+        self.counters.evictions.fetch_add((before - entries.len()) as u64, Ordering::Relaxed);
+    }
+
+    /// Starts a fetch for `key` in its own task and returns where its result
+    /// will appear. The caller holds the entries lock and has checked that
+    /// no fetch is running for the key.
+    fn start_fetch(self: &Arc<Self>, key: &CacheKey, entry: &mut Entry) -> watch::Receiver<Option<Outcome>> {
+        let (sender, result) = watch::channel(None);
+        let id = self.next_fetch_id.fetch_add(1, Ordering::Relaxed);
+        entry.inflight = Some(InFlight { id, result: result.clone() });
+        if entry.current.is_some() {
+            Counters::bump(&self.counters.refreshes);
+        }
+        let inner = Arc::clone(self);
+        let key = key.clone();
+        tokio::spawn(async move {
+            let fetched = inner.call_upstream(&key).await;
+            let outcome = inner.store(&key, id, fetched);
+            // Receivers may all be gone (a background refresh); keep the value anyway.
+            sender.send_replace(Some(outcome));
+        });
+        result
+    }
+
+    /// One upstream call: a concurrency permit, then a rate slot, then the
+    /// fetch under its timeout. The permit comes first so that at most
+    /// `max_concurrent_fetches` reservations are ever waiting on the rate
+    /// limiter, and the fetch starts as soon as its slot comes.
+    async fn call_upstream(&self, key: &CacheKey) -> Result<Credentials, FetchError> {
+        let Ok(_permit) = self.permits.acquire().await else {
+            // The semaphore is never closed.
+            return Err(FetchError::failed("fetch limiter closed"));
+        };
+        let start = self.rate.lock().unwrap_or_else(PoisonError::into_inner).reserve(Instant::now());
+        if start > Instant::now() {
+            tokio::time::sleep_until(start).await;
+        }
+        Counters::bump(&self.counters.fetches);
+        // Its own task, so a panicking fetch becomes an error for the waiters
+        // instead of a key stuck "in flight" forever.
+        let mut task = tokio::spawn((self.fetch)(key.clone()));
+        match tokio::time::timeout(self.config.fetch_timeout, &mut task).await {
+            Ok(Ok(fetched)) => fetched,
+            Ok(Err(_)) => Err(FetchError::failed("fetch task failed")),
+            Err(_) => {
+                task.abort();
+                Err(FetchError::failed("fetch timed out"))
+            }
+        }
+    }
+
+    /// Records a fetch's result in its entry (if the entry still exists and
+    /// is still waiting for this fetch) and returns what the waiters get.
+    fn store(&self, key: &CacheKey, id: u64, fetched: Result<Credentials, FetchError>) -> Outcome {
+        let now = Instant::now();
+        let outcome = fetched.and_then(|credentials| {
+            let left = credentials.expiration - (self.config.wall_clock)();
+            let left = Duration::try_from(left).unwrap_or(Duration::ZERO);
+            if is_servable(left) {
+                Ok(Stored { credentials: Arc::new(credentials), fetched_at: now, expires_at: now + left })
+            } else {
+                Err(FetchError::failed("upstream returned credentials that expire too soon to serve"))
+            }
+        });
+        if outcome.is_err() {
+            Counters::bump(&self.counters.fetch_errors);
+        }
+        let mut entries = self.lock_entries();
+        let entry =
+            entries.get_mut(key).filter(|entry| entry.inflight.as_ref().is_some_and(|inflight| inflight.id == id));
+        if let Some(entry) = entry {
+            entry.inflight = None;
+            match &outcome {
+                Ok(stored) => {
+                    entry.current = Some(stored.clone());
+                    entry.failures = 0;
+                    entry.last_error = None;
+                    entry.retry_at = now;
+                }
+                Err(error) => {
+                    // The current credential, if any, stays: it is served
+                    // while servable.
+                    entry.failures = entry.failures.saturating_add(1);
+                    let jitter = self.jitter(key, entry.failures);
+                    entry.retry_at = now + backoff(error.kind, entry.failures, error.retry_after, jitter);
+                    entry.last_error = Some(error.clone());
+                }
+            }
+        }
+        outcome.map(|stored| stored.credentials)
+    }
+
+    /// A number in `[0, 1)` fixed for (key, failures) in this process.
+    fn jitter(&self, key: &CacheKey, failures: u32) -> f64 {
+        let hash = self.jitter.hash_one((key, failures));
+        // The top 53 bits, exactly representable in an f64.
+        (hash >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    fn key(role: &str, namespace: &str, service_account: &str) -> CacheKey {
+        CacheKey {
+            role_arn: format!("arn:aws:iam::123456789012:role/{role}"),
+            namespace: namespace.to_owned(),
+            service_account: service_account.to_owned(),
+        }
+    }
+
+    fn nth_key(n: usize) -> CacheKey {
+        key("app", &format!("ns-{n}"), "default")
+    }
+
+    /// A wall clock that moves with tokio's (paused) clock.
+    fn test_clock() -> WallClock {
+        let start = Instant::now();
+        let wall = OffsetDateTime::from_unix_timestamp(1_790_000_000).unwrap();
+        Arc::new(move || wall + start.elapsed())
+    }
+
+    fn config() -> CacheConfig {
+        CacheConfig { wall_clock: test_clock(), ..CacheConfig::default() }
+    }
+
+    /// What the fake upstream does for one call.
+    struct Reply {
+        /// How long the call takes.
+        after: Duration,
+        /// If set, the call also waits for a permit from here.
+        gate: Option<Arc<Semaphore>>,
+        /// The credential's lifetime, or the error.
+        result: Result<Duration, FetchError>,
+    }
+
+    fn ok(lifetime: Duration) -> Reply {
+        Reply { after: Duration::ZERO, gate: None, result: Ok(lifetime) }
+    }
+
+    fn err(kind: FetchErrorKind, retry_after: Option<Duration>) -> Reply {
+        Reply {
+            after: Duration::ZERO,
+            gate: None,
+            result: Err(FetchError { kind, retry_after, detail: "scripted".into() }),
+        }
+    }
+
+    /// Records every call the cache makes upstream.
+    #[derive(Default)]
+    struct Upstream {
+        calls: Mutex<Vec<(CacheKey, Instant)>>,
+        in_flight: AtomicUsize,
+        max_in_flight: AtomicUsize,
+    }
+
+    impl Upstream {
+        fn calls(&self) -> usize {
+            self.calls.lock().unwrap().len()
+        }
+        fn keys(&self) -> Vec<CacheKey> {
+            self.calls.lock().unwrap().iter().map(|(key, _)| key.clone()).collect()
+        }
+    }
+
+    /// A cache over a fake upstream; `script(key, n)` answers the n-th call
+    /// (1-based). Credentials name the key and the call number.
+    fn cache_with(
+        config: CacheConfig,
+        script: impl Fn(&CacheKey, usize) -> Reply + Send + Sync + 'static,
+    ) -> (Cache, Arc<Upstream>) {
+        let upstream = Arc::new(Upstream::default());
+        let script = Arc::new(script);
+        let clock = Arc::clone(&config.wall_clock);
+        let recorder = Arc::clone(&upstream);
+        let cache = Cache::new(config, move |key: CacheKey| {
+            let upstream = Arc::clone(&recorder);
+            let script = Arc::clone(&script);
+            let clock = Arc::clone(&clock);
+            Box::pin(async move {
+                let n = {
+                    let mut calls = upstream.calls.lock().unwrap();
+                    calls.push((key.clone(), Instant::now()));
+                    calls.len()
+                };
+                let reply = script(&key, n);
+                let now_in_flight = upstream.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                upstream.max_in_flight.fetch_max(now_in_flight, Ordering::SeqCst);
+                if let Some(gate) = reply.gate {
+                    gate.acquire().await.unwrap().forget();
+                }
+                if !reply.after.is_zero() {
+                    tokio::time::sleep(reply.after).await;
+                }
+                upstream.in_flight.fetch_sub(1, Ordering::SeqCst);
+                reply.result.map(|lifetime| Credentials {
+                    access_key_id: format!("AK-{}-{}-{}-{n}", key.role_arn, key.namespace, key.service_account),
+                    secret_access_key: format!("secret-{n}"),
+                    session_token: format!("token-{n}"),
+                    expiration: clock() + lifetime,
+                })
+            }) as FetchFuture
+        });
+        (cache, upstream)
+    }
+
+    /// Lets spawned tasks run to their next wait, without moving the clock.
+    async fn settle() {
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    // --- pure decisions -----------------------------------------------------
+
+    #[test]
+    fn refresh_window_leaves_the_filter_its_margin() {
+        // The filter refreshes with 25 minutes left; what we serve must
+        // outlast that by at least the time we may spend failing to refresh.
+        let filter_refresh_before = Duration::from_secs(25 * 60);
+        assert!(REFRESH_BEFORE >= filter_refresh_before + Duration::from_secs(10 * 60));
+        assert!(MIN_SERVED_LIFETIME < REFRESH_BEFORE);
+        assert!(SWEEP_INTERVAL * 10 < REFRESH_BEFORE - MIN_SERVED_LIFETIME);
+    }
+
+    #[test]
+    fn servable_needs_more_than_min_served_lifetime() {
+        assert!(!is_servable(Duration::ZERO));
+        assert!(!is_servable(MIN_SERVED_LIFETIME));
+        assert!(is_servable(MIN_SERVED_LIFETIME + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn refresh_is_due_inside_the_window_but_not_right_after_a_fetch() {
+        assert!(!refresh_due(10 * MINUTE, REFRESH_BEFORE));
+        assert!(refresh_due(10 * MINUTE, REFRESH_BEFORE - Duration::from_secs(1)));
+        assert!(!refresh_due(MIN_REFRESH_INTERVAL - Duration::from_secs(1), 10 * MINUTE));
+        assert!(refresh_due(MIN_REFRESH_INTERVAL, 10 * MINUTE));
+    }
+
+    #[test]
+    fn idle_after_idle_evict_after() {
+        assert!(!is_idle(IDLE_EVICT_AFTER - Duration::from_secs(1)));
+        assert!(is_idle(IDLE_EVICT_AFTER));
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_is_capped_and_honours_upstream_floors() {
+        use FetchErrorKind::*;
+        assert_eq!(backoff(Failed, 1, None, 0.0), BACKOFF_BASE / 2);
+        assert!(backoff(Failed, 1, None, 0.999) < BACKOFF_BASE);
+        assert_eq!(backoff(Failed, 2, None, 0.0), BACKOFF_BASE);
+        assert!(backoff(Failed, 3, None, 0.5) > backoff(Failed, 2, None, 0.5));
+        assert!(backoff(Failed, 3, None, 0.0) < backoff(Failed, 3, None, 0.9));
+        assert_eq!(backoff(Failed, u32::MAX, None, 0.999_999).max(BACKOFF_MAX), BACKOFF_MAX);
+        assert!(backoff(Failed, u32::MAX, None, 0.0) >= BACKOFF_MAX / 2);
+        assert_eq!(backoff(Throttled, 1, Some(90 * Duration::from_secs(1)), 0.5), Duration::from_secs(90));
+        assert_eq!(backoff(Throttled, 1, Some(HOUR), 0.5), RETRY_AFTER_MAX);
+        assert_eq!(backoff(Denied, 1, None, 0.5), DENIED_BACKOFF);
+    }
+
+    #[test]
+    fn rate_limiter_allows_the_burst_then_the_rate() {
+        let mut limiter = RateLimiter::new(5, 3);
+        let now = Instant::now();
+        let starts: Vec<_> = (0..6).map(|_| limiter.reserve(now) - now).collect();
+        let ms = Duration::from_millis;
+        assert_eq!(starts, [ms(0), ms(0), ms(0), ms(200), ms(400), ms(600)]);
+        // After a quiet period the burst is available again, not more.
+        let later = now + Duration::from_secs(10);
+        let starts: Vec<_> = (0..4).map(|_| limiter.reserve(later) - later).collect();
+        assert_eq!(starts, [ms(0), ms(0), ms(0), ms(200)]);
+    }
+
+    #[test]
+    fn credentials_debug_never_shows_the_strings() {
+        let credentials = Credentials {
+            access_key_id: "ASIAEXAMPLEKEYID".into(),
+            secret_access_key: "wJalrXUtnFEMIsecret".into(),
+            session_token: "FwoGZXIvYXdzEtoken".into(),
+            expiration: OffsetDateTime::UNIX_EPOCH,
+        };
+        let shown = format!("{credentials:?} {credentials:#?}");
+        for secret in ["ASIAEXAMPLEKEYID", "wJalrXUtnFEMIsecret", "FwoGZXIvYXdzEtoken"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(shown.contains("expiration"));
+    }
+
+    // --- the cache ------------------------------------------------------------
+
+    #[tokio::test(start_paused = true)]
+    async fn two_hundred_concurrent_gets_on_five_keys_cause_five_fetches() {
+        let (cache, upstream) = cache_with(config(), |_, _| Reply { after: Duration::from_millis(100), ..ok(HOUR) });
+        let cache = Arc::new(cache);
+        let gets: Vec<_> = (0..200)
+            .map(|i| {
+                let cache = Arc::clone(&cache);
+                tokio::spawn(async move {
+                    let key = nth_key(i % 5);
+                    (cache.get(&key).await, key)
+                })
+            })
+            .collect();
+        for get in gets {
+            let (credentials, key) = get.await.unwrap();
+            let credentials = credentials.unwrap();
+            assert!(credentials.access_key_id.contains(&format!("-{}-", key.namespace)));
+        }
+        assert_eq!(upstream.calls(), 5);
+        let mut keys = upstream.keys();
+        keys.sort_by(|a, b| a.namespace.cmp(&b.namespace));
+        assert_eq!(keys, (0..5).map(nth_key).collect::<Vec<_>>());
+        let stats = cache.stats();
+        assert_eq!((stats.fetches, stats.hits + stats.misses, stats.keys), (5, 200, 5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_waiters_all_receive_the_one_fetch_error() {
+        let (cache, upstream) = cache_with(config(), |_, _| Reply {
+            after: Duration::from_millis(100),
+            ..err(FetchErrorKind::Failed, None)
+        });
+        let cache = Arc::new(cache);
+        let gets: Vec<_> = (0..50)
+            .map(|_| {
+                let cache = Arc::clone(&cache);
+                tokio::spawn(async move { cache.get(&nth_key(0)).await })
+            })
+            .collect();
+        for get in gets {
+            assert_eq!(get.await.unwrap().unwrap_err().detail, "scripted");
+        }
+        assert_eq!(upstream.calls(), 1);
+        assert_eq!(cache.stats().fetch_errors, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keys_never_cross_namespaces_service_accounts_or_roles() {
+        let (cache, upstream) = cache_with(config(), |_, _| ok(HOUR));
+        let keys = [key("app", "a", "x"), key("app", "b", "x"), key("app", "a", "y"), key("other", "a", "x")];
+        let mut served = Vec::new();
+        for key in &keys {
+            served.push(cache.get(key).await.unwrap());
+        }
+        assert_eq!(upstream.keys(), keys);
+        for (key, credentials) in keys.iter().zip(&served) {
+            let expected_prefix = format!("AK-{}-{}-{}-", key.role_arn, key.namespace, key.service_account);
+            assert!(credentials.access_key_id.starts_with(&expected_prefix));
+            // Asked again, each key gets its own credential back.
+            assert_eq!(&cache.get(key).await.unwrap(), credentials);
+        }
+        assert_eq!(upstream.calls(), keys.len());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refresh_runs_in_the_background_and_the_old_credential_is_served_meanwhile() {
+        let gate = Arc::new(Semaphore::new(0));
+        let refresh_gate = Arc::clone(&gate);
+        let (cache, upstream) = cache_with(config(), move |_, n| match n {
+            1 => ok(HOUR),
+            _ => Reply { gate: Some(Arc::clone(&refresh_gate)), ..ok(HOUR) },
+        });
+        let first = cache.get(&nth_key(0)).await.unwrap();
+
+        // Not before the window opens (the hour has 35 minutes left at 25)...
+        tokio::time::advance(HOUR - REFRESH_BEFORE - SWEEP_INTERVAL).await;
+        settle().await;
+        assert_eq!(upstream.calls(), 1);
+        // ...then without any get.
+        tokio::time::advance(2 * SWEEP_INTERVAL).await;
+        settle().await;
+        assert_eq!(upstream.calls(), 2);
+        assert_eq!(cache.stats().refreshes, 1);
+
+        // The refresh is stuck upstream; the current credential is served.
+        assert_eq!(cache.get(&nth_key(0)).await.unwrap(), first);
+        assert_eq!(upstream.calls(), 2);
+
+        gate.add_permits(1);
+        settle().await;
+        let second = cache.get(&nth_key(0)).await.unwrap();
+        assert_ne!(second, first);
+        assert!(second.expiration > first.expiration);
+        assert_eq!(upstream.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_credentials_are_never_served_while_refresh_keeps_failing() {
+        let (cache, upstream) = cache_with(config(), |_, n| match n {
+            1 => ok(HOUR),
+            _ => err(FetchErrorKind::Failed, None),
+        });
+        let first = cache.get(&nth_key(0)).await.unwrap();
+        let last_servable = HOUR - MIN_SERVED_LIFETIME - MINUTE;
+        let mut elapsed = Duration::ZERO;
+        while elapsed < last_servable {
+            tokio::time::advance(MINUTE).await;
+            elapsed += MINUTE;
+            settle().await;
+            // Refresh fails, but the credential is still servable.
+            assert_eq!(cache.get(&nth_key(0)).await.unwrap(), first, "at {elapsed:?}");
+        }
+        assert!(upstream.calls() > 2, "refresh was retried");
+
+        // Exactly MIN_SERVED_LIFETIME left: an error, not the stale credential.
+        tokio::time::advance(MINUTE).await;
+        settle().await;
+        let error = cache.get(&nth_key(0)).await.unwrap_err();
+        assert_eq!(error.kind, FetchErrorKind::Failed);
+        tokio::time::advance(HOUR).await;
+        settle().await;
+        assert!(cache.get(&nth_key(0)).await.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn credentials_that_expire_too_soon_are_refused() {
+        let (cache, _) = cache_with(config(), |_, _| ok(MIN_SERVED_LIFETIME));
+        let error = cache.get(&nth_key(0)).await.unwrap_err();
+        assert!(error.detail.contains("expire too soon"));
+        assert_eq!(cache.stats().fetch_errors, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_is_honoured_before_the_next_fetch() {
+        let (cache, upstream) =
+            cache_with(config(), |_, _| err(FetchErrorKind::Throttled, Some(Duration::from_secs(90))));
+        let error = cache.get(&nth_key(0)).await.unwrap_err();
+        assert_eq!(error.kind, FetchErrorKind::Throttled);
+        assert_eq!(upstream.calls(), 1);
+
+        // During backoff: the remembered error, at once, no upstream call.
+        assert_eq!(cache.get(&nth_key(0)).await.unwrap_err(), error);
+        tokio::time::advance(Duration::from_secs(89)).await;
+        assert_eq!(cache.get(&nth_key(0)).await.unwrap_err(), error);
+        assert_eq!(upstream.calls(), 1);
+
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(cache.get(&nth_key(0)).await.is_err());
+        assert_eq!(upstream.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_keys_are_evicted() {
+        let (cache, upstream) = cache_with(config(), |_, _| ok(12 * HOUR));
+        cache.get(&nth_key(0)).await.unwrap();
+
+        tokio::time::advance(IDLE_EVICT_AFTER - SWEEP_INTERVAL).await;
+        settle().await;
+        assert_eq!(cache.stats().keys, 1);
+
+        tokio::time::advance(2 * SWEEP_INTERVAL).await;
+        settle().await;
+        let stats = cache.stats();
+        assert_eq!((stats.keys, stats.evictions), (0, 1));
+
+        cache.get(&nth_key(0)).await.unwrap();
+        assert_eq!(upstream.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn memory_stays_bounded_at_max_keys_evicting_the_least_recently_used() {
+        let (cache, upstream) = cache_with(CacheConfig { max_keys: 8, ..config() }, |_, _| ok(12 * HOUR));
+        for n in 0..20 {
+            cache.get(&nth_key(n)).await.unwrap();
+            assert!(cache.stats().keys <= 8);
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        let stats = cache.stats();
+        assert_eq!((stats.keys, stats.evictions), (8, 12));
+
+        // The 8 most recent are still cached; the oldest is not.
+        for n in 12..20 {
+            cache.get(&nth_key(n)).await.unwrap();
+        }
+        assert_eq!(upstream.calls(), 20);
+        cache.get(&nth_key(0)).await.unwrap();
+        assert_eq!(upstream.calls(), 21);
+        assert_eq!(cache.stats().keys, 8);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn upstream_concurrency_never_exceeds_the_limit() {
+        let limits = CacheConfig { max_concurrent_fetches: 4, fetches_per_second: 1000, fetch_burst: 1000, ..config() };
+        let (cache, upstream) = cache_with(limits, |_, _| Reply { after: Duration::from_secs(1), ..ok(HOUR) });
+        let cache = Arc::new(cache);
+        let start = Instant::now();
+        let gets: Vec<_> = (0..40)
+            .map(|n| {
+                let cache = Arc::clone(&cache);
+                tokio::spawn(async move { cache.get(&nth_key(n)).await })
+            })
+            .collect();
+        settle().await;
+        assert_eq!(cache.stats().fetches_in_flight, 4);
+        for get in gets {
+            get.await.unwrap().unwrap();
+        }
+        assert_eq!(upstream.calls(), 40);
+        assert_eq!(upstream.max_in_flight.load(Ordering::SeqCst), 4);
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn upstream_fetch_rate_never_exceeds_the_token_bucket() {
+        let limits = CacheConfig { max_concurrent_fetches: 100, fetches_per_second: 5, fetch_burst: 5, ..config() };
+        let (cache, upstream) = cache_with(limits, |_, _| ok(HOUR));
+        let cache = Arc::new(cache);
+        let start = Instant::now();
+        let gets: Vec<_> = (0..30)
+            .map(|n| {
+                let cache = Arc::clone(&cache);
+                tokio::spawn(async move { cache.get(&nth_key(n)).await })
+            })
+            .collect();
+        for get in gets {
+            get.await.unwrap().unwrap();
+        }
+        let mut started: Vec<_> = upstream.calls.lock().unwrap().iter().map(|(_, at)| *at - start).collect();
+        started.sort();
+        assert_eq!(started.len(), 30);
+        for (i, at) in started.iter().enumerate() {
+            // The first 5 at once (the burst), then one per 200 ms.
+            let earliest = Duration::from_millis(200) * (i.saturating_sub(4) as u32);
+            assert!(*at >= earliest, "fetch {i} started at {at:?}, before {earliest:?}");
+        }
+        assert_eq!(started[29], Duration::from_millis(200 * 25));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_fetch_times_out_and_answers_its_waiters() {
+        let (cache, upstream) = cache_with(config(), |_, _| Reply { after: 10 * MINUTE, ..ok(HOUR) });
+        let start = Instant::now();
+        let error = cache.get(&nth_key(0)).await.unwrap_err();
+        assert_eq!(error.detail, "fetch timed out");
+        assert_eq!(start.elapsed(), FETCH_TIMEOUT);
+        assert_eq!(upstream.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dropping_the_cache_stops_background_refresh() {
+        let (cache, upstream) = cache_with(config(), |_, _| ok(HOUR));
+        cache.get(&nth_key(0)).await.unwrap();
+        drop(cache);
+        tokio::time::advance(HOUR - REFRESH_BEFORE + 2 * SWEEP_INTERVAL).await;
+        settle().await;
+        assert_eq!(upstream.calls(), 1);
+    }
+}
