@@ -24,6 +24,7 @@
 //! - [`clients`]: real AWS SDK clients (Python, node) as child processes.
 //! - [`upstream`]: a plain HTTP upstream that records what reaches it.
 //! - [`sts`]: AWS STS from PyPI `moto`, in server mode.
+//! - [`scripted_sts`]: an STS that throttles, denies or hangs on cue.
 //! - [`kube_api`]: a Kubernetes API endpoint (pods, namespaces, TokenRequest, events).
 //! - [`http`]: a raw HTTP/1.1 client, able to send what real clients would not.
 //! - [`netns`]: network namespaces, for tests that need the metadata address itself.
@@ -36,6 +37,7 @@ pub mod http;
 pub mod kube_api;
 pub mod netns;
 pub mod paths;
+pub mod scripted_sts;
 pub mod sts;
 pub mod upstream;
 pub mod wait;
@@ -44,6 +46,7 @@ pub use broker::{BrokerCall, Scripted, ScriptedBroker};
 pub use envoy::{Envoy, EnvoyBuilder, Pod};
 pub use http::{Reply, Req};
 pub use kube_api::KubeApi;
+pub use scripted_sts::ScriptedSts;
 pub use sts::Sts;
 pub use upstream::Upstream;
 

@@ -4,9 +4,9 @@
 //! it, exchanges that at AWS STS, and caches the result per
 //! (role, namespace, service account).
 //!
-//! So far: the rules (identity, authorization, STS parameters) and the
-//! credential cache. The service binary (HTTP server, Kubernetes and STS
-//! clients) comes next.
+//! So far: the rules (identity, authorization, STS parameters), the
+//! credential cache, and the Kubernetes and STS clients. The service binary
+//! (HTTP server, configuration, metrics) that wires them together comes next.
 //!
 //! Layout:
 //! - [`identity`]: who is calling: SPIFFE IDs and `X-Forwarded-Client-Cert`.
@@ -15,9 +15,18 @@
 //!   duration) and the `RoleSessionName` CloudTrail shows.
 //! - [`cache`]: credentials per (role, namespace, service account): single
 //!   flight, refresh ahead, backoff, bounded upstream load and memory.
+//! - [`error`]: every failure of a credential request, mapped to the contract's
+//!   status and `Code`.
+//! - [`kube`]: the Kubernetes calls: the pod watch (reflector, direct read on
+//!   a miss), TokenRequest, namespaces, denial Events.
+//! - [`sts`]: STS `AssumeRoleWithWebIdentity` (unsigned, rustls on ring) and
+//!   what its errors mean for the contract.
 #![forbid(unsafe_code)]
 
 pub mod authz;
 pub mod cache;
+pub mod error;
 pub mod identity;
+pub mod kube;
 pub mod session;
+pub mod sts;
