@@ -123,6 +123,8 @@ pub struct Credentials {
     pub session_token: String,
     /// When STS says they stop working.
     pub expiration: OffsetDateTime,
+    /// When the broker received them: the IMDS document's `LastUpdated`.
+    pub last_updated: OffsetDateTime,
 }
 
 impl fmt::Debug for Credentials {
@@ -135,6 +137,7 @@ impl fmt::Debug for Credentials {
             .field("secret_access_key", &"<redacted>")
             .field("session_token", &"<redacted>")
             .field("expiration", &self.expiration)
+            .field("last_updated", &self.last_updated)
             .finish()
     }
 }
@@ -757,6 +760,7 @@ mod tests {
                     secret_access_key: format!("secret-{n}"),
                     session_token: format!("token-{n}"),
                     expiration: clock() + lifetime,
+                    last_updated: clock(),
                 })
             }) as FetchFuture
         });
@@ -838,6 +842,7 @@ mod tests {
             secret_access_key: "wJalrXUtnFEMIsecret".into(),
             session_token: "FwoGZXIvYXdzEtoken".into(),
             expiration: OffsetDateTime::UNIX_EPOCH,
+            last_updated: OffsetDateTime::UNIX_EPOCH,
         };
         let shown = format!("{credentials:?} {credentials:#?}");
         for secret in ["ASIAEXAMPLEKEYID", "wJalrXUtnFEMIsecret", "FwoGZXIvYXdzEtoken"] {

@@ -198,7 +198,7 @@ fn is_dns1123_label(s: &str) -> bool {
 /// Kubernetes `IsDNS1123Subdomain`: dot-separated DNS-1123 labels, 1..=253
 /// in total. Each label must start and end with a letter or digit, so `.`,
 /// `..` and `a.-b` are all refused.
-fn is_dns1123_subdomain(s: &str) -> bool {
+pub fn is_dns1123_subdomain(s: &str) -> bool {
     (1..=253).contains(&s.len()) && s.split('.').all(is_dns1123_label)
 }
 

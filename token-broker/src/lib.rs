@@ -5,8 +5,9 @@
 //! (role, namespace, service account).
 //!
 //! So far: the rules (identity, authorization, STS parameters), the
-//! credential cache, and the Kubernetes and STS clients. The service binary
-//! (HTTP server, configuration, metrics) that wires them together comes next.
+//! credential cache, the Kubernetes and STS clients, and the HTTP service
+//! that wires them together (the `token-broker` binary, `src/main.rs`, adds
+//! flags, logging and signals). The `mtls` identity mode comes next.
 //!
 //! Layout:
 //! - [`identity`]: who is calling: SPIFFE IDs and `X-Forwarded-Client-Cert`.
@@ -21,6 +22,8 @@
 //!   a miss), TokenRequest, namespaces, denial Events.
 //! - [`sts`]: STS `AssumeRoleWithWebIdentity` (unsigned, rustls on ring) and
 //!   what its errors mean for the contract.
+//! - [`server`]: the HTTP service: `/v1/credentials` per the contract,
+//!   `/healthz`, `/readyz`, `/metrics`, graceful shutdown.
 #![forbid(unsafe_code)]
 
 pub mod authz;
@@ -28,5 +31,6 @@ pub mod cache;
 pub mod error;
 pub mod identity;
 pub mod kube;
+pub mod server;
 pub mod session;
 pub mod sts;

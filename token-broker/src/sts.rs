@@ -160,6 +160,7 @@ fn credentials(output: &AssumeRoleWithWebIdentityOutput) -> Result<Credentials, 
         secret_access_key: sts.secret_access_key().to_owned(),
         session_token: sts.session_token().to_owned(),
         expiration,
+        last_updated: OffsetDateTime::now_utc(),
     })
 }
 

@@ -1,0 +1,428 @@
+//! The broker's service (`token_broker::server::run`) in-process on
+//! loopback, against the harness's Kubernetes API and STS (moto, or a
+//! scripted STS for throttling and single flight), driven over real HTTP with
+//! the raw client: the v1 contract status by status, both identity modes,
+//! single flight, readiness and metrics.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use integration::broker::Scripted;
+use integration::kube_api::{self, KubeApi};
+use integration::scripted_sts::{self, ScriptedSts};
+use integration::{ROLE_ARN, Reply, Req, Sts, wait};
+use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use serde_json::Value;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use token_broker::authz::{ENABLED_LABEL, ENABLED_VALUE, NamespacePolicy, ROLE_ARN_ANNOTATION};
+use token_broker::identity::{SpiffeId, XfccVerifier};
+use token_broker::kube::DENIAL_EVENT_REASON;
+use token_broker::server::{self, App, AppConfig, IdentityMode};
+use token_broker::sts::{StsClient, StsConfig};
+
+const NS: &str = "default";
+const SA: &str = "app";
+const OWN_ID: &str = "spiffe://cluster.local/ns/imds-mesh/sa/token-broker";
+const POLICY_ANNOTATION: &str = "imds-mesh.io/permitted-roles";
+
+/// A broker serving on loopback; shut down (gracefully) on drop.
+struct Broker {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn insecure_dev() -> IdentityMode {
+    IdentityMode::InsecureDev { trust_domain: "cluster.local".into() }
+}
+
+fn xfcc() -> IdentityMode {
+    let own_id = SpiffeId::parse(OWN_ID).unwrap_or_else(|e| panic!("{e:?}"));
+    IdentityMode::Xfcc(XfccVerifier { own_id, trust_domain: "cluster.local".into() })
+}
+
+/// Starts a broker over `api` and the STS at `sts_endpoint`, without waiting
+/// for its pod watch to sync.
+async fn start_unsynced(api: &KubeApi, sts_endpoint: String, tune: impl FnOnce(&mut AppConfig)) -> Broker {
+    let url = api.url().parse().unwrap_or_else(|e| panic!("{e}"));
+    let client = token_broker::kube::client(kube::Config::new(url)).unwrap_or_else(|e| panic!("kube client: {e}"));
+    let sts = StsClient::new(StsConfig {
+        endpoint_url: Some(sts_endpoint),
+        operation_timeout: Duration::from_secs(5),
+        ..StsConfig::new("us-east-1")
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut config = AppConfig::new(insecure_dev());
+    tune(&mut config);
+    let app = Arc::new(App::new(config, client, sts, "broker-test-0"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("bind: {e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(server::run(listener, app, async move {
+        let _ = stopped.await;
+    }));
+    Broker { addr, stop: Some(stop) }
+}
+
+/// [`start_unsynced`], then waits for `/readyz`.
+async fn start(api: &KubeApi, sts_endpoint: String, tune: impl FnOnce(&mut AppConfig)) -> Broker {
+    let broker = start_unsynced(api, sts_endpoint, tune).await;
+    let addr = broker.addr;
+    wait::until("the broker to be ready", || async move { (get(addr, "/readyz").await.status == 200).then_some(()) })
+        .await;
+    broker
+}
+
+/// A pod running as `sa` in [`NS`], opted in and annotated with [`ROLE_ARN`].
+fn pod(name: &str, sa: &str) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(NS.into()),
+            labels: Some(BTreeMap::from([(ENABLED_LABEL.to_owned(), ENABLED_VALUE.to_owned())])),
+            annotations: Some(BTreeMap::from([(ROLE_ARN_ANNOTATION.to_owned(), ROLE_ARN.to_owned())])),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec { service_account_name: Some(sa.into()), ..PodSpec::default() }),
+        ..Pod::default()
+    }
+}
+
+fn credentials_path(role_arn: &str, pod: &str) -> String {
+    let encoded: String = role_arn.replace(':', "%3A").replace('/', "%2F");
+    format!("/v1/credentials?role_arn={encoded}&pod={pod}")
+}
+
+/// A credential request as the `insecure-dev` caller `NS`/`sa`.
+fn dev_request(sa: &str, pod: &str) -> Req {
+    Req::get(credentials_path(ROLE_ARN, pod))
+        .host("token-broker")
+        .header(server::DEV_NAMESPACE_HEADER, NS)
+        .header(server::DEV_SERVICE_ACCOUNT_HEADER, sa)
+}
+
+async fn get(addr: SocketAddr, path: &str) -> Reply {
+    Req::get(path).host("token-broker").send(addr).await
+}
+
+/// Asserts the contract's error: status, JSON `Code`, a `Message`.
+fn assert_error(reply: &Reply, status: u16, code: &str) {
+    assert_eq!(reply.status, status, "{}", reply.body_text());
+    assert_eq!(reply.header("content-type"), Some("application/json"));
+    let body = reply.json();
+    assert_eq!(body["Code"], code, "{body}");
+    assert!(body["Message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert_eq!(body.as_object().map(|o| o.len()), Some(2), "{body}");
+}
+
+/// Asserts the IMDS credential document.
+fn assert_document(reply: &Reply) -> Value {
+    assert_eq!(reply.status, 200, "{}", reply.body_text());
+    assert_eq!(reply.header("content-type"), Some("application/json"));
+    let doc = reply.json();
+    assert_eq!(doc["Code"], "Success");
+    assert_eq!(doc["Type"], "AWS-HMAC");
+    for key in ["AccessKeyId", "SecretAccessKey", "Token"] {
+        assert!(doc[key].as_str().is_some_and(|v| !v.is_empty()), "{key} in {doc}");
+    }
+    for key in ["LastUpdated", "Expiration"] {
+        let text = doc[key].as_str().unwrap_or_else(|| panic!("{key} in {doc}"));
+        assert!(text.ends_with('Z'), "{key} {text}");
+        OffsetDateTime::parse(text, &Rfc3339).unwrap_or_else(|e| panic!("{key} {text}: {e}"));
+    }
+    doc
+}
+
+#[tokio::test]
+async fn an_allowed_pod_gets_credentials_from_sts() {
+    let (api, sts) = (KubeApi::start().await, Sts::start().await);
+    let web = api.add_pod(pod("web-0", SA));
+    let broker = start(&api, sts.endpoint(), |_| {}).await;
+
+    let doc = assert_document(&dev_request(SA, "web-0").send(broker.addr).await);
+    // moto issues ASIA keys; the scripted STS and the harness broker do not.
+    assert!(doc["AccessKeyId"].as_str().is_some_and(|k| k.starts_with("ASIA")), "{doc}");
+
+    let token_requests = api.token_requests();
+    assert_eq!(token_requests.len(), 1);
+    let spec = &token_requests[0].request.spec;
+    assert_eq!(spec.audiences, ["sts.amazonaws.com"]);
+    assert_eq!(spec.expiration_seconds, Some(3600));
+    let bound = spec.bound_object_ref.as_ref().unwrap_or_else(|| panic!("the token is not bound to the pod"));
+    assert_eq!((bound.name.as_deref(), bound.uid.as_deref()), (Some("web-0"), web.metadata.uid.as_deref()));
+    assert_eq!(token_requests[0].claims["sub"], format!("system:serviceaccount:{NS}:{SA}"));
+
+    // The second request is a cache hit: no new token.
+    let again = assert_document(&dev_request(SA, "web-0").send(broker.addr).await);
+    assert_eq!(again["AccessKeyId"], doc["AccessKeyId"]);
+    assert_eq!(api.token_request_count(), 1);
+}
+
+#[tokio::test]
+async fn xfcc_identity_comes_only_from_the_brokers_own_sidecar_element() {
+    let (api, sts) = (KubeApi::start().await, Sts::start().await);
+    api.add_pod(pod("web-0", SA));
+    let broker = start(&api, sts.endpoint(), |config| config.identity = xfcc()).await;
+    let ours = format!("By={OWN_ID};Hash=0a1b;URI=spiffe://cluster.local/ns/{NS}/sa/{SA}");
+    let request = |xfcc: Option<&str>| {
+        let req = Req::get(credentials_path(ROLE_ARN, "web-0")).host("token-broker");
+        match xfcc {
+            Some(value) => req.header("x-forwarded-client-cert", value),
+            None => req,
+        }
+    };
+
+    assert_document(&request(Some(&ours)).send(broker.addr).await);
+    // A client-supplied element before ours changes nothing.
+    let with_client_part = format!("By={OWN_ID};URI=spiffe://cluster.local/ns/other/sa/admin,{ours}");
+    assert_document(&request(Some(&with_client_part)).send(broker.addr).await);
+
+    let forged = [
+        // No XFCC at all (plaintext, or a bypass of the sidecar).
+        None,
+        // The client claims to be our sidecar, and a real sidecar appended
+        // its own element with another By: the last element is not ours.
+        Some(format!("{ours},By=spiffe://cluster.local/ns/x/sa/other-proxy;URI=spiffe://cluster.local/ns/x/sa/x")),
+        // No By.
+        Some(format!("URI=spiffe://cluster.local/ns/{NS}/sa/{SA}")),
+        // Another trust domain.
+        Some(format!("By={OWN_ID};URI=spiffe://evil.example/ns/{NS}/sa/{SA}")),
+        // An open quote swallowing what follows.
+        Some(format!("Hash=\"x,{ours}")),
+    ];
+    for xfcc in &forged {
+        assert_error(&request(xfcc.as_deref()).send(broker.addr).await, 401, "Unauthenticated");
+    }
+    // The plain development headers mean nothing in xfcc mode.
+    let dev = dev_request(SA, "web-0").send(broker.addr).await;
+    assert_error(&dev, 401, "Unauthenticated");
+}
+
+#[tokio::test]
+async fn every_deny_rule_is_403_with_an_event_on_the_pod() {
+    let (api, sts) = (KubeApi::start().await, Sts::start().await);
+    let mut finished = pod("finished", SA);
+    finished.status = Some(PodStatus { phase: Some("Succeeded".into()), ..PodStatus::default() });
+    let mut terminating = pod("terminating", SA);
+    terminating.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
+    let mut not_enabled = pod("not-enabled", SA);
+    not_enabled.metadata.labels = Some(BTreeMap::from([(ENABLED_LABEL.to_owned(), "true".to_owned())]));
+    let mut no_annotation = pod("no-annotation", SA);
+    no_annotation.metadata.annotations = None;
+    let mut other_role = pod("other-role", SA);
+    other_role.metadata.annotations =
+        Some(BTreeMap::from([(ROLE_ARN_ANNOTATION.to_owned(), "arn:aws:iam::123456789012:role/other".to_owned())]));
+    for pod in [pod("other-sa", "admin"), finished, terminating, not_enabled, no_annotation, other_role] {
+        api.add_pod(pod);
+    }
+    let broker = start(&api, sts.endpoint(), |_| {}).await;
+
+    for name in ["other-sa", "finished", "terminating", "not-enabled", "no-annotation", "other-role"] {
+        let reply = dev_request(SA, name).send(broker.addr).await;
+        assert_error(&reply, 403, "AccessDenied");
+        wait::until(&format!("a denial Event on {name}"), || {
+            let found = api
+                .events()
+                .iter()
+                .any(|e| e.reason() == DENIAL_EVENT_REASON && e.type_() == "Warning" && e.regarding()["name"] == name);
+            async move { found.then_some(()) }
+        })
+        .await;
+    }
+    assert_eq!(api.token_request_count(), 0, "a denied request minted a token");
+}
+
+#[tokio::test]
+async fn the_namespace_policy_narrows_the_roles_a_namespace_may_use() {
+    let (api, sts) = (KubeApi::start().await, Sts::start().await);
+    api.add_pod(pod("web-0", SA));
+    let policy = NamespacePolicy { annotation: POLICY_ANNOTATION.into() };
+    let broker = start(&api, sts.endpoint(), |config| config.namespace_policy = Some(policy)).await;
+    let with_policy = |pattern: Option<&str>| {
+        let mut namespace = kube_api::namespace(NS);
+        namespace.metadata.annotations =
+            pattern.map(|p| BTreeMap::from([(POLICY_ANNOTATION.to_owned(), p.to_owned())]));
+        api.add_namespace(namespace);
+    };
+
+    // No annotation: the namespace permits nothing.
+    assert_error(&dev_request(SA, "web-0").send(broker.addr).await, 403, "AccessDenied");
+    with_policy(Some("arn:aws:iam::123456789012:role/other"));
+    assert_error(&dev_request(SA, "web-0").send(broker.addr).await, 403, "AccessDenied");
+    with_policy(Some("arn:aws:iam::123456789012:role/.*"));
+    assert_document(&dev_request(SA, "web-0").send(broker.addr).await);
+}
+
+#[tokio::test]
+async fn unknown_pods_missing_identity_and_bad_parameters_get_their_status() {
+    let (api, sts) = (KubeApi::start().await, Sts::start().await);
+    api.add_pod(pod("web-0", SA));
+    let broker = start(&api, sts.endpoint(), |_| {}).await;
+
+    assert_error(&dev_request(SA, "nobody-0").send(broker.addr).await, 404, "PodNotFound");
+    let anonymous = Req::get(credentials_path(ROLE_ARN, "web-0")).host("token-broker");
+    assert_error(&anonymous.send(broker.addr).await, 401, "Unauthenticated");
+    let bad_names =
+        Req::get(credentials_path(ROLE_ARN, "web-0")).header(server::DEV_NAMESPACE_HEADER, "Not_A_Namespace");
+    assert_error(
+        &bad_names.header(server::DEV_SERVICE_ACCOUNT_HEADER, SA).send(broker.addr).await,
+        401,
+        "Unauthenticated",
+    );
+
+    let dev = |path: String| {
+        Req::get(path).header(server::DEV_NAMESPACE_HEADER, NS).header(server::DEV_SERVICE_ACCOUNT_HEADER, SA)
+    };
+    for path in [
+        credentials_path("arn:aws:iam::123:role/app", "web-0"),
+        credentials_path("arn:aws:s3:::bucket", "web-0"),
+        "/v1/credentials?pod=web-0".to_owned(),
+        format!("{}&pod=web-1", credentials_path(ROLE_ARN, "web-0")),
+        credentials_path(ROLE_ARN, "Web_0"),
+    ] {
+        assert_error(&dev(path).send(broker.addr).await, 400, "InvalidRequest");
+    }
+    assert_eq!(api.token_request_count(), 0);
+}
+
+#[tokio::test]
+async fn sts_throttling_is_429_with_retry_after() {
+    let api = KubeApi::start().await;
+    api.add_pod(pod("web-0", SA));
+    let sts = ScriptedSts::always(scripted_sts::error("Throttling", "Rate exceeded")).await;
+    let broker = start(&api, sts.endpoint(), |_| {}).await;
+
+    let reply = dev_request(SA, "web-0").send(broker.addr).await;
+    assert_error(&reply, 429, "Throttled");
+    let retry_after: u64 = reply.header("retry-after").and_then(|v| v.parse().ok()).unwrap_or_default();
+    assert!(retry_after >= 1, "Retry-After: {:?}", reply.header("retry-after"));
+    assert_eq!(sts.request_count(), 1);
+}
+
+#[tokio::test]
+async fn sts_refusals_are_502_naming_the_sts_code() {
+    let api = KubeApi::start().await;
+    api.add_pod(pod("web-0", SA));
+    let sts = ScriptedSts::always(scripted_sts::error("InvalidIdentityToken", "No OpenIDConnect provider")).await;
+    let broker = start(&api, sts.endpoint(), |_| {}).await;
+
+    let reply = dev_request(SA, "web-0").send(broker.addr).await;
+    assert_error(&reply, 502, "StsError");
+    assert!(
+        reply.json()["Message"].as_str().is_some_and(|m| m.contains("InvalidIdentityToken")),
+        "{}",
+        reply.body_text()
+    );
+}
+
+/// A successful `AssumeRoleWithWebIdentity` answer, as STS writes it, after
+/// `delay`.
+fn sts_success(delay: Duration) -> Scripted {
+    let expiration =
+        (OffsetDateTime::now_utc() + Duration::from_secs(3600)).replace_nanosecond(0).unwrap_or_else(|e| panic!("{e}"));
+    let expiration = expiration.format(&Rfc3339).unwrap_or_else(|e| panic!("{e}"));
+    let body = format!(
+        "<AssumeRoleWithWebIdentityResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">\
+         <AssumeRoleWithWebIdentityResult>\
+         <Credentials><AccessKeyId>ASIASCRIPTED0000001</AccessKeyId>\
+         <SecretAccessKey>scripted-secret-access-key</SecretAccessKey>\
+         <SessionToken>scripted-session-token</SessionToken>\
+         <Expiration>{expiration}</Expiration></Credentials>\
+         <SubjectFromWebIdentityToken>system:serviceaccount:{NS}:{SA}</SubjectFromWebIdentityToken>\
+         <AssumedRoleUser><AssumedRoleId>AROA:default.app</AssumedRoleId>\
+         <Arn>arn:aws:sts::123456789012:assumed-role/app/default.app</Arn></AssumedRoleUser>\
+         </AssumeRoleWithWebIdentityResult>\
+         <ResponseMetadata><RequestId>c6104cbe-af31-11e0-8154-cbc7ccf896c7</RequestId></ResponseMetadata>\
+         </AssumeRoleWithWebIdentityResponse>"
+    );
+    Scripted { status: 200, headers: vec![("content-type".into(), "text/xml".into())], body, delay }
+}
+
+#[tokio::test]
+async fn fifty_concurrent_first_requests_cause_one_token_and_one_sts_call() {
+    let api = KubeApi::start().await;
+    api.add_pod(pod("web-0", SA));
+    let sts = ScriptedSts::always(sts_success(Duration::from_millis(300))).await;
+    let broker = start(&api, sts.endpoint(), |_| {}).await;
+
+    let addr = broker.addr;
+    let requests = (0..50).map(|_| async move { dev_request(SA, "web-0").send(addr).await });
+    let replies = futures_util::future::join_all(requests).await;
+    for reply in &replies {
+        let doc = assert_document(reply);
+        assert_eq!(doc["AccessKeyId"], "ASIASCRIPTED0000001");
+    }
+    assert_eq!(api.token_request_count(), 1);
+    assert_eq!(sts.request_count(), 1);
+}
+
+#[tokio::test]
+async fn readiness_waits_for_the_pod_watch_and_says_when_identity_is_insecure() {
+    let (api, sts) = (KubeApi::start().await, Sts::start().await);
+    api.set_down(true);
+    let broker = start_unsynced(&api, sts.endpoint(), |_| {}).await;
+    assert_eq!(get(broker.addr, "/healthz").await.status, 200);
+    let unready = get(broker.addr, "/readyz").await;
+    assert_eq!(unready.status, 503, "{}", unready.body_text());
+    assert!(unready.body_text().contains("INSECURE-DEV"), "{}", unready.body_text());
+
+    api.set_down(false);
+    let addr = broker.addr;
+    let ready = wait::until("the broker to be ready", || async move {
+        let reply = get(addr, "/readyz").await;
+        (reply.status == 200).then_some(reply)
+    })
+    .await;
+    assert!(ready.body_text().contains("INSECURE-DEV"), "{}", ready.body_text());
+
+    let xfcc_broker = start(&api, sts.endpoint(), |config| config.identity = xfcc()).await;
+    let calm = get(xfcc_broker.addr, "/readyz").await;
+    assert!(!calm.body_text().contains("INSECURE"), "{}", calm.body_text());
+}
+
+#[tokio::test]
+async fn metrics_count_outcomes_without_arns_or_secrets() {
+    let (api, sts) = (KubeApi::start().await, Sts::start().await);
+    api.add_pod(pod("web-0", SA));
+    api.add_pod(pod("other-sa", "admin"));
+    let broker = start(&api, sts.endpoint(), |_| {}).await;
+    let doc = assert_document(&dev_request(SA, "web-0").send(broker.addr).await);
+    assert_document(&dev_request(SA, "web-0").send(broker.addr).await);
+    assert_error(&dev_request(SA, "other-sa").send(broker.addr).await, 403, "AccessDenied");
+    assert_error(&dev_request(SA, "nobody").send(broker.addr).await, 404, "PodNotFound");
+
+    let reply = get(broker.addr, "/metrics").await;
+    assert_eq!(reply.status, 200);
+    let metrics = reply.body_text();
+    for line in [
+        "token_broker_credential_requests_total{outcome=\"Success\"} 2",
+        "token_broker_credential_requests_total{outcome=\"AccessDenied\"} 1",
+        "token_broker_credential_requests_total{outcome=\"PodNotFound\"} 1",
+        "token_broker_denials_total{rule=\"wrong_service_account\"} 1",
+        "token_broker_sts_calls_total 1",
+        "token_broker_sts_calls_in_flight 0",
+        "token_broker_cache_hits_total 1",
+        "token_broker_cache_misses_total 1",
+        "token_broker_cache_refreshes_total 0",
+        "token_broker_credential_request_duration_seconds_count 4",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "no {line:?} in:\n{metrics}");
+    }
+    for secret in ["AccessKeyId", "SecretAccessKey", "Token"] {
+        let value = doc[secret].as_str().unwrap_or_default();
+        assert!(!metrics.contains(value), "{secret} in the metrics");
+    }
+    assert!(!metrics.contains("arn:"), "an ARN in the metrics:\n{metrics}");
+    assert!(!metrics.contains("web-0"), "a pod name in the metrics:\n{metrics}");
+}

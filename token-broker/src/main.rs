@@ -1,0 +1,242 @@
+//! `token-broker`: the imds-mesh token broker binary. It reads its flags
+//! (each also an environment variable), sets up logging, connects to the
+//! Kubernetes API and STS, and serves [`token_broker::server`] until SIGTERM
+//! or ctrl-c, then drains in-flight requests for at most the grace period.
+//!
+//! Layout: everything here is start-up; the service is
+//! [`token_broker::server`].
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use token_broker::authz::NamespacePolicy;
+use token_broker::identity::{SpiffeId, XfccVerifier};
+use token_broker::server::{self, App, AppConfig, IdentityMode};
+use token_broker::sts::{StsClient, StsConfig};
+use tracing::Level;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::filter_fn;
+use tracing_subscriber::prelude::*;
+
+/// Turns a workload's mesh identity into AWS credentials for the role its
+/// pod is annotated with (the imds-mesh filter's broker).
+#[derive(Debug, Parser)]
+#[command(name = "token-broker", version)]
+struct Args {
+    /// Address to serve HTTP on.
+    #[arg(long, env = "TOKEN_BROKER_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+
+    /// How callers are identified: `xfcc` trusts only the
+    /// X-Forwarded-Client-Cert element added by the broker's own sidecar;
+    /// `insecure-dev` trusts plain x-imds-mesh-namespace and
+    /// x-imds-mesh-service-account headers (local development only, never in a
+    /// cluster).
+    #[arg(long, env = "TOKEN_BROKER_IDENTITY_MODE", value_enum, default_value_t = Mode::Xfcc)]
+    identity_mode: Mode,
+
+    /// The broker's own SPIFFE ID (the URI in its sidecar's certificate, which
+    /// the sidecar writes as `By=`), e.g.
+    /// spiffe://cluster.local/ns/imds-mesh/sa/token-broker. Required in xfcc
+    /// mode.
+    #[arg(long, env = "TOKEN_BROKER_OWN_SPIFFE_ID")]
+    own_spiffe_id: Option<String>,
+
+    /// The only trust domain callers may come from.
+    #[arg(long, env = "TOKEN_BROKER_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+
+    /// Kubernetes API URL to use without credentials (development and tests).
+    /// Without it the client is inferred: in-cluster service account, else
+    /// KUBECONFIG or ~/.kube/config.
+    #[arg(long, env = "TOKEN_BROKER_KUBE_API_URL")]
+    kube_api_url: Option<String>,
+
+    /// Names this replica in the denial Events it records (its pod name).
+    #[arg(long, env = "TOKEN_BROKER_INSTANCE", default_value = "token-broker")]
+    instance: String,
+
+    /// AWS region of the STS endpoint (regional endpoints only).
+    #[arg(long, env = "TOKEN_BROKER_STS_REGION")]
+    sts_region: String,
+
+    /// STS endpoint URL override, e.g. a VPC endpoint or a local test STS.
+    #[arg(long, env = "TOKEN_BROKER_STS_ENDPOINT_URL")]
+    sts_endpoint_url: Option<String>,
+
+    /// DurationSeconds of each STS session (900..=43200; the role's maximum
+    /// session duration must allow it).
+    #[arg(long, env = "TOKEN_BROKER_SESSION_DURATION_SECONDS", default_value_t = 3600)]
+    session_duration_seconds: u32,
+
+    /// Audience of the service-account tokens exchanged at STS (the role's
+    /// trust policy checks it).
+    #[arg(long, env = "TOKEN_BROKER_TOKEN_AUDIENCE", default_value = server::DEFAULT_TOKEN_AUDIENCE)]
+    token_audience: String,
+
+    /// Lifetime asked of each TokenRequest, in seconds (at least 600).
+    #[arg(long, env = "TOKEN_BROKER_TOKEN_LIFETIME_SECONDS", default_value_t = server::DEFAULT_TOKEN_LIFETIME_SECONDS,
+          value_parser = clap::value_parser!(i64).range(600..))]
+    token_lifetime_seconds: i64,
+
+    /// Enables the namespace policy: the Namespace annotation holding a
+    /// regular expression every requested role ARN must match in full. A
+    /// namespace without it then permits no role.
+    #[arg(long, env = "TOKEN_BROKER_NAMESPACE_POLICY_ANNOTATION")]
+    namespace_policy_annotation: Option<String>,
+
+    /// Log format.
+    #[arg(long, env = "TOKEN_BROKER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    /// Log filter directives (tracing EnvFilter syntax). The AWS SDK's crates
+    /// are capped at debug whatever this says: at trace they log the web
+    /// identity token.
+    #[arg(long, env = "TOKEN_BROKER_LOG", default_value = "info")]
+    log: String,
+
+    /// Seconds to drain in-flight requests after SIGTERM or ctrl-c before
+    /// exiting anyway.
+    #[arg(long, env = "TOKEN_BROKER_SHUTDOWN_GRACE_SECONDS", default_value_t = 20)]
+    shutdown_grace_seconds: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// The X-Forwarded-Client-Cert element from the broker's own sidecar.
+    Xfcc,
+    /// Plain headers anyone can set; local development only.
+    InsecureDev,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Err(message) = init_logging(&args) {
+        eprintln!("token-broker: {message}");
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "cannot start the tokio runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            tracing::error!("{message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(args: &Args) -> Result<(), String> {
+    let filter = EnvFilter::try_new(&args.log).map_err(|e| format!("--log {:?}: {e}", args.log))?;
+    // A hard cap, not a default: no directive can turn on the SDK's trace
+    // logs, which include the request body and so the web identity token.
+    let sdk_cap = filter_fn(|meta| {
+        let sdk = meta.target().starts_with("aws_smithy") || meta.target().starts_with("aws_sdk");
+        !sdk || *meta.level() <= Level::DEBUG
+    });
+    let registry = tracing_subscriber::registry().with(filter).with(sdk_cap);
+    let result = match args.log_format {
+        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).try_init(),
+        LogFormat::Json => registry.with(tracing_subscriber::fmt::layer().json()).try_init(),
+    };
+    result.map_err(|e| format!("cannot set up logging: {e}"))
+}
+
+async fn serve(args: Args) -> Result<(), String> {
+    let identity = match args.identity_mode {
+        Mode::Xfcc => {
+            let own = args.own_spiffe_id.as_deref().ok_or("--own-spiffe-id is required in xfcc identity mode")?;
+            let own_id = SpiffeId::parse(own).map_err(|e| format!("--own-spiffe-id: {}", e.reason()))?;
+            IdentityMode::Xfcc(XfccVerifier { own_id, trust_domain: args.trust_domain.clone() })
+        }
+        Mode::InsecureDev => IdentityMode::InsecureDev { trust_domain: args.trust_domain.clone() },
+    };
+    let kube_config = match &args.kube_api_url {
+        Some(url) => kube::Config::new(url.parse().map_err(|e| format!("--kube-api-url: {e}"))?),
+        None => kube::Config::infer().await.map_err(|e| format!("no Kubernetes configuration: {e}"))?,
+    };
+    let client = token_broker::kube::client(kube_config).map_err(|e| format!("Kubernetes client: {e}"))?;
+    let sts = StsClient::new(StsConfig {
+        endpoint_url: args.sts_endpoint_url.clone(),
+        duration_seconds: args.session_duration_seconds,
+        ..StsConfig::new(args.sts_region.clone())
+    })
+    .map_err(|e| format!("--session-duration-seconds: {e}"))?;
+
+    let mut config = AppConfig::new(identity);
+    config.token_audience = args.token_audience.clone();
+    config.token_lifetime_seconds = args.token_lifetime_seconds;
+    config.namespace_policy = args.namespace_policy_annotation.clone().map(|annotation| NamespacePolicy { annotation });
+    let app = Arc::new(App::new(config, client, sts, args.instance.clone()));
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    tracing::info!(listen = %args.listen, mode = ?args.identity_mode, "token broker serving");
+
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(server::run(listener, app, async move {
+        let _ = stopped.await;
+    }));
+    tokio::select! {
+        result = &mut server => return finished(result),
+        () = shutdown_signal() => {}
+    }
+    tracing::info!(grace_seconds = args.shutdown_grace_seconds, "shutting down: draining in-flight requests");
+    let _ = stop.send(());
+    match tokio::time::timeout(Duration::from_secs(args.shutdown_grace_seconds), &mut server).await {
+        Ok(result) => finished(result),
+        Err(_) => {
+            tracing::warn!("grace period over with requests still in flight; exiting");
+            Ok(())
+        }
+    }
+}
+
+fn finished(result: Result<std::io::Result<()>, tokio::task::JoinError>) -> Result<(), String> {
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(format!("server failed: {error}")),
+        Err(error) => Err(format!("server task failed: {error}")),
+    }
+}
+
+/// SIGTERM (what Kubernetes sends) or ctrl-c.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only ctrl-c stops the broker");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

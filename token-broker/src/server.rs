@@ -1,0 +1,710 @@
+//! The broker's HTTP service: `GET /v1/credentials` (the v1 contract in
+//! `token-broker/README.md`), `/healthz`, `/readyz` and `/metrics`, wired
+//! from the tested pieces ([`crate::identity`], [`crate::authz`],
+//! [`crate::kube`], [`crate::cache`], [`crate::sts`]).
+//!
+//! One credential request, in order, each step answering its own status:
+//! 1. who is calling ([`IdentityMode`]), else 401;
+//! 2. `role_arn` and `pod`, each exactly once and well-formed, else 400;
+//! 3. the pod, from the watch or read once directly, else 404 (503 when the
+//!    Kubernetes API cannot say);
+//! 4. the authorization rules and the optional namespace policy, else 403,
+//!    logged with the rule and recorded as an Event on the pod;
+//! 5. credentials for (role, namespace, service account) from the
+//!    [`Cache`], whose fetch mints a pod-bound TokenRequest and exchanges it
+//!    at STS (failures: see [`fetch_error_response`]);
+//! 6. the IMDS credential document.
+//!
+//! [`run`] takes the listener and a shutdown future, so tests bind
+//! `127.0.0.1:0` and stop the server when they like.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::future::Future;
+use std::io;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::Response;
+use axum::routing::get;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use percent_encoding::percent_decode_str;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use tokio::time::Instant;
+
+use crate::authz::{self, Denial, NamespacePolicy};
+use crate::cache::{Cache, CacheConfig, CacheKey, Credentials, FetchError, FetchErrorKind, FetchFuture};
+use crate::error::BrokerError;
+use crate::identity::{self, CallerIdentity, SpiffeId, XfccVerifier};
+use crate::kube::{Cluster, KubeError, PodWatch};
+use crate::session;
+use crate::sts::StsClient;
+
+/// The audience of the service-account tokens exchanged at STS: what the
+/// role's trust policy conditions on (`<issuer>:aud`).
+pub const DEFAULT_TOKEN_AUDIENCE: &str = "sts.amazonaws.com";
+
+/// Lifetime asked of each TokenRequest. The token is used once, right away;
+/// the API server refuses less than 600 s.
+pub const DEFAULT_TOKEN_LIFETIME_SECONDS: i64 = 3600;
+
+/// Longest a credential request waits for the cache (a queued or running
+/// fetch) before answering 503. Under the filter's own call timeout would be
+/// better still, but the cache's fetch timeout is 30 s, and a waiter giving
+/// up earlier does not cancel the fetch; the next request joins it.
+pub const DEFAULT_CREDENTIALS_DEADLINE: Duration = Duration::from_secs(25);
+
+/// `Retry-After` for an STS throttle that named no delay of its own.
+pub const DEFAULT_THROTTLE_RETRY: Duration = Duration::from_secs(5);
+
+/// Plain-header identity in `insecure-dev` mode.
+pub const DEV_NAMESPACE_HEADER: &str = "x-imds-mesh-namespace";
+/// Plain-header identity in `insecure-dev` mode.
+pub const DEV_SERVICE_ACCOUNT_HEADER: &str = "x-imds-mesh-service-account";
+
+/// The caller-identity header in `xfcc` mode.
+const XFCC_HEADER: &str = "x-forwarded-client-cert";
+
+/// How the broker learns who is calling.
+#[derive(Debug, Clone)]
+pub enum IdentityMode {
+    /// From the `X-Forwarded-Client-Cert` element the broker's own sidecar
+    /// appended (the production mode).
+    Xfcc(XfccVerifier),
+    /// From the plain headers [`DEV_NAMESPACE_HEADER`] and
+    /// [`DEV_SERVICE_ACCOUNT_HEADER`], which any caller can set: for local
+    /// development only. The caller is given a SPIFFE ID in `trust_domain`.
+    InsecureDev { trust_domain: String },
+}
+
+impl IdentityMode {
+    /// The caller, from the request headers.
+    fn verify(&self, headers: &HeaderMap) -> Result<CallerIdentity, BrokerError> {
+        match self {
+            Self::Xfcc(verifier) => {
+                let values: Vec<&[u8]> = headers.get_all(XFCC_HEADER).iter().map(HeaderValue::as_bytes).collect();
+                verifier.verify(&values).map_err(|error| {
+                    tracing::info!(%error, "caller not authenticated");
+                    BrokerError::Unauthenticated { label: error.label() }
+                })
+            }
+            Self::InsecureDev { trust_domain } => {
+                let one = |name: &str| {
+                    let mut values = headers.get_all(name).iter();
+                    match (values.next(), values.next()) {
+                        (Some(value), None) => value.to_str().ok(),
+                        _ => None,
+                    }
+                };
+                let (Some(namespace), Some(service_account)) =
+                    (one(DEV_NAMESPACE_HEADER), one(DEV_SERVICE_ACCOUNT_HEADER))
+                else {
+                    return Err(BrokerError::Unauthenticated { label: "missing" });
+                };
+                // Parsing the SPIFFE ID checks both names as Kubernetes would.
+                let spiffe_id =
+                    SpiffeId::parse(&format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"))
+                        .map_err(|_| BrokerError::Unauthenticated { label: "not_spiffe" })?;
+                Ok(CallerIdentity {
+                    namespace: spiffe_id.namespace().to_owned(),
+                    service_account: spiffe_id.service_account().to_owned(),
+                    spiffe_id,
+                })
+            }
+        }
+    }
+
+    fn is_insecure(&self) -> bool {
+        matches!(self, Self::InsecureDev { .. })
+    }
+}
+
+/// What the service does beyond the clients it is given.
+#[derive(Debug, Clone)]
+pub struct AppConfig {
+    pub identity: IdentityMode,
+    /// Audience of the minted service-account tokens.
+    pub token_audience: String,
+    /// `expirationSeconds` of each TokenRequest (at least 600).
+    pub token_lifetime_seconds: i64,
+    /// The optional namespace allow-list of role patterns.
+    pub namespace_policy: Option<NamespacePolicy>,
+    /// See [`DEFAULT_CREDENTIALS_DEADLINE`].
+    pub credentials_deadline: Duration,
+    /// The cache's limits and clock.
+    pub cache: CacheConfig,
+}
+
+impl AppConfig {
+    /// Defaults for everything but the identity mode.
+    pub fn new(identity: IdentityMode) -> Self {
+        Self {
+            identity,
+            token_audience: DEFAULT_TOKEN_AUDIENCE.to_owned(),
+            token_lifetime_seconds: DEFAULT_TOKEN_LIFETIME_SECONDS,
+            namespace_policy: None,
+            credentials_deadline: DEFAULT_CREDENTIALS_DEADLINE,
+            cache: CacheConfig::default(),
+        }
+    }
+}
+
+/// The running service's state, shared by every request.
+pub struct App {
+    config: AppConfig,
+    pods: PodWatch,
+    cluster: Arc<Cluster>,
+    cache: Arc<Cache>,
+    bindings: Arc<Bindings>,
+    metrics: Arc<Metrics>,
+    registry: Registry,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// Starts the pod watch and the cache; `instance` names this replica in
+    /// the Events it records. Must be called inside a tokio runtime.
+    pub fn new(config: AppConfig, client: ::kube::Client, sts: StsClient, instance: impl Into<String>) -> Self {
+        let pods = PodWatch::spawn(client.clone());
+        let cluster = Arc::new(Cluster::new(client, instance));
+        let metrics = Arc::new(Metrics::default());
+        let bindings = Arc::new(Bindings::new(config.cache.max_keys));
+        let fetcher = Arc::new(Fetcher {
+            cluster: Arc::clone(&cluster),
+            sts,
+            bindings: Arc::clone(&bindings),
+            audience: config.token_audience.clone(),
+            lifetime_seconds: config.token_lifetime_seconds,
+            metrics: Arc::clone(&metrics),
+        });
+        let cache = Arc::new(Cache::new(config.cache.clone(), move |key| {
+            let fetcher = Arc::clone(&fetcher);
+            Box::pin(async move { fetcher.fetch(key).await }) as FetchFuture
+        }));
+        let mut registry = Registry::with_prefix("token_broker");
+        metrics.register(&mut registry);
+        registry.register_collector(Box::new(CacheCollector(Arc::clone(&cache))));
+        if config.identity.is_insecure() {
+            tracing::warn!(
+                "identity mode insecure-dev: callers are identified by plain headers anyone can set; \
+                 never run this in a cluster"
+            );
+        }
+        Self { config, pods, cluster, cache, bindings, metrics, registry }
+    }
+
+    /// Whether the pod watch has synced (what `/readyz` answers).
+    pub fn is_ready(&self) -> bool {
+        self.pods.is_synced()
+    }
+
+    /// Answers one credential request: the whole contract but the HTTP
+    /// framing.
+    async fn credentials(&self, headers: &HeaderMap, query: Option<&str>) -> Result<Arc<Credentials>, BrokerError> {
+        let caller = self.config.identity.verify(headers)?;
+        let (role_arn, pod_name) = parse_query(query)?;
+        let (ns, sa) = (caller.namespace.as_str(), caller.service_account.as_str());
+
+        let pod = match self.pods.pod(ns, &pod_name).await {
+            Ok(Some(pod)) => pod,
+            Ok(None) => return Err(BrokerError::PodNotFound { namespace: ns.to_owned(), name: pod_name }),
+            Err(error) => return Err(self.kube_unavailable(&error)),
+        };
+        self.authorize(&caller, &role_arn, &pod).await?;
+
+        let key = CacheKey { role_arn, namespace: ns.to_owned(), service_account: sa.to_owned() };
+        // The fetch binds its token to the pod that asked last for this key.
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        self.bindings.bind(&key, pod_name, uid);
+        match tokio::time::timeout(self.config.credentials_deadline, self.cache.get(&key)).await {
+            Ok(Ok(credentials)) => Ok(credentials),
+            Ok(Err(error)) => Err(fetch_error_response(&error)),
+            Err(_) => Err(BrokerError::Unavailable("timed out waiting for credentials; retry".into())),
+        }
+    }
+
+    /// The pod rules, then the namespace policy; a denial is logged, counted
+    /// and recorded as an Event in the background.
+    async fn authorize(&self, caller: &CallerIdentity, role_arn: &str, pod: &Arc<Pod>) -> Result<(), BrokerError> {
+        let (ns, sa) = (caller.namespace.as_str(), caller.service_account.as_str());
+        let mut verdict = authz::authorize(ns, sa, role_arn, pod);
+        if let (Ok(()), Some(policy)) = (&verdict, &self.config.namespace_policy) {
+            let namespace = match self.cluster.namespace(ns).await {
+                Ok(namespace) => namespace,
+                Err(error) => return Err(self.kube_unavailable(&error)),
+            };
+            // A namespace that is gone carries no policy, so it permits nothing.
+            let namespace = namespace.unwrap_or_else(|| Namespace {
+                metadata: ObjectMeta { name: Some(ns.to_owned()), ..ObjectMeta::default() },
+                ..Namespace::default()
+            });
+            verdict = policy.check(&namespace, role_arn);
+        }
+        verdict.map_err(|denial| self.deny(caller, pod, denial))
+    }
+
+    fn deny(&self, caller: &CallerIdentity, pod: &Arc<Pod>, denial: Denial) -> BrokerError {
+        let reason = denial.reason();
+        tracing::warn!(caller = %caller.spiffe_id, rule = denial.label(), %reason, "credentials denied");
+        self.metrics.denials.get_or_create(&RuleLabel { rule: denial.label() }).inc();
+        let (cluster, pod, event_reason) = (Arc::clone(&self.cluster), Arc::clone(pod), reason.clone());
+        tokio::spawn(async move { cluster.record_denial(&pod, &event_reason).await });
+        BrokerError::AccessDenied { label: denial.label(), reason }
+    }
+
+    fn kube_unavailable(&self, error: &KubeError) -> BrokerError {
+        tracing::warn!(%error, "Kubernetes API call failed");
+        self.metrics.kube_error(error);
+        BrokerError::Unavailable(format!("Kubernetes API: {}", error.label()))
+    }
+}
+
+/// Maps a failed fetch to the contract:
+/// - `Throttled` → 429 with `Retry-After` (STS's own hint, else
+///   [`DEFAULT_THROTTLE_RETRY`]);
+/// - `Denied` → 403 AccessDenied (the role's trust policy refused);
+/// - `Failed` from STS (or the cache's own checks of what STS answered) →
+///   502 StsError naming the STS code;
+/// - `Failed` from Kubernetes (the TokenRequest) → 503 Unavailable: the
+///   broker cannot mint a token now, which is neither STS's answer nor the
+///   caller's fault, so the filter backs off and keeps serving what it has.
+///
+/// The fetch writes `detail` as `<source>|<code>|<message>`
+/// ([`Fetcher::fetch`]), since [`FetchError`] carries only a string.
+pub fn fetch_error_response(error: &FetchError) -> BrokerError {
+    let mut parts = error.detail.splitn(3, '|');
+    let (source, code, message) = match (parts.next(), parts.next(), parts.next()) {
+        (Some(source), Some(code), Some(message)) => (source, code, message),
+        _ => ("cache", "InternalFailure", error.detail.as_str()),
+    };
+    match (error.kind, source) {
+        (FetchErrorKind::Throttled, _) => {
+            BrokerError::Throttled { retry_after: error.retry_after.unwrap_or(DEFAULT_THROTTLE_RETRY) }
+        }
+        (FetchErrorKind::Denied, _) => BrokerError::AccessDenied { label: "sts_denied", reason: message.to_owned() },
+        (FetchErrorKind::Failed, SOURCE_KUBE) => BrokerError::Unavailable(format!("Kubernetes API: {message}")),
+        (FetchErrorKind::Failed, _) => BrokerError::Sts { code: code.to_owned(), message: message.to_owned() },
+    }
+}
+
+const SOURCE_STS: &str = "sts";
+const SOURCE_KUBE: &str = "kube";
+
+/// The two parameters of a credential request, each exactly once.
+/// Values are percent-decoded as RFC 3986 says (a `+` stays a `+`: IAM role
+/// names may contain it, and the filter percent-encodes it).
+fn parse_query(query: Option<&str>) -> Result<(String, String), BrokerError> {
+    let invalid = |message: &str| BrokerError::InvalidRequest(message.to_owned());
+    let (mut role_arn, mut pod) = (None, None);
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let slot = match name {
+            "role_arn" => &mut role_arn,
+            "pod" => &mut pod,
+            // Unknown parameters are ignored, so a newer filter can add some.
+            _ => continue,
+        };
+        if slot.is_some() {
+            return Err(invalid("role_arn and pod must each appear once"));
+        }
+        let value = percent_decode_str(value).decode_utf8().map_err(|_| invalid("parameters must be UTF-8"))?;
+        *slot = Some(value.into_owned());
+    }
+    let (Some(role_arn), Some(pod)) = (role_arn, pod) else {
+        return Err(invalid("role_arn and pod are required"));
+    };
+    session::validate_role_arn(&role_arn).map_err(|e| BrokerError::InvalidRequest(e.to_string()))?;
+    if !identity::is_dns1123_subdomain(&pod) {
+        return Err(invalid("pod is not a Kubernetes pod name"));
+    }
+    Ok((role_arn, pod))
+}
+
+/// The IMDS credential document, exactly as the filter serves it.
+pub fn credential_document(credentials: &Credentials) -> serde_json::Value {
+    serde_json::json!({
+        "Code": "Success",
+        "LastUpdated": imds_time(credentials.last_updated),
+        "Type": "AWS-HMAC",
+        "AccessKeyId": credentials.access_key_id,
+        "SecretAccessKey": credentials.secret_access_key,
+        "Token": credentials.session_token,
+        "Expiration": imds_time(credentials.expiration),
+    })
+}
+
+/// RFC 3339 in UTC with `Z` and whole seconds, as IMDS writes times.
+fn imds_time(at: OffsetDateTime) -> String {
+    let at = at.to_offset(time::UtcOffset::UTC);
+    at.replace_nanosecond(0).unwrap_or(at).format(&Rfc3339).unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------
+// The cache's fetch: TokenRequest, then STS.
+
+/// Which pod each key's token is bound to: the one that asked last. Bounded
+/// like the cache; beyond that the binding used longest ago goes (its key's
+/// next request binds it again).
+struct Bindings {
+    max: usize,
+    map: Mutex<HashMap<CacheKey, Binding>>,
+}
+
+struct Binding {
+    pod: String,
+    uid: String,
+    at: Instant,
+}
+
+impl Bindings {
+    fn new(max: usize) -> Self {
+        Self { max: max.max(1), map: Mutex::default() }
+    }
+
+    fn bind(&self, key: &CacheKey, pod: String, uid: String) {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if !map.contains_key(key) && map.len() >= self.max {
+            let oldest = map.iter().min_by_key(|(_, b)| b.at).map(|(k, _)| k.clone());
+            if let Some(oldest) = oldest {
+                map.remove(&oldest);
+            }
+        }
+        map.insert(key.clone(), Binding { pod, uid, at: Instant::now() });
+    }
+
+    fn get(&self, key: &CacheKey) -> Option<(String, String)> {
+        let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        map.get(key).map(|b| (b.pod.clone(), b.uid.clone()))
+    }
+}
+
+struct Fetcher {
+    cluster: Arc<Cluster>,
+    sts: StsClient,
+    bindings: Arc<Bindings>,
+    audience: String,
+    lifetime_seconds: i64,
+    metrics: Arc<Metrics>,
+}
+
+impl Fetcher {
+    /// One TokenRequest and one STS call for `key`. Errors carry
+    /// `<source>|<code>|<message>` for [`fetch_error_response`]; none carries
+    /// the token.
+    async fn fetch(&self, key: CacheKey) -> Result<Credentials, FetchError> {
+        let (ns, sa) = (key.namespace.as_str(), key.service_account.as_str());
+        let Some((pod, uid)) = self.bindings.get(&key) else {
+            return Err(FetchError::failed(format!("{SOURCE_KUBE}|no_pod|no pod to bind the token to")));
+        };
+        let token =
+            self.cluster.token(ns, sa, &pod, &uid, &self.audience, self.lifetime_seconds).await.map_err(|error| {
+                tracing::warn!(%error, namespace = ns, service_account = sa, "TokenRequest failed");
+                self.metrics.kube_error(&error);
+                FetchError::failed(format!("{SOURCE_KUBE}|{}|TokenRequest failed: {}", error.label(), error.label()))
+            })?;
+
+        let session_name = session::role_session_name(ns, sa);
+        self.metrics.sts_calls.inc();
+        self.metrics.sts_in_flight.inc();
+        let started = std::time::Instant::now();
+        let result = self.sts.assume_role_with_web_identity(&key.role_arn, &session_name, token.expose()).await;
+        self.metrics.sts_duration.observe(started.elapsed().as_secs_f64());
+        self.metrics.sts_in_flight.dec();
+        result.map_err(|error| {
+            tracing::warn!(%error, role_arn = key.role_arn, namespace = ns, service_account = sa, "STS call failed");
+            self.metrics.sts_errors.get_or_create(&CodeLabel { code: error.metric_label() }).inc();
+            let mut fetch_error = error.fetch_error();
+            fetch_error.detail = format!("{SOURCE_STS}|{}|{}", error.code(), fetch_error.detail);
+            fetch_error
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Metrics. Labels are fixed vocabularies: outcome codes, rule names, STS
+// codes through `StsError::metric_label`, `KubeError::label`.
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabel {
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabel {
+    rule: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabel {
+    error: &'static str,
+}
+
+/// Latency buckets from 0.5 ms to about 16 s.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+struct Metrics {
+    requests: Family<OutcomeLabel, Counter>,
+    request_duration: Histogram,
+    denials: Family<RuleLabel, Counter>,
+    sts_calls: Counter,
+    sts_errors: Family<CodeLabel, Counter>,
+    sts_duration: Histogram,
+    sts_in_flight: Gauge,
+    kube_errors: Family<ErrorLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            requests: Family::default(),
+            request_duration: latency_histogram(),
+            denials: Family::default(),
+            sts_calls: Counter::default(),
+            sts_errors: Family::default(),
+            sts_duration: latency_histogram(),
+            sts_in_flight: Gauge::default(),
+            kube_errors: Family::default(),
+        }
+    }
+}
+
+impl Metrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "credential_requests",
+            "Credential requests by outcome (Success or the contract's error Code)",
+            self.requests.clone(),
+        );
+        registry.register(
+            "credential_request_duration_seconds",
+            "Time to answer a credential request",
+            self.request_duration.clone(),
+        );
+        registry.register("denials", "Credential requests denied, by authorization rule", self.denials.clone());
+        registry.register("sts_calls", "AssumeRoleWithWebIdentity calls made", self.sts_calls.clone());
+        registry.register("sts_errors", "Failed STS calls by STS error code", self.sts_errors.clone());
+        registry.register("sts_call_duration_seconds", "Time of one STS call", self.sts_duration.clone());
+        registry.register("sts_calls_in_flight", "STS calls running now", self.sts_in_flight.clone());
+        registry.register("kube_api_errors", "Failed Kubernetes API calls by kind", self.kube_errors.clone());
+    }
+
+    fn kube_error(&self, error: &KubeError) {
+        self.kube_errors.get_or_create(&ErrorLabel { error: error.label() }).inc();
+    }
+}
+
+/// Exports [`Cache::stats`] at scrape time.
+#[derive(Debug)]
+struct CacheCollector(Arc<Cache>);
+
+impl Collector for CacheCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stats = self.0.stats();
+        let counters = [
+            ("cache_hits", "Credential gets answered from the cache", stats.hits),
+            ("cache_misses", "Credential gets with nothing servable cached", stats.misses),
+            ("cache_fetches", "Upstream fetches started (TokenRequest plus STS)", stats.fetches),
+            ("cache_refreshes", "Fetches started while a servable credential existed", stats.refreshes),
+            ("cache_fetch_errors", "Fetches that failed", stats.fetch_errors),
+            ("cache_evictions", "Cache keys evicted", stats.evictions),
+        ];
+        for (name, help, value) in counters {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
+        }
+        let gauges = [
+            ("cache_keys", "Keys held in the cache", stats.keys),
+            ("cache_fetches_in_flight", "Fetches holding a concurrency permit", stats.fetches_in_flight),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// HTTP.
+
+/// Serves the broker on `listener` until `shutdown` completes, then stops
+/// accepting and drains the requests in flight.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    let router = Router::new()
+        .route("/v1/credentials", get(credentials_handler))
+        .route("/healthz", get(|| async { text(StatusCode::OK, "ok\n") }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { text(StatusCode::NOT_FOUND, "not found\n") })
+        .with_state(app);
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+}
+
+async fn credentials_handler(State(app): State<Arc<App>>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
+    let started = std::time::Instant::now();
+    let result = app.credentials(&headers, query.as_deref()).await;
+    let (outcome, response) = match result {
+        Ok(credentials) => ("Success", json(StatusCode::OK, &credential_document(&credentials))),
+        Err(error) => (error.code(), error_response(&error)),
+    };
+    app.metrics.requests.get_or_create(&OutcomeLabel { outcome }).inc();
+    app.metrics.request_duration.observe(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    let mut body = String::new();
+    let status = if app.is_ready() {
+        body.push_str("ready\n");
+        StatusCode::OK
+    } else {
+        body.push_str("not ready: the pod watch has not synced\n");
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    if app.config.identity.is_insecure() {
+        let _ = writeln!(
+            body,
+            "WARNING: INSECURE-DEV IDENTITY MODE: callers are identified by plain headers anyone can set. \
+             Never run this in a cluster."
+        );
+    }
+    text(status, &body)
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &app.registry) {
+        Ok(()) => response(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", body),
+        Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "metrics encoding failed\n"),
+    }
+}
+
+fn error_response(error: &BrokerError) -> Response {
+    let body = serde_json::to_value(error.body()).unwrap_or_default();
+    let mut response = json(StatusCode::from_u16(error.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), &body);
+    if let Some(seconds) = error.retry_after() {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    response
+}
+
+fn json(status: StatusCode, body: &serde_json::Value) -> Response {
+    response(status, "application/json", body.to_string())
+}
+
+fn text(status: StatusCode, body: &str) -> Response {
+    response(status, "text/plain; charset=utf-8", body.to_owned())
+}
+
+fn response(status: StatusCode, content_type: &'static str, body: String) -> Response {
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ARN: &str = "arn:aws:iam::123456789012:role/team/app+x";
+
+    #[test]
+    fn query_needs_both_parameters_exactly_once() {
+        let ok = parse_query(Some("role_arn=arn%3Aaws%3Aiam%3A%3A123456789012%3Arole%2Fteam%2Fapp%2Bx&pod=web-0"));
+        assert_eq!(ok, Ok((ARN.to_owned(), "web-0".to_owned())));
+        assert_eq!(parse_query(Some(&format!("pod=web-0&role_arn={ARN}&extra=1"))).map(|q| q.1), Ok("web-0".into()));
+        for bad in [
+            None,
+            Some("pod=web-0"),
+            Some("role_arn=arn:aws:iam::123456789012:role/app"),
+            Some("role_arn=arn:aws:iam::123456789012:role/app&pod=a&pod=b"),
+            Some("role_arn=arn:aws:iam::123456789012:role/app&role_arn=arn:aws:iam::123456789012:role/app&pod=a"),
+            Some("role_arn=not-an-arn&pod=web-0"),
+            Some("role_arn=arn:aws:iam::123456789012:role/app&pod=Web_0"),
+            Some("role_arn=arn:aws:iam::123456789012:role/app&pod=%FF"),
+        ] {
+            let error = parse_query(bad).expect_err("accepted");
+            assert_eq!(error.status(), 400, "{bad:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_plus_in_the_arn_stays_a_plus() {
+        assert_eq!(parse_query(Some(&format!("role_arn={ARN}&pod=p"))).map(|q| q.0), Ok(ARN.to_owned()));
+    }
+
+    #[test]
+    fn the_document_is_the_imds_shape_with_whole_second_utc_times() {
+        let at = OffsetDateTime::from_unix_timestamp_nanos(1_800_000_000_123_456_789).expect("time");
+        let credentials = Credentials {
+            access_key_id: "ASIA".into(),
+            secret_access_key: "secret".into(),
+            session_token: "token".into(),
+            expiration: at + Duration::from_secs(3600),
+            last_updated: at,
+        };
+        assert_eq!(
+            credential_document(&credentials),
+            serde_json::json!({
+                "Code": "Success",
+                "LastUpdated": "2027-01-15T08:00:00Z",
+                "Type": "AWS-HMAC",
+                "AccessKeyId": "ASIA",
+                "SecretAccessKey": "secret",
+                "Token": "token",
+                "Expiration": "2027-01-15T09:00:00Z",
+            })
+        );
+    }
+
+    #[test]
+    fn fetch_failures_map_to_the_contract() {
+        let throttled = FetchError {
+            kind: FetchErrorKind::Throttled,
+            retry_after: None,
+            detail: "sts|Throttling|slow down".into(),
+        };
+        assert_eq!(fetch_error_response(&throttled).retry_after(), Some(DEFAULT_THROTTLE_RETRY.as_secs()));
+        let denied =
+            FetchError { kind: FetchErrorKind::Denied, retry_after: None, detail: "sts|AccessDenied|no".into() };
+        assert_eq!(fetch_error_response(&denied).status(), 403);
+        let sts = FetchError::failed("sts|InvalidIdentityToken|STS call failed: bad token");
+        assert_eq!(
+            fetch_error_response(&sts),
+            BrokerError::Sts { code: "InvalidIdentityToken".into(), message: "STS call failed: bad token".into() }
+        );
+        assert_eq!(fetch_error_response(&FetchError::failed("kube|api_unavailable|down")).status(), 503);
+        // The cache's own failures (timeouts, too-short credentials) are 502s.
+        assert_eq!(fetch_error_response(&FetchError::failed("fetch timed out")).status(), 502);
+    }
+}
