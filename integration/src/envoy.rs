@@ -370,19 +370,7 @@ impl Envoy {
 
 impl Drop for Envoy {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking()
-            && let Some(dir) = self.dir.take()
-        {
-            let kept = dir.keep();
-            let log = std::fs::read_to_string(kept.join("envoy.log")).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(80).collect();
-            eprintln!("--- Envoy log (kept in {}), last lines:", kept.display());
-            for line in tail.iter().rev() {
-                eprintln!("{line}");
-            }
-        }
+        crate::process::stop(&mut self.child, &mut self.dir, "envoy.log", "Envoy");
     }
 }
 

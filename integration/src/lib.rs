@@ -37,6 +37,7 @@ pub mod http;
 pub mod kube_api;
 pub mod netns;
 pub mod paths;
+mod process;
 pub mod scripted_sts;
 pub mod sts;
 pub mod upstream;

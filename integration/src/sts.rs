@@ -84,19 +84,7 @@ impl Sts {
 
 impl Drop for Sts {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking()
-            && let Some(dir) = self.dir.take()
-        {
-            let kept = dir.keep();
-            let log = std::fs::read_to_string(kept.join("moto.log")).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(80).collect();
-            eprintln!("--- moto (STS) log (kept in {}), last lines:", kept.display());
-            for line in tail.iter().rev() {
-                eprintln!("{line}");
-            }
-        }
+        crate::process::stop(&mut self.child, &mut self.dir, "moto.log", "moto (STS)");
     }
 }
 

@@ -30,71 +30,12 @@ impl InvalidRequest {
     }
 }
 
-// Role ARN rules. These are the same rules as `filter/src/arn.rs`
-// (`RoleArn::parse`): the filter refuses a pod whose annotation fails them and
-// the broker refuses a request that does, so the two must agree. The crates do
-// not share code yet; change both together (the tests here and there use the
-// same cases).
-
-/// Partitions IAM issues role ARNs in. An ARN in any other partition is a typo
-/// or an attack, never a role STS will accept.
-const PARTITIONS: &[&str] =
-    &["aws", "aws-cn", "aws-us-gov", "aws-iso", "aws-iso-b", "aws-iso-e", "aws-iso-f", "aws-eusc"];
-
-/// IAM limits a role name to 64 characters and an ARN to 2048.
-const MAX_ROLE_NAME: usize = 64;
-const MAX_ARN: usize = 2048;
-
-/// Checks `arn:<partition>:iam::<12-digit account>:role/<optional/path/><name>`.
+/// Checks `arn:<partition>:iam::<12-digit account>:role/<optional/path/><name>`
+/// with the filter's own parser, so the filter (which refuses a pod whose
+/// annotation fails it) and the broker (which refuses such a request) cannot
+/// disagree.
 pub fn validate_role_arn(arn: &str) -> Result<(), InvalidRequest> {
-    use InvalidRequest::RoleArn as Invalid;
-    if arn.len() > MAX_ARN {
-        return Err(Invalid("longer than 2048 characters"));
-    }
-    let mut parts = arn.splitn(6, ':');
-    let (Some("arn"), Some(partition), Some(service), Some(region), Some(account), Some(resource)) =
-        (parts.next(), parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(Invalid("expected arn:<partition>:iam::<account>:role/<name>"));
-    };
-    if !PARTITIONS.contains(&partition) {
-        return Err(Invalid("unknown partition"));
-    }
-    if service != "iam" {
-        return Err(Invalid("service must be iam"));
-    }
-    if !region.is_empty() {
-        return Err(Invalid("IAM ARNs have an empty region"));
-    }
-    if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(Invalid("account must be 12 digits"));
-    }
-    let Some(path_and_name) = resource.strip_prefix("role/") else {
-        return Err(Invalid("resource must start with role/"));
-    };
-    let name_offset = path_and_name.rfind('/').map_or(0, |slash| slash + 1);
-    let (path, name) = path_and_name.split_at(name_offset);
-    if name.is_empty() || name.len() > MAX_ROLE_NAME || !name.bytes().all(is_name_byte) {
-        return Err(Invalid("role name must be 1-64 of [A-Za-z0-9+=,.@_-]"));
-    }
-    // IAM paths are `/` or `/segment/.../`; ours omit the leading slash
-    // because `role/` already supplies it.
-    if path.split('/').any(|segment| segment.bytes().any(|b| !is_path_byte(b)))
-        || path.starts_with('/')
-        || path.contains("//")
-    {
-        return Err(Invalid("invalid role path"));
-    }
-    Ok(())
-}
-
-fn is_name_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"+=,.@_-".contains(&b)
-}
-
-fn is_path_byte(b: u8) -> bool {
-    // IAM allows any printable ASCII except `/` inside a path segment.
-    (0x21..0x7f).contains(&b) && b != b'/'
+    imds_filter::arn::RoleArn::parse(arn).map(drop).map_err(|e| InvalidRequest::RoleArn(e.0))
 }
 
 /// STS `DurationSeconds` bounds: at least 15 minutes, at most 12 hours (the
