@@ -154,6 +154,19 @@ pub enum FetchErrorKind {
     Failed,
 }
 
+/// Where a fetch failed. The cache schedules by [`FetchErrorKind`] alone; the
+/// server answers each place differently (an STS refusal is the caller's
+/// 502, a Kubernetes outage the broker's 503).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FailedAt {
+    /// STS, with its error code.
+    Sts { code: String },
+    /// The Kubernetes API (the TokenRequest).
+    Kubernetes,
+    /// The cache itself: a timeout, credentials too short to serve.
+    Cache,
+}
+
 /// A failed fetch. Cloned to every waiter of the fetch and remembered for the
 /// backoff, so `detail` must never carry a secret (an STS error code and
 /// fixed text are fine; a token is not).
@@ -163,13 +176,20 @@ pub struct FetchError {
     pub kind: FetchErrorKind,
     /// Upstream's own "not before" hint (STS throttling, HTTP `Retry-After`).
     pub retry_after: Option<Duration>,
+    pub failed_at: FailedAt,
     pub detail: String,
 }
 
 impl FetchError {
-    /// A [`FetchErrorKind::Failed`] error without a retry hint.
+    /// A [`FetchErrorKind::Failed`] error of the cache's own, without a
+    /// retry hint.
     pub fn failed(detail: impl Into<String>) -> Self {
-        Self { kind: FetchErrorKind::Failed, retry_after: None, detail: detail.into() }
+        Self::failed_at(FailedAt::Cache, detail)
+    }
+
+    /// A [`FetchErrorKind::Failed`] error at `failed_at`, without a retry hint.
+    pub fn failed_at(failed_at: FailedAt, detail: impl Into<String>) -> Self {
+        Self { kind: FetchErrorKind::Failed, retry_after: None, failed_at, detail: detail.into() }
     }
 }
 
@@ -704,7 +724,7 @@ mod tests {
         Reply {
             after: Duration::ZERO,
             gate: None,
-            result: Err(FetchError { kind, retry_after, detail: "scripted".into() }),
+            result: Err(FetchError { kind, retry_after, failed_at: FailedAt::Cache, detail: "scripted".into() }),
         }
     }
 

@@ -46,7 +46,7 @@ use time::format_description::well_known::Rfc3339;
 use tokio::time::Instant;
 
 use crate::authz::{self, Denial, NamespacePolicy};
-use crate::cache::{Cache, CacheConfig, CacheKey, Credentials, FetchError, FetchErrorKind, FetchFuture};
+use crate::cache::{Cache, CacheConfig, CacheKey, Credentials, FailedAt, FetchError, FetchErrorKind, FetchFuture};
 use crate::error::BrokerError;
 use crate::identity::{self, CallerIdentity, SpiffeId, XfccVerifier};
 use crate::kube::{Cluster, KubeError, PodWatch};
@@ -286,27 +286,23 @@ impl App {
 /// - `Failed` from Kubernetes (the TokenRequest) → 503 Unavailable: the
 ///   broker cannot mint a token now, which is neither STS's answer nor the
 ///   caller's fault, so the filter backs off and keeps serving what it has.
-///
-/// The fetch writes `detail` as `<source>|<code>|<message>`
-/// ([`Fetcher::fetch`]), since [`FetchError`] carries only a string.
 pub fn fetch_error_response(error: &FetchError) -> BrokerError {
-    let mut parts = error.detail.splitn(3, '|');
-    let (source, code, message) = match (parts.next(), parts.next(), parts.next()) {
-        (Some(source), Some(code), Some(message)) => (source, code, message),
-        _ => ("cache", "InternalFailure", error.detail.as_str()),
-    };
-    match (error.kind, source) {
+    match (error.kind, &error.failed_at) {
         (FetchErrorKind::Throttled, _) => {
             BrokerError::Throttled { retry_after: error.retry_after.unwrap_or(DEFAULT_THROTTLE_RETRY) }
         }
-        (FetchErrorKind::Denied, _) => BrokerError::AccessDenied { label: "sts_denied", reason: message.to_owned() },
-        (FetchErrorKind::Failed, SOURCE_KUBE) => BrokerError::Unavailable(format!("Kubernetes API: {message}")),
-        (FetchErrorKind::Failed, _) => BrokerError::Sts { code: code.to_owned(), message: message.to_owned() },
+        (FetchErrorKind::Denied, _) => BrokerError::AccessDenied { label: "sts_denied", reason: error.detail.clone() },
+        (FetchErrorKind::Failed, FailedAt::Kubernetes) => {
+            BrokerError::Unavailable(format!("Kubernetes API: {}", error.detail))
+        }
+        (FetchErrorKind::Failed, FailedAt::Sts { code }) => {
+            BrokerError::Sts { code: code.clone(), message: error.detail.clone() }
+        }
+        (FetchErrorKind::Failed, FailedAt::Cache) => {
+            BrokerError::Sts { code: "InternalFailure".to_owned(), message: error.detail.clone() }
+        }
     }
 }
-
-const SOURCE_STS: &str = "sts";
-const SOURCE_KUBE: &str = "kube";
 
 /// The two parameters of a credential request, each exactly once.
 /// Values are percent-decoded as RFC 3986 says (a `+` stays a `+`: IAM role
@@ -406,19 +402,18 @@ struct Fetcher {
 }
 
 impl Fetcher {
-    /// One TokenRequest and one STS call for `key`. Errors carry
-    /// `<source>|<code>|<message>` for [`fetch_error_response`]; none carries
-    /// the token.
+    /// One TokenRequest and one STS call for `key`. Errors say where they
+    /// failed, for [`fetch_error_response`]; none carries the token.
     async fn fetch(&self, key: CacheKey) -> Result<Credentials, FetchError> {
         let (ns, sa) = (key.namespace.as_str(), key.service_account.as_str());
         let Some((pod, uid)) = self.bindings.get(&key) else {
-            return Err(FetchError::failed(format!("{SOURCE_KUBE}|no_pod|no pod to bind the token to")));
+            return Err(FetchError::failed_at(FailedAt::Kubernetes, "no pod to bind the token to"));
         };
         let token =
             self.cluster.token(ns, sa, &pod, &uid, &self.audience, self.lifetime_seconds).await.map_err(|error| {
                 tracing::warn!(%error, namespace = ns, service_account = sa, "TokenRequest failed");
                 self.metrics.kube_error(&error);
-                FetchError::failed(format!("{SOURCE_KUBE}|{}|TokenRequest failed: {}", error.label(), error.label()))
+                FetchError::failed_at(FailedAt::Kubernetes, format!("TokenRequest failed: {}", error.label()))
             })?;
 
         let session_name = session::role_session_name(ns, sa);
@@ -431,9 +426,7 @@ impl Fetcher {
         result.map_err(|error| {
             tracing::warn!(%error, role_arn = key.role_arn, namespace = ns, service_account = sa, "STS call failed");
             self.metrics.sts_errors.get_or_create(&CodeLabel { code: error.metric_label() }).inc();
-            let mut fetch_error = error.fetch_error();
-            fetch_error.detail = format!("{SOURCE_STS}|{}|{}", error.code(), fetch_error.detail);
-            fetch_error
+            error.fetch_error()
         })
     }
 }
@@ -689,21 +682,21 @@ mod tests {
 
     #[test]
     fn fetch_failures_map_to_the_contract() {
-        let throttled = FetchError {
-            kind: FetchErrorKind::Throttled,
+        let sts = |kind, code: &str, detail: &str| FetchError {
+            kind,
             retry_after: None,
-            detail: "sts|Throttling|slow down".into(),
+            failed_at: FailedAt::Sts { code: code.into() },
+            detail: detail.into(),
         };
+        let throttled = sts(FetchErrorKind::Throttled, "Throttling", "slow down");
         assert_eq!(fetch_error_response(&throttled).retry_after(), Some(DEFAULT_THROTTLE_RETRY.as_secs()));
-        let denied =
-            FetchError { kind: FetchErrorKind::Denied, retry_after: None, detail: "sts|AccessDenied|no".into() };
-        assert_eq!(fetch_error_response(&denied).status(), 403);
-        let sts = FetchError::failed("sts|InvalidIdentityToken|STS call failed: bad token");
+        assert_eq!(fetch_error_response(&sts(FetchErrorKind::Denied, "AccessDenied", "no")).status(), 403);
         assert_eq!(
-            fetch_error_response(&sts),
-            BrokerError::Sts { code: "InvalidIdentityToken".into(), message: "STS call failed: bad token".into() }
+            fetch_error_response(&sts(FetchErrorKind::Failed, "InvalidIdentityToken", "bad token")),
+            BrokerError::Sts { code: "InvalidIdentityToken".into(), message: "bad token".into() }
         );
-        assert_eq!(fetch_error_response(&FetchError::failed("kube|api_unavailable|down")).status(), 503);
+        let kube = FetchError::failed_at(FailedAt::Kubernetes, "TokenRequest failed: api_unavailable");
+        assert_eq!(fetch_error_response(&kube).status(), 503);
         // The cache's own failures (timeouts, too-short credentials) are 502s.
         assert_eq!(fetch_error_response(&FetchError::failed("fetch timed out")).status(), 502);
     }

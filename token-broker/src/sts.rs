@@ -31,7 +31,7 @@ use aws_sdk_sts::operation::assume_role_with_web_identity::{
 use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 use time::OffsetDateTime;
 
-use crate::cache::{Credentials, FetchError, FetchErrorKind};
+use crate::cache::{Credentials, FailedAt, FetchError, FetchErrorKind};
 use crate::session::{self, InvalidRequest};
 
 /// Default time to set up a TCP and TLS connection to STS.
@@ -276,7 +276,12 @@ impl StsError {
             Self::Throttled { retry_after, .. } => (FetchErrorKind::Throttled, *retry_after),
             Self::Failed { .. } | Self::InvalidRequest(_) => (FetchErrorKind::Failed, None),
         };
-        FetchError { kind, retry_after, detail: self.to_string() }
+        FetchError {
+            kind,
+            retry_after,
+            failed_at: FailedAt::Sts { code: self.code().to_owned() },
+            detail: self.to_string(),
+        }
     }
 
     fn from_sdk(error: &SdkError<AssumeRoleWithWebIdentityError, HttpResponse>, token: &str) -> Self {
