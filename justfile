@@ -21,11 +21,11 @@ setup:
 
 # Build the filter: release .wasm, then binaryen's optimiser (the shipped artifact).
 build:
-    cargo build --release -p imds-filter --target wasm32-wasip1
+    cargo build --profile wasm-release -p imds-filter --target wasm32-wasip1
     mkdir -p "$(dirname "{{wasm}}")"
     wasm-opt -O3 --enable-bulk-memory --enable-mutable-globals --enable-nontrapping-float-to-int \
         --enable-sign-ext --strip-debug --strip-producers \
-        "{{target}}/wasm32-wasip1/release/imds_filter.wasm" -o "{{wasm}}"
+        "{{target}}/wasm32-wasip1/wasm-release/imds_filter.wasm" -o "{{wasm}}"
     @ls -l "{{wasm}}" | awk '{print "filter: " $5 " bytes, " $9}'
 
 # Run every test this machine can run: lint, unit (native and wasm32), integration.
@@ -49,6 +49,11 @@ lint:
     cargo fmt --all --check
     cargo clippy --workspace --all-targets -- -D warnings
     cargo clippy -p imds-filter --target wasm32-wasip1 -- -D warnings
+
+# Token broker: cached-hit req/s and p99 against /healthz on the same server,
+# and single flight on a cold start (not a test).
+bench-broker: setup
+    cargo run --release -p integration --bin bench-broker
 
 # Filter throughput and latency against Envoy baselines (not a test).
 bench-filter: setup build

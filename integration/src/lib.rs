@@ -29,7 +29,9 @@
 //! - [`http`]: a raw HTTP/1.1 client, able to send what real clients would not.
 //! - [`netns`]: network namespaces, for tests that need the metadata address itself.
 //! - [`wait`]: polling for eventual states without timing assumptions.
+//! - [`bench`]: what the `bench-*` binaries share: options, `wrk` runs, rounds and their figures.
 
+pub mod bench;
 pub mod broker;
 pub mod clients;
 pub mod envoy;

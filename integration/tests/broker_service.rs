@@ -6,7 +6,8 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use integration::broker::Scripted;
@@ -23,6 +24,9 @@ use token_broker::identity::{SpiffeId, XfccVerifier};
 use token_broker::kube::DENIAL_EVENT_REASON;
 use token_broker::server::{self, App, AppConfig, IdentityMode};
 use token_broker::sts::{StsClient, StsConfig};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{LevelFilter, filter_fn};
+use tracing_subscriber::prelude::*;
 
 const NS: &str = "default";
 const SA: &str = "app";
@@ -425,4 +429,166 @@ async fn metrics_count_outcomes_without_arns_or_secrets() {
     }
     assert!(!metrics.contains("arn:"), "an ARN in the metrics:\n{metrics}");
     assert!(!metrics.contains("web-0"), "a pod name in the metrics:\n{metrics}");
+}
+
+#[tokio::test]
+async fn kubernetes_api_down_after_sync_still_serves_known_pods() {
+    let (api, sts) = (KubeApi::start().await, Sts::start().await);
+    api.add_pod(pod("web-0", SA));
+    api.add_pod(pod("worker-0", "worker"));
+    let broker = start(&api, sts.endpoint(), |_| {}).await;
+    let cached = assert_document(&dev_request(SA, "web-0").send(broker.addr).await);
+
+    api.set_down(true);
+    // Watch cache and credential cache: no API call needed.
+    let served = assert_document(&dev_request(SA, "web-0").send(broker.addr).await);
+    assert_eq!(served["AccessKeyId"], cached["AccessKeyId"]);
+    // The pod is in the watch cache, but its key needs a new TokenRequest.
+    let new_key = dev_request("worker", "worker-0").send(broker.addr).await;
+    assert_error(&new_key, 503, "Unavailable");
+    assert!(
+        new_key.json()["Message"].as_str().is_some_and(|m| m.contains("Kubernetes API")),
+        "{}",
+        new_key.body_text()
+    );
+    // Not in the watch cache: the direct read fails, so the broker cannot
+    // say the pod does not exist (503, not 404).
+    let unknown = dev_request(SA, "nobody-0").send(broker.addr).await;
+    assert_error(&unknown, 503, "Unavailable");
+    assert_eq!(api.token_request_count(), 1);
+    assert_eq!(get(broker.addr, "/readyz").await.status, 200, "readiness stays once synced");
+}
+
+/// An STS that answers [`sts_success`] until `down` is set, then 503
+/// `ServiceUnavailable` as STS does when it is down.
+async fn switchable_sts(down: &Arc<AtomicBool>) -> ScriptedSts {
+    let down = Arc::clone(down);
+    ScriptedSts::start(move |_| {
+        if down.load(Ordering::SeqCst) {
+            scripted_sts::error_with_status(503, "ServiceUnavailable", "Service is unavailable")
+        } else {
+            sts_success(Duration::ZERO)
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn sts_down_serves_cached_credentials_and_answers_502_for_new_keys() {
+    let api = KubeApi::start().await;
+    api.add_pod(pod("web-0", SA));
+    api.add_pod(pod("worker-0", "worker"));
+    let down = Arc::new(AtomicBool::new(false));
+    let sts = switchable_sts(&down).await;
+    let broker = start(&api, sts.endpoint(), |_| {}).await;
+    let cached = assert_document(&dev_request(SA, "web-0").send(broker.addr).await);
+
+    down.store(true, Ordering::SeqCst);
+    let new_key = dev_request("worker", "worker-0").send(broker.addr).await;
+    assert_error(&new_key, 502, "StsError");
+    assert!(
+        new_key.json()["Message"].as_str().is_some_and(|m| m.contains("ServiceUnavailable")),
+        "{}",
+        new_key.body_text()
+    );
+    // Before and after the failure of another key, the cached one is served.
+    for _ in 0..2 {
+        let served = assert_document(&dev_request(SA, "web-0").send(broker.addr).await);
+        assert_eq!(served["AccessKeyId"], cached["AccessKeyId"]);
+        assert_eq!(served["SecretAccessKey"], cached["SecretAccessKey"]);
+    }
+    assert_eq!(sts.request_count(), 2, "only the new key reached STS");
+}
+
+/// An in-memory log sink for a `fmt` layer.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl LogBuffer {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(PoisonError::into_inner)).into_owned()
+    }
+}
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+// current_thread: the subscriber is the thread's default, and every task
+// (server, pod watch, cache fetches, Event recording) runs on this thread.
+#[tokio::test(flavor = "current_thread")]
+async fn no_key_secret_or_token_reaches_the_broker_logs() {
+    let logs = LogBuffer::default();
+    // The broker's own logging (main.rs `init_logging`): its default filter,
+    // the SDK capped at debug; both formats it offers.
+    let sdk_cap = filter_fn(|meta| {
+        let sdk = meta.target().starts_with("aws_smithy") || meta.target().starts_with("aws_sdk");
+        !sdk || *meta.level() <= LevelFilter::DEBUG
+    });
+    let (text, json) = (logs.clone(), logs.clone());
+    let _guard = tracing_subscriber::registry()
+        .with(EnvFilter::new("info"))
+        .with(sdk_cap)
+        .with(tracing_subscriber::fmt::layer().with_ansi(false).with_writer(move || text.clone()))
+        .with(tracing_subscriber::fmt::layer().json().with_writer(move || json.clone()))
+        .set_default();
+
+    let api = KubeApi::start().await;
+    for (name, sa) in [("web-0", SA), ("other-sa", "admin"), ("worker-0", "worker"), ("batch-0", "batch")] {
+        api.add_pod(pod(name, sa));
+    }
+    // STS call 0 succeeds, 1 refuses, 2 throttles.
+    let sts = ScriptedSts::start(|n| match n {
+        0 => sts_success(Duration::ZERO),
+        1 => scripted_sts::error("InvalidIdentityToken", "No OpenIDConnect provider"),
+        _ => scripted_sts::error("Throttling", "Rate exceeded"),
+    })
+    .await;
+    let broker = start(&api, sts.endpoint(), |_| {}).await;
+
+    let doc = assert_document(&dev_request(SA, "web-0").send(broker.addr).await);
+    assert_error(&dev_request(SA, "other-sa").send(broker.addr).await, 403, "AccessDenied");
+    assert_error(&dev_request("worker", "worker-0").send(broker.addr).await, 502, "StsError");
+    assert_error(&dev_request("batch", "batch-0").send(broker.addr).await, 429, "Throttled");
+    // The denial's Event is recorded in the background; its logs count too.
+    wait::until("the denial Event", || {
+        let found = api.events().iter().any(|e| e.reason() == DENIAL_EVENT_REASON);
+        async move { found.then_some(()) }
+    })
+    .await;
+    drop(broker);
+
+    let mut secrets: Vec<(String, String)> = ["AccessKeyId", "SecretAccessKey", "Token"]
+        .iter()
+        .map(|key| (key.to_string(), doc[key].as_str().unwrap_or_default().to_owned()))
+        .collect();
+    let token_requests = api.token_requests();
+    assert_eq!(token_requests.len(), 3, "one token per key that reached STS");
+    for recorded in token_requests {
+        secrets.push((format!("the JWT of {}", recorded.service_account), recorded.token));
+    }
+    let log = logs.text();
+    for (what, secret) in &secrets {
+        assert!(!secret.is_empty(), "{what} is empty");
+        let leaks: Vec<&str> = log.lines().filter(|line| line.contains(secret.as_str())).collect();
+        assert!(leaks.is_empty(), "{what} in the broker's logs:\n{}", leaks.join("\n"));
+    }
+    // Lines from the pod watch's task and the request tasks: the capture
+    // covers the tasks the broker spawns.
+    for expected in [
+        "pod watch listed all opted-in pods",
+        "credentials denied",
+        "STS call failed",
+        "InvalidIdentityToken",
+        "Throttling",
+    ] {
+        assert!(log.contains(expected), "no {expected:?} in the broker's logs:\n{log}");
+    }
 }

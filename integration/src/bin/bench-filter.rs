@@ -26,13 +26,12 @@
 //! `cargo run -p integration --bin bench-filter -- [--workers N] [--rounds N]
 //! [--duration SECS] [--connections N]`.
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use imds_filter::credentials::Credential;
+use integration::bench::{self, Options, Sample, WARM_UP_SECS, WRK_THREADS, Wrk, load_average, nproc};
 use integration::{CREDENTIALS_PATH, Envoy, HOUR, Req, Scripted, ScriptedBroker, Upstream, paths, upstream, wait};
 
 /// The `.wasm` size target: 250 KB, read as 250,000 bytes (the stricter of
@@ -42,16 +41,6 @@ const WASM_SIZE_TARGET: u64 = 250_000;
 const LOCAL_ANSWER_TARGET: f64 = 0.90;
 /// `c/d` req/s target: passthrough with the filter vs without.
 const PASSTHROUGH_TARGET: f64 = 0.97;
-/// One `wrk` thread: one client core. With `--workers 1` (the default)
-/// Envoy's worker takes the other core of a 2-core machine; more client
-/// threads would only steal cycles from the server being measured. Checked
-/// with `top` on such a machine: Envoy's worker at ~100% of a core in every
-/// case, wrk at 11-35%, this process (the upstream) at ~20% in c and d, so
-/// the figures are Envoy's.
-const WRK_THREADS: u32 = 1;
-/// Unmeasured load per case before the rounds: lets V8 tier the filter up
-/// and Envoy fill its upstream connection pool.
-const WARM_UP_SECS: u32 = 1;
 const IMDS_HOST: &str = "169.254.169.254";
 /// Passthrough cases send this; the upstream answers any path alike.
 const PASSTHROUGH_HOST: &str = "app.example.com";
@@ -61,75 +50,6 @@ const A: usize = 0;
 const B: usize = 1;
 const C: usize = 2;
 const D: usize = 3;
-/// Marks the line our `done` hook prints among wrk's own output.
-const WRK_MARK: &str = "imds-mesh-bench";
-/// wrk's `--latency` table rounds to two decimals in changing units, so a
-/// `done` hook prints the same histogram's figures in exact microseconds.
-const WRK_SCRIPT: &str = r#"
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format("imds-mesh-bench %d %d %d %d %d %d %d %.0f\n",
-    summary.duration, summary.requests, e.connect, e.read, e.write, e.timeout, e.status,
-    latency:percentile(99.0)))
-end
-"#;
-const USAGE: &str = "usage: bench-filter [--workers N] [--rounds N] [--duration SECS] [--connections N]";
-
-/// What the command line may change.
-#[derive(Debug, Clone, Copy)]
-struct Options {
-    /// Envoy `--concurrency`. 1 by default: on a 2-core machine one worker
-    /// and one wrk thread each get a core; a second worker would share a
-    /// core with wrk and measure the scheduler as much as the filter.
-    workers: u32,
-    /// Rounds of all four cases. 6 short rounds rather than 3 long ones:
-    /// the neighbours' load drifts over seconds, and finer interleaving
-    /// spreads a slow spell over every case instead of one.
-    rounds: u32,
-    /// Seconds per case per round: 3 s is ~10^4 requests or more, plenty
-    /// for a p99.
-    duration_secs: u32,
-    /// Keep-alive connections. 16 keeps the single worker busy (it always
-    /// has requests queued, so loopback round trips do not idle it) while
-    /// the p99 stays a queue of 16 rather than of hundreds.
-    connections: u32,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Self { workers: 1, rounds: 6, duration_secs: 3, connections: 16 }
-    }
-}
-
-impl Options {
-    /// Parses `--flag N` and `--flag=N`; `Err` carries what to print.
-    fn parse(mut args: impl Iterator<Item = String>) -> Result<Self, String> {
-        let mut options = Self::default();
-        while let Some(arg) = args.next() {
-            if arg == "-h" || arg == "--help" {
-                return Err(USAGE.to_owned());
-            }
-            let (flag, value) = match arg.split_once('=') {
-                Some((flag, value)) => (flag.to_owned(), Some(value.to_owned())),
-                None => (arg, None),
-            };
-            let value = value.or_else(|| args.next()).ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
-            let n = value
-                .parse::<u32>()
-                .ok()
-                .filter(|n| *n > 0)
-                .ok_or_else(|| format!("{flag}: {value:?} is not a positive integer"))?;
-            match flag.as_str() {
-                "--workers" => options.workers = n,
-                "--rounds" => options.rounds = n,
-                "--duration" => options.duration_secs = n,
-                "--connections" => options.connections = n,
-                _ => return Err(format!("unknown argument {flag}\n{USAGE}")),
-            }
-        }
-        Ok(options)
-    }
-}
 
 /// One load to measure.
 struct Case {
@@ -140,44 +60,20 @@ struct Case {
     path: &'static str,
 }
 
-/// What one wrk run measured.
-#[derive(Debug, Clone, Copy)]
-struct Sample {
-    requests: u64,
-    rps: f64,
-    p99_us: f64,
-    /// Socket errors, timeouts and non-2xx/3xx answers: any makes the
-    /// sample suspect.
-    errors: u64,
-}
-
-/// How long and how wide one wrk run is.
-#[derive(Debug, Clone, Copy)]
-struct Load {
-    connections: u32,
-    secs: u32,
-}
-
 // Current-thread on purpose: the broker, the upstream and this driver share
 // one thread, so the bench process takes as little CPU as it can from Envoy
 // and wrk. wrk runs as an async child, so the upstream keeps serving.
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    match Options::parse(std::env::args().skip(1)) {
-        Ok(options) => match run(options).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(problem) => {
-                eprintln!("bench-filter: {problem}");
-                ExitCode::FAILURE
-            }
-        },
-        Err(usage) if usage == USAGE => {
-            println!("{USAGE}");
-            ExitCode::SUCCESS
-        }
+    let options = match Options::from_args("bench-filter") {
+        Ok(options) => options,
+        Err(code) => return code,
+    };
+    match run(options).await {
+        Ok(()) => ExitCode::SUCCESS,
         Err(problem) => {
-            eprintln!("{problem}");
-            ExitCode::from(2)
+            eprintln!("bench-filter: {problem}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -187,8 +83,7 @@ struct Bench {
     broker: ScriptedBroker,
     envoy: Envoy,
     cases: [Case; 4],
-    /// Holds the wrk script.
-    dir: tempfile::TempDir,
+    wrk: Wrk,
     /// The credential JSON served in cases a and b.
     body: Vec<u8>,
     // Last, so it outlives Envoy's connections to it.
@@ -196,11 +91,11 @@ struct Bench {
 }
 
 async fn run(options: Options) -> Result<(), String> {
-    let wrk_version = wrk_version().await.ok_or("`wrk` is not installed: run scripts/setup-system.sh")?;
+    let wrk_version = bench::wrk_version().await.ok_or("`wrk` is not installed: run scripts/setup-system.sh")?;
     let wasm = paths::filter_wasm();
     let wasm_size = std::fs::metadata(&wasm).map_err(|e| format!("{}: {e}", wasm.display()))?.len();
     let bench = Bench::start(options.workers).await?;
-    let load = Load { connections: options.connections, secs: options.duration_secs };
+    let load = options.load();
 
     println!("imds-mesh filter benchmark");
     println!("  envoy        {}", envoy_version());
@@ -223,35 +118,15 @@ async fn run(options: Options) -> Result<(), String> {
     );
     println!();
 
-    let mut local_answers = 0; // requests wrk completed in case b
-    let warm_up = Load { secs: WARM_UP_SECS, ..load };
-    for (i, case) in bench.cases.iter().enumerate() {
-        let sample = bench.wrk(case, warm_up).await.map_err(|e| format!("warm-up of case {}: {e}", case.key))?;
-        if i == B {
-            local_answers += sample.requests;
-        }
-    }
-    let mut samples: [Vec<Sample>; 4] = Default::default();
-    for round in 0..options.rounds as usize {
-        let mut line = format!("round {}/{}:", round + 1, options.rounds);
-        for i in schedule(round) {
-            let case = &bench.cases[i];
-            let sample =
-                bench.wrk(case, load).await.map_err(|e| format!("round {}, case {}: {e}", round + 1, case.key))?;
-            let _ = write!(line, "  {} {:>6.0} req/s p99 {:>5.0} µs", case.key, sample.rps, sample.p99_us);
-            if sample.errors > 0 {
-                let _ = write!(line, " ({} errors)", sample.errors);
-            }
-            if i == B {
-                local_answers += sample.requests;
-            }
-            samples[i].push(sample);
-        }
-        println!("{line}");
-    }
-    println!();
+    let keys = bench.cases.each_ref().map(|case| case.key);
+    let measured =
+        bench::measure(keys, schedule, options.rounds, load, 5, async |i, load| bench.wrk(&bench.cases[i], load).await)
+            .await?;
+    let samples = measured.rounds;
+    // Requests wrk completed in case b, warm-up included.
+    let local_answers = measured.warm_up[B].requests + samples[B].iter().map(|s| s.requests).sum::<u64>();
 
-    print_cases(&bench.cases, &samples);
+    bench::print_cases(bench.cases.iter().map(|case| (case.key, case.what)), &samples);
     print_targets(&samples, wasm_size);
 
     let hits = cache_hits_reaching(&bench.envoy, local_answers).await;
@@ -312,14 +187,15 @@ impl Bench {
                 ));
             }
         }
-        let dir = tempfile::Builder::new().prefix("imds-mesh-bench-").tempdir().map_err(|e| format!("tempdir: {e}"))?;
-        std::fs::write(dir.path().join("report.lua"), WRK_SCRIPT).map_err(|e| format!("write the wrk script: {e}"))?;
-        Ok(Self { broker, envoy, cases, dir, body, _upstream: upstream })
+        let wrk = Wrk::new()?;
+        Ok(Self { broker, envoy, cases, wrk, body, _upstream: upstream })
     }
 
     /// Runs wrk once against `case`.
-    async fn wrk(&self, case: &Case, load: Load) -> Result<Sample, String> {
-        run_wrk(case, load, &self.dir.path().join("report.lua")).await
+    async fn wrk(&self, case: &Case, load: bench::Load) -> Result<Sample, String> {
+        // wrk derives Host from the URL unless a Host header is given
+        // (wrk.lua's `init`), and the URL must name the loopback port.
+        self.wrk.run(&format!("http://{}{}", case.addr, case.path), &[format!("Host: {}", case.host)], load).await
     }
 }
 
@@ -330,95 +206,27 @@ fn schedule(round: usize) -> [usize; 4] {
     if round.is_multiple_of(2) { [A, B, C, D] } else { [D, C, B, A] }
 }
 
-/// The per-case medians over the rounds, with the req/s spread.
-fn print_cases(cases: &[Case; 4], samples: &[Vec<Sample>; 4]) {
-    println!(
-        "{:<42} {:>9} {:>9} {:>17} {:>7}",
-        "case (median of rounds)", "req/s", "p99 µs", "req/s min..max", "errors"
-    );
-    for (case, runs) in cases.iter().zip(samples) {
-        let rps = median(runs.iter().map(|s| s.rps));
-        let p99 = median(runs.iter().map(|s| s.p99_us));
-        let (lo, hi) = runs.iter().fold((f64::MAX, 0.0_f64), |(lo, hi), s| (lo.min(s.rps), hi.max(s.rps)));
-        let errors: u64 = runs.iter().map(|s| s.errors).sum();
-        let spread = format!("{lo:.0}..{hi:.0}");
-        println!("{:<42} {rps:>9.0} {p99:>9.0} {spread:>17} {errors:>7}", format!("{}  {}", case.key, case.what));
-    }
-    println!();
-}
-
 /// The targets: per-round paired ratios (median, spread) and the .wasm size.
 fn print_targets(samples: &[Vec<Sample>; 4], wasm_size: u64) {
-    let ratios = |x: usize, base: usize, of: fn(&Sample) -> f64| -> Vec<f64> {
-        samples[x].iter().zip(&samples[base]).map(|(s, b)| if of(b) > 0.0 { of(s) / of(b) } else { 0.0 }).collect()
-    };
-    let verdict = |ok: bool| if ok { "PASS" } else { "MISS" };
-    println!(
-        "{:<42} {:>9} {:>15} {:>10}",
-        "target (median of per-round ratios)", "measured", "rounds min..max", "goal"
-    );
+    let ratios = |x: usize, base: usize, of: fn(&Sample) -> f64| bench::ratios(samples, x, base, of);
+    bench::print_targets_heading();
     for (what, x, base, target) in [
         ("b/a req/s (local answer vs Envoy's own)", B, A, LOCAL_ANSWER_TARGET),
         ("c/d req/s (passthrough, filter vs none)", C, D, PASSTHROUGH_TARGET),
     ] {
-        let r = ratios(x, base, |s| s.rps);
-        let (lo, hi) = r.iter().fold((f64::MAX, 0.0_f64), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
-        let m = median(r.into_iter());
-        let spread = format!("{lo:.2}..{hi:.2}");
-        println!("{what:<42} {m:>9.3} {spread:>15} {:>10} {}", format!(">= {target:.2}"), verdict(m >= target));
+        bench::print_ratio_target(what, ratios(x, base, |s| s.rps), target);
     }
     let size_goal = format!("<= {WASM_SIZE_TARGET}");
     println!(
         "{:<42} {wasm_size:>9} {:>15} {size_goal:>10} {}",
         "filter .wasm bytes",
         "",
-        verdict(wasm_size <= WASM_SIZE_TARGET)
+        bench::verdict(wasm_size <= WASM_SIZE_TARGET)
     );
-    let p99_b = median(ratios(B, A, |s| s.p99_us).into_iter());
-    let p99_c = median(ratios(C, D, |s| s.p99_us).into_iter());
+    let p99_b = bench::median(ratios(B, A, |s| s.p99_us).into_iter());
+    let p99_c = bench::median(ratios(C, D, |s| s.p99_us).into_iter());
     println!("{:<42} {:>9}", "p99 b/a, c/d (no target; lower is better)", format!("{p99_b:.2}, {p99_c:.2}"));
     println!();
-}
-
-/// Runs wrk once against `case` and reads what the `done` hook printed.
-async fn run_wrk(case: &Case, load: Load, script: &Path) -> Result<Sample, String> {
-    // wrk derives Host from the URL unless a Host header is given
-    // (wrk.lua's `init`), and the URL must name the loopback port.
-    let output = tokio::process::Command::new("wrk")
-        .arg(format!("-t{WRK_THREADS}"))
-        .arg(format!("-c{}", load.connections))
-        .arg(format!("-d{}s", load.secs))
-        .arg("--latency")
-        .arg("-s")
-        .arg(script)
-        .arg("-H")
-        .arg(format!("Host: {}", case.host))
-        .arg(format!("http://{}{}", case.addr, case.path))
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|e| format!("run wrk: {e}"))?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let fields: Vec<f64> = stdout
-        .lines()
-        .find_map(|line| line.strip_prefix(WRK_MARK))
-        .map(|rest| rest.split_whitespace().filter_map(|f| f.parse().ok()).collect())
-        .unwrap_or_default();
-    let [duration_us, requests, connect, read, write, timeout, status, p99_us] = fields[..] else {
-        return Err(format!("no report from wrk:\n{stdout}{}", String::from_utf8_lossy(&output.stderr)));
-    };
-    let rps = if duration_us > 0.0 { requests / (duration_us / 1e6) } else { 0.0 };
-    // wrk printed integer counts: the casts drop nothing.
-    Ok(Sample { requests: requests as u64, rps, p99_us, errors: (connect + read + write + timeout + status) as u64 })
-}
-
-/// `wrk -v`'s first line, or `None` when wrk is not installed.
-async fn wrk_version() -> Option<String> {
-    // `wrk -v` prints its version and usage, then exits 1.
-    let output = tokio::process::Command::new("wrk").arg("-v").output().await.ok()?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    let first = text.lines().next().unwrap_or("wrk (unknown version)");
-    Some(first.split(" Copyright").next().unwrap_or(first).trim().to_owned())
 }
 
 /// `envoy --version`, without the binary's path.
@@ -429,21 +237,6 @@ fn envoy_version() -> String {
         .ok()
         .and_then(|o| String::from_utf8_lossy(&o.stdout).split_once("version: ").map(|(_, v)| v.trim().to_owned()))
         .unwrap_or_else(|| "(unknown)".to_owned())
-}
-
-/// `nproc`: the cores this process may use.
-async fn nproc() -> String {
-    match tokio::process::Command::new("nproc").output().await {
-        Ok(output) => String::from_utf8_lossy(&output.stdout).trim().to_owned(),
-        Err(_) => std::thread::available_parallelism().map_or_else(|_| "?".to_owned(), |n| n.to_string()),
-    }
-}
-
-/// The 1, 5 and 15 minute load averages: how busy the neighbours were.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|text| text.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "(unknown)".to_owned())
 }
 
 /// The filter's cache-hit counter once it covers `expected`, or whatever it
@@ -461,37 +254,9 @@ async fn cache_hits_reaching(envoy: &Envoy, expected: u64) -> u64 {
     hits
 }
 
-fn median(values: impl Iterator<Item = f64>) -> f64 {
-    let mut values: Vec<f64> = values.collect();
-    values.sort_by(f64::total_cmp);
-    match values.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => values[n / 2],
-        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn parse(args: &[&str]) -> Result<Options, String> {
-        Options::parse(args.iter().map(|a| (*a).to_owned()))
-    }
-
-    #[test]
-    fn flags_take_separate_or_inline_values() {
-        let options = parse(&["--workers", "2", "--rounds=5", "--duration", "3", "--connections=8"]).unwrap();
-        assert_eq!((options.workers, options.rounds, options.duration_secs, options.connections), (2, 5, 3, 8));
-    }
-
-    #[test]
-    fn bad_flags_are_refused_with_the_reason() {
-        assert!(parse(&["--workers"]).unwrap_err().contains("needs a value"));
-        assert!(parse(&["--workers", "0"]).unwrap_err().contains("positive integer"));
-        assert!(parse(&["--threads", "2"]).unwrap_err().contains("unknown argument"));
-        assert_eq!(parse(&["--help"]).unwrap_err(), USAGE);
-    }
 
     #[test]
     fn each_case_runs_next_to_its_baseline_and_pairs_alternate_who_goes_first() {
@@ -502,11 +267,5 @@ mod tests {
             assert_ne!(at(round, A) < at(round, B), at(round + 1, A) < at(round + 1, B), "round {round}");
             assert_ne!(at(round, C) < at(round, D), at(round + 1, C) < at(round + 1, D), "round {round}");
         }
-    }
-
-    #[test]
-    fn median_of_odd_and_even_counts() {
-        assert_eq!(median([3.0, 1.0, 2.0].into_iter()), 2.0);
-        assert_eq!(median([4.0, 1.0, 2.0, 3.0].into_iter()), 2.5);
     }
 }
