@@ -135,11 +135,28 @@ mod tests {
             ("arn:aws:iam::123456789012:role/a:b", "role name must be 1-64 of [A-Za-z0-9+=,.@_-]"),
             ("arn:aws:iam::123456789012:role/a//b", "invalid role path"),
             ("arn:aws:iam::123456789012:role//b", "invalid role path"),
+            ("arn:AWS:iam::123456789012:role/x", "unknown partition"),
+            ("arn:aws:iam::123456789012:role/x\n", "role name must be 1-64 of [A-Za-z0-9+=,.@_-]"),
+            ("arn:aws:iam::123456789012:role/p q/b", "invalid role path"),
             ("arn:aws:iam::123456789012:role/p\u{e9}/b", "invalid role path"),
         ] {
             assert_eq!(RoleArn::parse(text), Err(InvalidArn(why)), "{text:?}");
         }
         let long = format!("arn:aws:iam::123456789012:role/{}", "a".repeat(65));
         assert!(RoleArn::parse(&long).is_err());
+        let path = "p/".repeat(1000);
+        let at_limit = format!("arn:aws:iam::123456789012:role/{path}{}", "x".repeat(2048 - 31 - path.len()));
+        assert_eq!(at_limit.len(), 2048);
+        assert!(RoleArn::parse(&at_limit).is_ok());
+        assert_eq!(RoleArn::parse(&format!("{at_limit}x")), Err(InvalidArn("longer than 2048 characters")));
+    }
+
+    #[test]
+    fn every_partition_iam_uses_is_accepted() {
+        for partition in PARTITIONS {
+            let arn = format!("arn:{partition}:iam::123456789012:role/x");
+            assert!(RoleArn::parse(&arn).is_ok(), "{arn}");
+        }
+        assert!(RoleArn::parse("arn:aws-iso-f:iam::123456789012:role/p!~/x").is_ok());
     }
 }
