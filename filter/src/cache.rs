@@ -165,7 +165,7 @@ fn encode_state(state: &FetchState) -> Vec<u8> {
 }
 
 /// An in-memory [`SharedStore`] with Envoy's versioning rules, for tests.
-#[cfg(any(test, feature = "test-support"))]
+#[cfg(test)]
 pub mod memory {
     use std::cell::{Cell, RefCell};
     use std::collections::HashMap;

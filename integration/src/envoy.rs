@@ -212,18 +212,8 @@ impl EnvoyBuilder {
     pub async fn start(self) -> Envoy {
         let (mut envoy, config_path) = self.spawn();
         assert_valid(&config_path);
-        let admin = envoy.admin_addr;
-        wait::until("Envoy to become ready", || {
-            if let Ok(Some(status)) = envoy.child.try_wait() {
-                panic!("Envoy exited with {status} before becoming ready:\n{}", envoy.log());
-            }
-            async move {
-                let ready = tokio::net::TcpStream::connect(admin).await.is_ok()
-                    && Req::get("/ready").host("admin").send(admin).await.status == 200;
-                ready.then_some(())
-            }
-        })
-        .await;
+        let log = envoy.dir().map(|d| d.join("envoy.log")).unwrap_or_default();
+        crate::process::until_answering(&mut envoy.child, "Envoy", &log, envoy.admin_addr, "/ready").await;
         envoy
     }
 

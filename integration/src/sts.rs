@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use tempfile::TempDir;
 
 use crate::http::Req;
-use crate::{paths, wait};
+use crate::paths;
 
 /// The STS API version every query-protocol request names.
 pub const STS_VERSION: &str = "2011-06-15";
@@ -41,19 +41,9 @@ impl Sts {
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", moto.display()));
         let mut sts = Self { child, dir: Some(dir), addr: SocketAddr::from(([127, 0, 0, 1], port)) };
-        let addr = sts.addr;
-        wait::until("moto (STS) to answer", || {
-            if let Ok(Some(status)) = sts.child.try_wait() {
-                panic!("moto exited with {status} before answering:\n{}", sts.log());
-            }
-            async move {
-                // moto's own API answers 200 once the WSGI app is up.
-                let up = tokio::net::TcpStream::connect(addr).await.is_ok()
-                    && Req::get("/moto-api/").host(&addr.to_string()).send(addr).await.status == 200;
-                up.then_some(())
-            }
-        })
-        .await;
+        // moto's own API answers 200 once the WSGI app is up.
+        let log = sts.log_path().unwrap_or_default();
+        crate::process::until_answering(&mut sts.child, "moto (STS)", &log, sts.addr, "/moto-api/").await;
         sts
     }
 

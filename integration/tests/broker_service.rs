@@ -580,15 +580,10 @@ async fn no_key_secret_or_token_reaches_the_broker_logs() {
         let leaks: Vec<&str> = log.lines().filter(|line| line.contains(secret.as_str())).collect();
         assert!(leaks.is_empty(), "{what} in the broker's logs:\n{}", leaks.join("\n"));
     }
-    // Lines from the pod watch's task and the request tasks: the capture
-    // covers the tasks the broker spawns.
-    for expected in [
-        "pod watch listed all opted-in pods",
-        "credentials denied",
-        "STS call failed",
-        "InvalidIdentityToken",
-        "Throttling",
-    ] {
+    // Lines from the request tasks (spawned per connection): the capture
+    // covers the tasks the broker spawns. (The pod watch's own "listed" line
+    // is not required: it can land after the requests are done.)
+    for expected in ["credentials denied", "STS call failed", "InvalidIdentityToken", "Throttling"] {
         assert!(log.contains(expected), "no {expected:?} in the broker's logs:\n{log}");
     }
 }

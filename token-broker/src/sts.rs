@@ -13,10 +13,10 @@
 //! failures under codes of our own (`Timeout`, `Unreachable`, ...).
 //!
 //! Secrecy: the web identity token is never part of an error (messages are
-//! scrubbed of it and bounded), and [`Credentials`] redacts itself. The SDK
-//! itself logs the whole request, body and token included, at `trace` level
-//! (`aws_smithy_runtime`'s "transmitting request"); the broker must never
-//! enable `trace` for the SDK's crates.
+//! scrubbed of it and bounded), and [`Credentials`] redacts itself. The SDK's
+//! `trace` output describes each request it transmits; nothing promises that
+//! stays free of the form body (which holds the token), so the broker caps the
+//! SDK's crates below `trace` whatever its log filter says.
 
 use std::time::Duration;
 
