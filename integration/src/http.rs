@@ -3,8 +3,10 @@
 
 use std::net::SocketAddr;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::pki::TlsClient;
 
 /// A request, built up and then sent as literal bytes.
 #[derive(Debug, Clone)]
@@ -72,11 +74,21 @@ impl Req {
 
     /// Sends the request on a new connection and reads the whole reply.
     pub async fn send(&self, addr: SocketAddr) -> Reply {
-        let mut stream = TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-        stream.write_all(&self.to_bytes()).await.unwrap_or_else(|e| panic!("write to {addr}: {e}"));
+        let stream = TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        self.exchange(stream).await.unwrap_or_else(|e| panic!("{addr}: {e}"))
+    }
+
+    /// Sends the request over a new TLS connection made by `client`. An
+    /// error is the server refusing the connection (or failing it).
+    pub async fn send_tls(&self, client: &TlsClient, addr: SocketAddr) -> std::io::Result<Reply> {
+        self.exchange(client.connect(addr).await?).await
+    }
+
+    async fn exchange(&self, mut stream: impl AsyncRead + AsyncWrite + Unpin) -> std::io::Result<Reply> {
+        stream.write_all(&self.to_bytes()).await?;
         let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await.unwrap_or_else(|e| panic!("read from {addr}: {e}"));
-        Reply::parse(&raw, self.method == "HEAD")
+        stream.read_to_end(&mut raw).await?;
+        Ok(Reply::parse(&raw, self.method == "HEAD"))
     }
 
     /// Sends the request and returns once the response head has arrived,

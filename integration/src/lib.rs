@@ -28,6 +28,8 @@
 //! - [`kube_api`]: a Kubernetes API endpoint (pods, namespaces, TokenRequest, events).
 //! - [`http`]: a raw HTTP/1.1 client, able to send what real clients would not.
 //! - [`netns`]: network namespaces, for tests that need the metadata address itself.
+//! - [`pki`]: a mesh CA and workload certificates (rcgen), and TLS clients.
+//! - [`real_broker`]: the real token broker, in-process, in any identity mode.
 //! - [`wait`]: polling for eventual states without timing assumptions.
 //! - [`bench`]: what the `bench-*` binaries share: options, `wrk` runs, rounds and their figures.
 
@@ -39,7 +41,9 @@ pub mod http;
 pub mod kube_api;
 pub mod netns;
 pub mod paths;
+pub mod pki;
 mod process;
+pub mod real_broker;
 pub mod scripted_sts;
 pub mod sts;
 pub mod upstream;
@@ -49,6 +53,7 @@ pub use broker::{BrokerCall, Scripted, ScriptedBroker};
 pub use envoy::{Envoy, EnvoyBuilder, Pod};
 pub use http::{Reply, Req};
 pub use kube_api::KubeApi;
+pub use real_broker::RealBroker;
 pub use scripted_sts::ScriptedSts;
 pub use sts::Sts;
 pub use upstream::Upstream;

@@ -13,7 +13,7 @@ use std::time::Duration;
 use integration::broker::Scripted;
 use integration::kube_api::{self, KubeApi};
 use integration::scripted_sts::{self, ScriptedSts};
-use integration::{ROLE_ARN, Reply, Req, Sts, wait};
+use integration::{ROLE_ARN, RealBroker, Reply, Req, Sts, wait};
 use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use serde_json::Value;
@@ -22,8 +22,7 @@ use time::format_description::well_known::Rfc3339;
 use token_broker::authz::{ENABLED_LABEL, ENABLED_VALUE, NamespacePolicy, ROLE_ARN_ANNOTATION};
 use token_broker::identity::{SpiffeId, XfccVerifier};
 use token_broker::kube::DENIAL_EVENT_REASON;
-use token_broker::server::{self, App, AppConfig, IdentityMode};
-use token_broker::sts::{StsClient, StsConfig};
+use token_broker::server::{self, AppConfig, IdentityMode};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::{LevelFilter, filter_fn};
 use tracing_subscriber::prelude::*;
@@ -33,59 +32,20 @@ const SA: &str = "app";
 const OWN_ID: &str = "spiffe://cluster.local/ns/imds-mesh/sa/token-broker";
 const POLICY_ANNOTATION: &str = "imds-mesh.io/permitted-roles";
 
-/// A broker serving on loopback; shut down (gracefully) on drop.
-struct Broker {
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
-
-fn insecure_dev() -> IdentityMode {
-    IdentityMode::InsecureDev { trust_domain: "cluster.local".into() }
-}
-
 fn xfcc() -> IdentityMode {
     let own_id = SpiffeId::parse(OWN_ID).unwrap_or_else(|e| panic!("{e:?}"));
     IdentityMode::Xfcc(XfccVerifier { own_id, trust_domain: "cluster.local".into() })
 }
 
-/// Starts a broker over `api` and the STS at `sts_endpoint`, without waiting
-/// for its pod watch to sync.
-async fn start_unsynced(api: &KubeApi, sts_endpoint: String, tune: impl FnOnce(&mut AppConfig)) -> Broker {
-    let url = api.url().parse().unwrap_or_else(|e| panic!("{e}"));
-    let client = token_broker::kube::client(kube::Config::new(url)).unwrap_or_else(|e| panic!("kube client: {e}"));
-    let sts = StsClient::new(StsConfig {
-        endpoint_url: Some(sts_endpoint),
-        operation_timeout: Duration::from_secs(5),
-        ..StsConfig::new("us-east-1")
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
-    let mut config = AppConfig::new(insecure_dev());
-    tune(&mut config);
-    let app = Arc::new(App::new(config, client, sts, "broker-test-0"));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("bind: {e}"));
-    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(server::run(listener, app, async move {
-        let _ = stopped.await;
-    }));
-    Broker { addr, stop: Some(stop) }
+/// A broker over `api` and the STS at `sts_endpoint` (`insecure-dev` unless
+/// `tune` says otherwise), without waiting for its pod watch to sync.
+async fn start_unsynced(api: &KubeApi, sts_endpoint: String, tune: impl FnOnce(&mut AppConfig)) -> RealBroker {
+    RealBroker::builder(api, sts_endpoint).tune(tune).start_unsynced().await
 }
 
 /// [`start_unsynced`], then waits for `/readyz`.
-async fn start(api: &KubeApi, sts_endpoint: String, tune: impl FnOnce(&mut AppConfig)) -> Broker {
-    let broker = start_unsynced(api, sts_endpoint, tune).await;
-    let addr = broker.addr;
-    wait::until("the broker to be ready", || async move { (get(addr, "/readyz").await.status == 200).then_some(()) })
-        .await;
-    broker
+async fn start(api: &KubeApi, sts_endpoint: String, tune: impl FnOnce(&mut AppConfig)) -> RealBroker {
+    RealBroker::builder(api, sts_endpoint).tune(tune).start().await
 }
 
 /// A pod running as `sa` in [`NS`], opted in and annotated with [`ROLE_ARN`].

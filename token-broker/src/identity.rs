@@ -243,15 +243,25 @@ pub enum IdentityError {
         by: Option<String>,
     },
 
-    /// The sidecar's element names no client URI: the client certificate
-    /// had no URI SAN.
-    #[error("the broker sidecar's X-Forwarded-Client-Cert element has no URI")]
+    /// The client certificate has no URI SAN (in xfcc mode: the sidecar's
+    /// element names no `URI`).
+    #[error("the caller's certificate names no URI")]
     NoUri,
 
-    /// The sidecar's element has more than one `URI`: the client certificate
-    /// names several identities, and we cannot tell which one is the caller.
-    #[error("the broker sidecar's X-Forwarded-Client-Cert element has more than one URI")]
+    /// The client certificate has more than one URI SAN (in xfcc mode: the
+    /// sidecar's element has several `URI`s), and we cannot tell which one
+    /// is the caller.
+    #[error("the caller's certificate names more than one URI")]
     AmbiguousUri,
+
+    /// mtls mode: the request did not arrive on a connection whose client
+    /// certificate the broker verified (a plain listener).
+    #[error("no verified client certificate on this connection")]
+    NoClientCertificate,
+
+    /// mtls mode: the verified client certificate could not be read.
+    #[error("the caller's certificate cannot be parsed: {0}")]
+    BadCertificate(&'static str),
 
     /// The client URI is not a workload SPIFFE ID.
     #[error("caller URI {} is not a workload SPIFFE ID: {reason}", echo(.uri))]
@@ -280,6 +290,8 @@ impl IdentityError {
             Self::NotFromOwnSidecar { .. } => "not_own_sidecar",
             Self::NoUri => "no_uri",
             Self::AmbiguousUri => "ambiguous_uri",
+            Self::NoClientCertificate => "no_client_certificate",
+            Self::BadCertificate(_) => "bad_certificate",
             Self::NotSpiffe { .. } => "not_spiffe",
             Self::ForeignTrustDomain { .. } => "foreign_trust_domain",
         }
@@ -339,23 +351,35 @@ impl XfccVerifier {
             (by, None) => return Err(IdentityError::NotFromOwnSidecar { by: by.map(|p| clip(&p.value)) }),
         }
 
-        let mut uris = element.iter().filter(|p| p.key.eq_ignore_ascii_case("URI"));
-        let uri = match (uris.next(), uris.next()) {
-            (Some(uri), None) => &uri.value,
-            (None, _) => return Err(IdentityError::NoUri),
-            (Some(_), Some(_)) => return Err(IdentityError::AmbiguousUri),
-        };
-        let spiffe_id =
-            SpiffeId::parse(uri).map_err(|e| IdentityError::NotSpiffe { uri: clip(uri), reason: e.reason() })?;
-        if spiffe_id.trust_domain() != self.trust_domain {
-            return Err(IdentityError::ForeignTrustDomain { trust_domain: clip(spiffe_id.trust_domain()) });
-        }
-        Ok(CallerIdentity {
-            namespace: spiffe_id.namespace().to_owned(),
-            service_account: spiffe_id.service_account().to_owned(),
-            spiffe_id,
-        })
+        let uris = element.iter().filter(|p| p.key.eq_ignore_ascii_case("URI")).map(|p| p.value.as_str());
+        caller_from_uris(uris, &self.trust_domain)
     }
+}
+
+/// The caller named by a client certificate's URI SANs (as listed by XFCC
+/// `URI` keys, or read from the certificate itself in mtls mode): exactly
+/// one, a workload SPIFFE ID in `trust_domain`. An X.509-SVID carries exactly
+/// one URI SAN (SPIFFE X509-SVID §2); with several we cannot tell which one
+/// is the caller.
+pub fn caller_from_uris<'a>(
+    mut uris: impl Iterator<Item = &'a str>,
+    trust_domain: &str,
+) -> Result<CallerIdentity, IdentityError> {
+    let uri = match (uris.next(), uris.next()) {
+        (Some(uri), None) => uri,
+        (None, _) => return Err(IdentityError::NoUri),
+        (Some(_), Some(_)) => return Err(IdentityError::AmbiguousUri),
+    };
+    let spiffe_id =
+        SpiffeId::parse(uri).map_err(|e| IdentityError::NotSpiffe { uri: clip(uri), reason: e.reason() })?;
+    if spiffe_id.trust_domain() != trust_domain {
+        return Err(IdentityError::ForeignTrustDomain { trust_domain: clip(spiffe_id.trust_domain()) });
+    }
+    Ok(CallerIdentity {
+        namespace: spiffe_id.namespace().to_owned(),
+        service_account: spiffe_id.service_account().to_owned(),
+        spiffe_id,
+    })
 }
 
 /// Joins the header lines as Envoy does (`,` between non-empty lines). The
@@ -856,6 +880,8 @@ mod tests {
             (IdentityError::NotFromOwnSidecar { by: None }, "not_own_sidecar"),
             (IdentityError::NoUri, "no_uri"),
             (IdentityError::AmbiguousUri, "ambiguous_uri"),
+            (IdentityError::NoClientCertificate, "no_client_certificate"),
+            (IdentityError::BadCertificate("x"), "bad_certificate"),
             (IdentityError::NotSpiffe { uri: "u".into(), reason: "r" }, "not_spiffe"),
             (IdentityError::ForeignTrustDomain { trust_domain: "t".into() }, "foreign_trust_domain"),
         ];

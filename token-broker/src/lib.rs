@@ -7,7 +7,7 @@
 //! So far: the rules (identity, authorization, STS parameters), the
 //! credential cache, the Kubernetes and STS clients, and the HTTP service
 //! that wires them together (the `token-broker` binary, `src/main.rs`, adds
-//! flags, logging and signals). The `mtls` identity mode comes next.
+//! flags, logging and signals).
 //!
 //! Layout:
 //! - [`identity`]: who is calling: SPIFFE IDs and `X-Forwarded-Client-Cert`.
@@ -24,6 +24,8 @@
 //!   what its errors mean for the contract.
 //! - [`server`]: the HTTP service: `/v1/credentials` per the contract,
 //!   `/healthz`, `/readyz`, `/metrics`, graceful shutdown.
+//! - [`tls`]: the `mtls` mode's listener: TLS with required client
+//!   certificates, the caller from their SPIFFE URI SAN, certificate reload.
 #![forbid(unsafe_code)]
 
 pub mod authz;
@@ -34,3 +36,4 @@ pub mod kube;
 pub mod server;
 pub mod session;
 pub mod sts;
+pub mod tls;

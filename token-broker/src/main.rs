@@ -8,15 +8,18 @@
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use futures_util::future::BoxFuture;
 use token_broker::authz::NamespacePolicy;
 use token_broker::identity::{SpiffeId, XfccVerifier};
 use token_broker::server::{self, App, AppConfig, IdentityMode};
 use token_broker::sts::{StsClient, StsConfig};
+use token_broker::tls::{MtlsFiles, MtlsListener};
 use tracing::Level;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::filter_fn;
@@ -27,15 +30,23 @@ use tracing_subscriber::prelude::*;
 #[derive(Debug, Parser)]
 #[command(name = "token-broker", version)]
 struct Args {
-    /// Address to serve HTTP on.
+    /// Address to serve on: credentials, health and metrics (HTTPS in mtls
+    /// mode, else HTTP).
     #[arg(long, env = "TOKEN_BROKER_LISTEN", default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
 
+    /// Also serve /healthz, /readyz and /metrics (only those) over plain HTTP
+    /// on this address: in mtls mode kubelet probes and Prometheus cannot
+    /// present a client certificate.
+    #[arg(long, env = "TOKEN_BROKER_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
+
     /// How callers are identified: `xfcc` trusts only the
     /// X-Forwarded-Client-Cert element added by the broker's own sidecar;
-    /// `insecure-dev` trusts plain x-imds-mesh-namespace and
-    /// x-imds-mesh-service-account headers (local development only, never in a
-    /// cluster).
+    /// `mtls` terminates TLS here and reads the SPIFFE URI SAN of the client
+    /// certificate, which must chain to --tls-client-ca; `insecure-dev` trusts
+    /// plain x-imds-mesh-namespace and x-imds-mesh-service-account headers
+    /// (local development only, never in a cluster).
     #[arg(long, env = "TOKEN_BROKER_IDENTITY_MODE", value_enum, default_value_t = Mode::Xfcc)]
     identity_mode: Mode,
 
@@ -45,6 +56,25 @@ struct Args {
     /// mode.
     #[arg(long, env = "TOKEN_BROKER_OWN_SPIFFE_ID")]
     own_spiffe_id: Option<String>,
+
+    /// mtls mode: the broker's certificate chain (PEM, leaf first).
+    #[arg(long, env = "TOKEN_BROKER_TLS_CERT", required_if_eq("identity_mode", "mtls"))]
+    tls_cert: Option<PathBuf>,
+
+    /// mtls mode: the private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "TOKEN_BROKER_TLS_KEY", required_if_eq("identity_mode", "mtls"))]
+    tls_key: Option<PathBuf>,
+
+    /// mtls mode: the CA bundle (PEM) client certificates must chain to, e.g.
+    /// the mesh's root certificate.
+    #[arg(long, env = "TOKEN_BROKER_TLS_CLIENT_CA", required_if_eq("identity_mode", "mtls"))]
+    tls_client_ca: Option<PathBuf>,
+
+    /// mtls mode: seconds between checks of the three TLS files; changed
+    /// files are loaded without a restart (certificate rotation).
+    #[arg(long, env = "TOKEN_BROKER_TLS_RELOAD_SECONDS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    tls_reload_seconds: u64,
 
     /// The only trust domain callers may come from.
     #[arg(long, env = "TOKEN_BROKER_TRUST_DOMAIN", default_value = "cluster.local")]
@@ -109,6 +139,8 @@ struct Args {
 enum Mode {
     /// The X-Forwarded-Client-Cert element from the broker's own sidecar.
     Xfcc,
+    /// The client certificate of the broker's own TLS listener.
+    Mtls,
     /// Plain headers anyone can set; local development only.
     InsecureDev,
 }
@@ -164,7 +196,21 @@ async fn serve(args: Args) -> Result<(), String> {
             let own_id = SpiffeId::parse(own).map_err(|e| format!("--own-spiffe-id: {}", e.reason()))?;
             IdentityMode::Xfcc(XfccVerifier { own_id, trust_domain: args.trust_domain.clone() })
         }
+        Mode::Mtls => IdentityMode::Mtls { trust_domain: args.trust_domain.clone() },
         Mode::InsecureDev => IdentityMode::InsecureDev { trust_domain: args.trust_domain.clone() },
+    };
+    // Checked before anything connects, so a bad file fails fast.
+    let tls_files = match (&args.tls_cert, &args.tls_key, &args.tls_client_ca) {
+        (Some(cert), Some(key), Some(client_ca)) if args.identity_mode == Mode::Mtls => {
+            let files = MtlsFiles {
+                certificate_chain: cert.clone(),
+                private_key: key.clone(),
+                client_ca_bundle: client_ca.clone(),
+            };
+            files.load().map_err(|e| format!("mtls: {e}"))?;
+            Some(files)
+        }
+        _ => None,
     };
     let kube_config = match &args.kube_api_url {
         Some(url) => kube::Config::new(url.parse().map_err(|e| format!("--kube-api-url: {e}"))?),
@@ -189,10 +235,37 @@ async fn serve(args: Args) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     tracing::info!(listen = %args.listen, mode = ?args.identity_mode, "token broker serving");
 
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(server::run(listener, app, async move {
-        let _ = stopped.await;
-    }));
+    let admin_listener = match args.admin_listen {
+        Some(addr) => {
+            let listener =
+                tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            tracing::info!(listen = %addr, "health and metrics serving");
+            Some(listener)
+        }
+        None => None,
+    };
+
+    let (stop, stopped) = tokio::sync::watch::channel(());
+    let on_stop = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.changed().await;
+        }
+    };
+    let main: BoxFuture<'static, std::io::Result<()>> = match tls_files {
+        Some(files) => {
+            let listener = MtlsListener::new(listener, files, Duration::from_secs(args.tls_reload_seconds))
+                .map_err(|e| format!("mtls: {e}"))?;
+            Box::pin(server::run_mtls(listener, Arc::clone(&app), on_stop()))
+        }
+        None => Box::pin(server::run(listener, Arc::clone(&app), on_stop())),
+    };
+    let admin: BoxFuture<'static, std::io::Result<()>> = match admin_listener {
+        Some(listener) => Box::pin(server::run_admin(listener, app, on_stop())),
+        None => Box::pin(std::future::ready(Ok(()))),
+    };
+    // Either server failing stops both.
+    let mut server = tokio::spawn(async move { tokio::try_join!(main, admin).map(|_| ()) });
     tokio::select! {
         result = &mut server => return finished(result),
         () = shutdown_signal() => {}

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{RawQuery, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use axum::routing::get;
@@ -48,10 +48,11 @@ use tokio::time::Instant;
 use crate::authz::{self, Denial, NamespacePolicy};
 use crate::cache::{Cache, CacheConfig, CacheKey, Credentials, FailedAt, FetchError, FetchErrorKind, FetchFuture};
 use crate::error::BrokerError;
-use crate::identity::{self, CallerIdentity, SpiffeId, XfccVerifier};
+use crate::identity::{self, CallerIdentity, IdentityError, SpiffeId, XfccVerifier};
 use crate::kube::{Cluster, KubeError, PodWatch};
 use crate::session;
 use crate::sts::StsClient;
+use crate::tls::{ClientCertificate, MtlsListener};
 
 /// The audience of the service-account tokens exchanged at STS: what the
 /// role's trust policy conditions on (`<issuer>:aud`).
@@ -88,19 +89,28 @@ pub enum IdentityMode {
     /// [`DEV_SERVICE_ACCOUNT_HEADER`], which any caller can set: for local
     /// development only. The caller is given a SPIFFE ID in `trust_domain`.
     InsecureDev { trust_domain: String },
+    /// From the URI SAN of the client certificate the broker's own TLS
+    /// listener verified ([`crate::tls`]); served by [`run_mtls`].
+    Mtls { trust_domain: String },
 }
 
 impl IdentityMode {
-    /// The caller, from the request headers.
-    fn verify(&self, headers: &HeaderMap) -> Result<CallerIdentity, BrokerError> {
+    /// The caller, from the request headers or, in mtls mode, the
+    /// connection's client certificate.
+    fn verify(&self, headers: &HeaderMap, peer: Option<&ClientCertificate>) -> Result<CallerIdentity, BrokerError> {
+        let unauthenticated = |error: IdentityError| {
+            tracing::info!(%error, "caller not authenticated");
+            BrokerError::Unauthenticated { label: error.label() }
+        };
         match self {
             Self::Xfcc(verifier) => {
                 let values: Vec<&[u8]> = headers.get_all(XFCC_HEADER).iter().map(HeaderValue::as_bytes).collect();
-                verifier.verify(&values).map_err(|error| {
-                    tracing::info!(%error, "caller not authenticated");
-                    BrokerError::Unauthenticated { label: error.label() }
-                })
+                verifier.verify(&values).map_err(unauthenticated)
             }
+            Self::Mtls { trust_domain } => peer
+                .ok_or(IdentityError::NoClientCertificate)
+                .and_then(|p| p.caller(trust_domain))
+                .map_err(unauthenticated),
             Self::InsecureDev { trust_domain } => {
                 let one = |name: &str| {
                     let mut values = headers.get_all(name).iter();
@@ -218,8 +228,13 @@ impl App {
 
     /// Answers one credential request: the whole contract but the HTTP
     /// framing.
-    async fn credentials(&self, headers: &HeaderMap, query: Option<&str>) -> Result<Arc<Credentials>, BrokerError> {
-        let caller = self.config.identity.verify(headers)?;
+    async fn credentials(
+        &self,
+        headers: &HeaderMap,
+        peer: Option<&ClientCertificate>,
+        query: Option<&str>,
+    ) -> Result<Arc<Credentials>, BrokerError> {
+        let caller = self.config.identity.verify(headers, peer)?;
         let (role_arn, pod_name) = parse_query(query)?;
         let (ns, sa) = (caller.namespace.as_str(), caller.service_account.as_str());
 
@@ -545,26 +560,55 @@ impl Collector for CacheCollector {
 // ---------------------------------------------------------------------------
 // HTTP.
 
-/// Serves the broker on `listener` until `shutdown` completes, then stops
-/// accepting and drains the requests in flight.
+/// Serves the broker over plain HTTP on `listener` (the `xfcc` and
+/// `insecure-dev` modes) until `shutdown` completes, then stops accepting and
+/// drains the requests in flight.
 pub async fn run(
     listener: tokio::net::TcpListener,
     app: Arc<App>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    let router = Router::new()
-        .route("/v1/credentials", get(credentials_handler))
+    axum::serve(listener, router(app)).with_graceful_shutdown(shutdown).await
+}
+
+/// Serves the broker over TLS with verified client certificates (the `mtls`
+/// mode), like [`run`].
+pub async fn run_mtls(
+    listener: MtlsListener,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    let service = router(app).into_make_service_with_connect_info::<ClientCertificate>();
+    axum::serve(listener, service).with_graceful_shutdown(shutdown).await
+}
+
+/// Serves only `/healthz`, `/readyz` and `/metrics` over plain HTTP, like
+/// [`run`]: for kubelet probes and Prometheus, which cannot present a client
+/// certificate to the mtls listener.
+pub async fn run_admin(
+    listener: tokio::net::TcpListener,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    axum::serve(listener, admin_routes().with_state(app)).with_graceful_shutdown(shutdown).await
+}
+
+fn router(app: Arc<App>) -> Router {
+    admin_routes().route("/v1/credentials", get(credentials_handler)).with_state(app)
+}
+
+fn admin_routes() -> Router<Arc<App>> {
+    Router::new()
         .route("/healthz", get(|| async { text(StatusCode::OK, "ok\n") }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(|| async { text(StatusCode::NOT_FOUND, "not found\n") })
-        .with_state(app);
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
 }
 
-async fn credentials_handler(State(app): State<Arc<App>>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
+async fn credentials_handler(State(app): State<Arc<App>>, request: Request) -> Response {
     let started = std::time::Instant::now();
-    let result = app.credentials(&headers, query.as_deref()).await;
+    let peer = request.extensions().get::<ConnectInfo<ClientCertificate>>().map(|info| &info.0);
+    let result = app.credentials(request.headers(), peer, request.uri().query()).await;
     let (outcome, response) = match result {
         Ok(credentials) => ("Success", json(StatusCode::OK, &credential_document(&credentials))),
         Err(error) => (error.code(), error_response(&error)),

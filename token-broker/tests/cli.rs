@@ -6,8 +6,13 @@ use std::process::Command;
 /// Every flag and its environment variable.
 const FLAGS: &[(&str, &str)] = &[
     ("--listen", "TOKEN_BROKER_LISTEN"),
+    ("--admin-listen", "TOKEN_BROKER_ADMIN_LISTEN"),
     ("--identity-mode", "TOKEN_BROKER_IDENTITY_MODE"),
     ("--own-spiffe-id", "TOKEN_BROKER_OWN_SPIFFE_ID"),
+    ("--tls-cert", "TOKEN_BROKER_TLS_CERT"),
+    ("--tls-key", "TOKEN_BROKER_TLS_KEY"),
+    ("--tls-client-ca", "TOKEN_BROKER_TLS_CLIENT_CA"),
+    ("--tls-reload-seconds", "TOKEN_BROKER_TLS_RELOAD_SECONDS"),
     ("--trust-domain", "TOKEN_BROKER_TRUST_DOMAIN"),
     ("--kube-api-url", "TOKEN_BROKER_KUBE_API_URL"),
     ("--instance", "TOKEN_BROKER_INSTANCE"),
@@ -57,6 +62,38 @@ fn xfcc_mode_needs_the_brokers_own_spiffe_id() {
         broker(&["--sts-region", "us-east-1", "--kube-api-url", "http://127.0.0.1:9", "--listen", "127.0.0.1:0"]);
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stdout).contains("--own-spiffe-id"), "{output:?}");
+}
+
+#[test]
+fn mtls_mode_needs_its_three_tls_files() {
+    let output = broker(&["--identity-mode", "mtls", "--sts-region", "us-east-1"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for flag in ["--tls-cert", "--tls-key", "--tls-client-ca"] {
+        assert!(stderr.contains(flag), "{flag} not named: {stderr}");
+    }
+}
+
+#[test]
+fn mtls_mode_with_an_unreadable_file_fails_at_start_naming_it() {
+    let output = broker(&[
+        "--identity-mode",
+        "mtls",
+        "--sts-region",
+        "us-east-1",
+        "--kube-api-url",
+        "http://127.0.0.1:9",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        "/nonexistent/tls.crt",
+        "--tls-key",
+        "/nonexistent/tls.key",
+        "--tls-client-ca",
+        "/nonexistent/ca.crt",
+    ]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).contains("/nonexistent/tls.crt"), "{output:?}");
 }
 
 #[test]

@@ -1,0 +1,134 @@
+//! The real token broker (`token_broker::server`) in this process, on
+//! loopback, against the harness's Kubernetes API and an STS endpoint (moto
+//! or scripted): what the broker tests and the filter-to-broker tests run.
+//!
+//! ```no_run
+//! # async fn story() {
+//! use integration::{KubeApi, RealBroker, Sts};
+//! let (api, sts) = (KubeApi::start().await, Sts::start().await);
+//! let broker = RealBroker::builder(&api, sts.endpoint()).start().await;
+//! # }
+//! ```
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use token_broker::server::{self, App, AppConfig, IdentityMode};
+use token_broker::sts::{StsClient, StsConfig};
+use token_broker::tls::{MtlsFiles, MtlsListener};
+use tokio::sync::watch;
+
+use crate::{KubeApi, Req, wait};
+
+/// The trust domain of every harness identity.
+pub const TRUST_DOMAIN: &str = "cluster.local";
+
+/// A broker serving on loopback; shut down (gracefully) on drop.
+#[derive(Debug)]
+pub struct RealBroker {
+    /// Credentials, health and metrics: HTTP, or HTTPS in mtls mode.
+    pub addr: SocketAddr,
+    /// Health and metrics only, always plain HTTP.
+    pub admin_addr: SocketAddr,
+    stop: watch::Sender<()>,
+}
+
+impl Drop for RealBroker {
+    fn drop(&mut self) {
+        let _ = self.stop.send(());
+    }
+}
+
+/// Configures a [`RealBroker`]; `insecure-dev` identity unless told
+/// otherwise.
+#[derive(Debug)]
+pub struct RealBrokerBuilder {
+    api_url: String,
+    sts_endpoint: String,
+    config: AppConfig,
+    mtls: Option<(MtlsFiles, Duration)>,
+}
+
+impl RealBroker {
+    pub fn builder(api: &KubeApi, sts_endpoint: String) -> RealBrokerBuilder {
+        RealBrokerBuilder {
+            api_url: api.url(),
+            sts_endpoint,
+            config: AppConfig::new(IdentityMode::InsecureDev { trust_domain: TRUST_DOMAIN.into() }),
+            mtls: None,
+        }
+    }
+
+    /// `GET path` on the admin listener.
+    pub async fn admin_get(&self, path: &str) -> crate::Reply {
+        Req::get(path).host("token-broker").send(self.admin_addr).await
+    }
+}
+
+impl RealBrokerBuilder {
+    /// Changes the service's configuration.
+    pub fn tune(mut self, edit: impl FnOnce(&mut AppConfig)) -> Self {
+        edit(&mut self.config);
+        self
+    }
+
+    /// Terminates TLS with `files` (re-read every `reload`) and identifies
+    /// callers by their client certificates.
+    pub fn mtls(mut self, files: MtlsFiles, reload: Duration) -> Self {
+        self.config.identity = IdentityMode::Mtls { trust_domain: TRUST_DOMAIN.into() };
+        self.mtls = Some((files, reload));
+        self
+    }
+
+    /// Starts the broker without waiting for its pod watch to sync.
+    pub async fn start_unsynced(self) -> RealBroker {
+        let url = self.api_url.parse().unwrap_or_else(|e| panic!("{e}"));
+        let client = token_broker::kube::client(kube::Config::new(url)).unwrap_or_else(|e| panic!("kube client: {e}"));
+        let sts = StsClient::new(StsConfig {
+            endpoint_url: Some(self.sts_endpoint),
+            operation_timeout: Duration::from_secs(5),
+            ..StsConfig::new("us-east-1")
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        let app = Arc::new(App::new(self.config, client, sts, "broker-test-0"));
+        let (stop, stopped) = watch::channel(());
+        let on_stop = move || {
+            let mut stopped = stopped.clone();
+            async move {
+                let _ = stopped.changed().await;
+            }
+        };
+
+        let listener = bind().await;
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        match self.mtls {
+            Some((files, reload)) => {
+                let listener = MtlsListener::new(listener, files, reload).unwrap_or_else(|e| panic!("mtls: {e}"));
+                tokio::spawn(server::run_mtls(listener, Arc::clone(&app), on_stop()));
+            }
+            None => {
+                tokio::spawn(server::run(listener, Arc::clone(&app), on_stop()));
+            }
+        }
+        let admin = bind().await;
+        let admin_addr = admin.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(server::run_admin(admin, app, on_stop()));
+        RealBroker { addr, admin_addr, stop }
+    }
+
+    /// [`Self::start_unsynced`], then waits for `/readyz`.
+    pub async fn start(self) -> RealBroker {
+        let broker = self.start_unsynced().await;
+        let admin = broker.admin_addr;
+        wait::until("the broker to be ready", || async move {
+            (Req::get("/readyz").host("token-broker").send(admin).await.status == 200).then_some(())
+        })
+        .await;
+        broker
+    }
+}
+
+async fn bind() -> tokio::net::TcpListener {
+    tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("bind: {e}"))
+}

@@ -1,0 +1,173 @@
+//! The broker's `mtls` identity mode over real TLS: certificates made by
+//! rcgen, the broker's own listener (`token_broker::tls`), rustls clients,
+//! the harness's Kubernetes API and moto STS.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use integration::pki::{self, MeshCa, TlsClient};
+use integration::{KubeApi, ROLE_ARN, RealBroker, Req, Sts, wait};
+use k8s_openapi::api::core::v1::{Pod, PodSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use tempfile::TempDir;
+use token_broker::authz::{ENABLED_LABEL, ENABLED_VALUE, ROLE_ARN_ANNOTATION};
+use token_broker::tls::MtlsFiles;
+
+const NS: &str = "default";
+const SA: &str = "app";
+const BROKER_ID: &str = "spiffe://cluster.local/ns/imds-mesh/sa/token-broker";
+
+fn pod(name: &str) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(NS.into()),
+            labels: Some(BTreeMap::from([(ENABLED_LABEL.to_owned(), ENABLED_VALUE.to_owned())])),
+            annotations: Some(BTreeMap::from([(ROLE_ARN_ANNOTATION.to_owned(), ROLE_ARN.to_owned())])),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec { service_account_name: Some(SA.into()), ..PodSpec::default() }),
+        ..Pod::default()
+    }
+}
+
+fn credentials_request() -> Req {
+    let role = ROLE_ARN.replace(':', "%3A").replace('/', "%2F");
+    Req::get(format!("/v1/credentials?role_arn={role}&pod=web-0")).host("token-broker")
+}
+
+/// The broker's certificate from `ca`, trusting `ca` for clients, written to
+/// `dir`.
+fn broker_files(ca: &MeshCa, dir: &TempDir) -> MtlsFiles {
+    let files = ca.workload(&[BROKER_ID]).write(dir.path(), "broker");
+    MtlsFiles { certificate_chain: files.cert, private_key: files.key, client_ca_bundle: files.ca }
+}
+
+struct Setup {
+    api: KubeApi,
+    _sts: Sts,
+    ca: MeshCa,
+    broker: RealBroker,
+    _dir: TempDir,
+}
+
+async fn setup(reload: Duration) -> Setup {
+    let (api, sts) = (KubeApi::start().await, Sts::start().await);
+    api.add_pod(pod("web-0"));
+    let ca = MeshCa::new("mesh");
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let broker = RealBroker::builder(&api, sts.endpoint()).mtls(broker_files(&ca, &dir), reload).start().await;
+    Setup { api, _sts: sts, ca, broker, _dir: dir }
+}
+
+/// A client of `ca` presenting a certificate with these URI SANs.
+fn client(ca: &MeshCa, uris: &[&str]) -> TlsClient {
+    ca.client(Some(&ca.workload(uris)))
+}
+
+#[tokio::test]
+async fn a_caller_is_identified_by_the_spiffe_uri_of_its_client_certificate() {
+    let s = setup(Duration::from_secs(60)).await;
+    let app = client(&s.ca, &[&pki::spiffe_id(NS, SA)]);
+
+    let reply = credentials_request().send_tls(&app, s.broker.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(reply.status, 200, "{}", reply.body_text());
+    assert!(reply.json()["AccessKeyId"].as_str().is_some_and(|k| k.starts_with("ASIA")), "{}", reply.body_text());
+    assert_eq!(s.api.token_request_count(), 1);
+
+    // Another service account of the same namespace may not use this pod.
+    let other = client(&s.ca, &[&pki::spiffe_id(NS, "admin")]);
+    let reply = credentials_request().send_tls(&other, s.broker.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(reply.status, 403, "{}", reply.body_text());
+    assert_eq!(reply.json()["Code"], "AccessDenied");
+}
+
+#[tokio::test]
+async fn certificates_that_do_not_name_one_caller_in_the_trust_domain_are_401() {
+    let s = setup(Duration::from_secs(60)).await;
+    let ours = pki::spiffe_id(NS, SA);
+    for uris in [
+        // No URI SAN at all (a plain server certificate).
+        vec![],
+        // Two identities: which one is calling?
+        vec![ours.as_str(), "spiffe://cluster.local/ns/kube-system/sa/admin"],
+        // Another trust domain.
+        vec!["spiffe://evil.example/ns/default/sa/app"],
+        // Not a workload SPIFFE ID.
+        vec!["https://cluster.local/ns/default/sa/app"],
+    ] {
+        let reply = credentials_request()
+            .send_tls(&client(&s.ca, &uris), s.broker.addr)
+            .await
+            .unwrap_or_else(|e| panic!("{uris:?}: {e}"));
+        assert_eq!(reply.status, 401, "{uris:?}: {}", reply.body_text());
+        assert_eq!(reply.json()["Code"], "Unauthenticated", "{uris:?}");
+    }
+    // Identity headers mean nothing in this mode.
+    let spoofed = credentials_request()
+        .header(token_broker::server::DEV_NAMESPACE_HEADER, NS)
+        .header(token_broker::server::DEV_SERVICE_ACCOUNT_HEADER, SA)
+        .header("x-forwarded-client-cert", &format!("By={BROKER_ID};URI={ours}"));
+    let reply = spoofed.send_tls(&client(&s.ca, &[]), s.broker.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(reply.status, 401, "{}", reply.body_text());
+    assert_eq!(s.api.token_request_count(), 0);
+}
+
+#[tokio::test]
+async fn connections_without_a_certificate_from_the_configured_ca_are_refused() {
+    let s = setup(Duration::from_secs(60)).await;
+    let ours = pki::spiffe_id(NS, SA);
+
+    let anonymous = s.ca.client(None);
+    let result = credentials_request().send_tls(&anonymous, s.broker.addr).await;
+    assert!(result.is_err(), "served a client without a certificate: {result:?}");
+
+    // The right SPIFFE ID, signed by a CA the broker does not trust.
+    let rogue = MeshCa::new("rogue");
+    let impostor = s.ca.client(Some(&rogue.workload(&[&ours])));
+    let result = credentials_request().send_tls(&impostor, s.broker.addr).await;
+    assert!(result.is_err(), "served a certificate from an untrusted CA: {result:?}");
+    assert_eq!(s.api.token_request_count(), 0);
+
+    // Plain HTTP gets no answer either.
+    let plain = tokio::time::timeout(Duration::from_secs(10), async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(s.broker.addr).await?;
+        stream.write_all(&credentials_request().to_bytes()).await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await.map(|_| raw)
+    })
+    .await;
+    let answered = matches!(&plain, Ok(Ok(raw)) if raw.starts_with(b"HTTP/"));
+    assert!(!answered, "plain HTTP was answered: {plain:?}");
+
+    // Probes and scrapes use the plain admin listener.
+    assert_eq!(s.broker.admin_get("/readyz").await.status, 200);
+    assert_eq!(s.broker.admin_get("/v1/credentials").await.status, 404);
+}
+
+#[tokio::test]
+async fn rotated_certificates_and_roots_are_picked_up_without_a_restart() {
+    let (api, sts) = (KubeApi::start().await, Sts::start().await);
+    api.add_pod(pod("web-0"));
+    let (old, new) = (MeshCa::new("mesh-2026"), MeshCa::new("mesh-2027"));
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let files = broker_files(&old, &dir);
+    let broker = RealBroker::builder(&api, sts.endpoint()).mtls(files, Duration::from_millis(100)).start().await;
+    let caller = pki::spiffe_id(NS, SA);
+    let (old_client, new_client) = (client(&old, &[&caller]), client(&new, &[&caller]));
+
+    let reply = credentials_request().send_tls(&old_client, broker.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(reply.status, 200, "{}", reply.body_text());
+
+    // The mesh moves to a new root: the broker's certificate and the bundle
+    // it trusts are replaced in place.
+    broker_files(&new, &dir);
+    wait::until("the broker to serve the new certificate", || {
+        let client = new_client.clone();
+        async move { credentials_request().send_tls(&client, broker.addr).await.ok().filter(|r| r.status == 200) }
+    })
+    .await;
+    let result = credentials_request().send_tls(&old_client, broker.addr).await;
+    assert!(result.is_err(), "still trusts the old root: {result:?}");
+}
