@@ -14,6 +14,7 @@ use tempfile::TempDir;
 
 use crate::http::{Reply, Req};
 use crate::netns::NetNs;
+use crate::pki::WorkloadFiles;
 use crate::{ROLE_ARN, ScriptedBroker, Upstream, paths, wait};
 
 /// The pod the sidecar belongs to, as Istio reports it in node metadata.
@@ -74,6 +75,7 @@ pub struct EnvoyBuilder {
     pod: Pod,
     config: Value,
     broker: Option<SocketAddr>,
+    broker_mtls: Option<MeshPeer>,
     upstream: Option<SocketAddr>,
     workers: u32,
     direct_body: Option<Vec<u8>>,
@@ -101,6 +103,7 @@ impl Envoy {
             pod: Pod::enabled(),
             config: serde_json::to_value(Config::default()).unwrap_or(Value::Null),
             broker: None,
+            broker_mtls: None,
             upstream: None,
             workers: 2,
             direct_body: None,
@@ -136,6 +139,15 @@ impl EnvoyBuilder {
 
     pub fn broker_addr(mut self, addr: SocketAddr) -> Self {
         self.broker = Some(addr);
+        self
+    }
+
+    /// Calls the broker at `addr` over mesh mTLS, as an Istio sidecar does:
+    /// presents `identity` and accepts only a server certificate naming
+    /// `broker_id`.
+    pub fn broker_mtls(mut self, addr: SocketAddr, identity: &WorkloadFiles, broker_id: &str) -> Self {
+        self.broker = Some(addr);
+        self.broker_mtls = Some(MeshPeer { identity: identity.clone(), peer_id: broker_id.to_owned() });
         self
     }
 
@@ -201,7 +213,10 @@ impl EnvoyBuilder {
                 "listeners": listeners,
                 "clusters": [
                     cluster("upstream", upstream),
-                    cluster(&self.broker_cluster(), broker),
+                    match &self.broker_mtls {
+                        Some(peer) => with_upstream_mtls(cluster(&self.broker_cluster(), broker), peer),
+                        None => cluster(&self.broker_cluster(), broker),
+                    },
                 ],
             },
         })
@@ -210,11 +225,8 @@ impl EnvoyBuilder {
     /// Starts Envoy and waits until it is ready. The bootstrap is first
     /// checked with `envoy --mode validate`.
     pub async fn start(self) -> Envoy {
-        let (mut envoy, config_path) = self.spawn();
-        assert_valid(&config_path);
-        let log = envoy.dir().map(|d| d.join("envoy.log")).unwrap_or_default();
-        crate::process::until_answering(&mut envoy.child, "Envoy", &log, envoy.admin_addr, "/ready").await;
-        envoy
+        let (envoy, config_path) = self.spawn();
+        until_ready(envoy, &config_path).await
     }
 
     /// Starts Envoy expecting it to refuse the configuration; returns what
@@ -250,36 +262,51 @@ impl EnvoyBuilder {
 
     fn spawn_in(&self, netns: Option<&NetNs>) -> (Envoy, PathBuf) {
         let ports = Ports::free(self.direct_body.is_some());
-        let dir = tempfile::Builder::new().prefix("imds-mesh-envoy-").tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let config_path = dir.path().join("envoy.json");
-        let bootstrap = serde_json::to_vec_pretty(&self.bootstrap(&ports)).unwrap_or_default();
-        std::fs::write(&config_path, bootstrap).unwrap_or_else(|e| panic!("write bootstrap: {e}"));
-        let log = std::fs::File::create(dir.path().join("envoy.log")).unwrap_or_else(|e| panic!("{e}"));
-        let log_err = log.try_clone().unwrap_or_else(|e| panic!("{e}"));
-        let mut command = match netns {
-            Some(netns) => netns.command(paths::envoy_binary()),
-            None => Command::new(paths::envoy_binary()),
-        };
-        let child = command
-            .args(["--disable-hot-restart", "--log-level", "info", "--component-log-level", "wasm:debug"])
-            .args(["--concurrency", &self.workers.to_string(), "-c"])
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("start envoy: {e}"));
-        let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
-        let envoy = Envoy {
-            child,
-            dir: Some(dir),
-            addr: loopback(ports.filter),
-            plain_addr: loopback(ports.plain),
-            direct_addr: ports.direct.map(loopback),
-            admin_addr: loopback(ports.admin),
-        };
-        (envoy, config_path)
+        launch(&self.bootstrap(&ports), &ports, self.workers, netns)
     }
+}
+
+/// Checks the bootstrap with `envoy --mode validate`, then waits until the
+/// started Envoy is ready.
+async fn until_ready(mut envoy: Envoy, config_path: &Path) -> Envoy {
+    assert_valid(config_path);
+    let log = envoy.dir().map(|d| d.join("envoy.log")).unwrap_or_default();
+    crate::process::until_answering(&mut envoy.child, "Envoy", &log, envoy.admin_addr, "/ready").await;
+    envoy
+}
+
+/// Writes `bootstrap` to a new directory and starts Envoy on it (not yet
+/// ready).
+fn launch(bootstrap: &Value, ports: &Ports, workers: u32, netns: Option<&NetNs>) -> (Envoy, PathBuf) {
+    let dir = tempfile::Builder::new().prefix("imds-mesh-envoy-").tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let config_path = dir.path().join("envoy.json");
+    let bootstrap = serde_json::to_vec_pretty(bootstrap).unwrap_or_default();
+    std::fs::write(&config_path, bootstrap).unwrap_or_else(|e| panic!("write bootstrap: {e}"));
+    let log = std::fs::File::create(dir.path().join("envoy.log")).unwrap_or_else(|e| panic!("{e}"));
+    let log_err = log.try_clone().unwrap_or_else(|e| panic!("{e}"));
+    let mut command = match netns {
+        Some(netns) => netns.command(paths::envoy_binary()),
+        None => Command::new(paths::envoy_binary()),
+    };
+    let child = command
+        .args(["--disable-hot-restart", "--log-level", "info", "--component-log-level", "wasm:debug"])
+        .args(["--concurrency", &workers.to_string(), "-c"])
+        .arg(&config_path)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start envoy: {e}"));
+    let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
+    let envoy = Envoy {
+        child,
+        dir: Some(dir),
+        addr: loopback(ports.filter),
+        plain_addr: loopback(ports.plain),
+        direct_addr: ports.direct.map(loopback),
+        admin_addr: loopback(ports.admin),
+    };
+    (envoy, config_path)
 }
 
 /// Loopback ports for one Envoy.
@@ -301,7 +328,65 @@ impl Ports {
     }
 }
 
+/// A sidecar's side of mesh mTLS: its own certificate and the peer it
+/// expects.
+#[derive(Debug, Clone)]
+struct MeshPeer {
+    identity: WorkloadFiles,
+    peer_id: String,
+}
+
 impl Envoy {
+    /// The broker's own sidecar, inbound side, as Istio configures it: an
+    /// mTLS listener (`addr`) that requires a client certificate from the
+    /// mesh CA and appends an XFCC element for it (`APPEND_FORWARD`, with the
+    /// caller's URI), and a plaintext listener (`plain_addr`), as in
+    /// PERMISSIVE mode. Both forward to the broker at `broker`; `identity` is
+    /// the broker's certificate.
+    pub async fn broker_sidecar(broker: SocketAddr, identity: &WorkloadFiles) -> Envoy {
+        let ports = Ports::free(false);
+        let inbound = |name: &str| {
+            let route = json!({ "match": { "prefix": "/" }, "route": { "cluster": "inbound|8080||" } });
+            let mut manager = http_connection_manager(name, route, vec![router()]);
+            manager["typed_config"]["forward_client_cert_details"] = json!("APPEND_FORWARD");
+            manager["typed_config"]["set_current_client_cert_details"] =
+                json!({ "subject": true, "dns": true, "uri": true });
+            manager
+        };
+        let loopback = |port| socket(SocketAddr::from(([127, 0, 0, 1], port)));
+        let bootstrap = json!({
+            "node": { "id": "sidecar~127.0.0.1~token-broker-0.imds-mesh~imds-mesh.svc.cluster.local", "cluster": "token-broker.imds-mesh" },
+            "admin": { "address": loopback(ports.admin) },
+            "static_resources": {
+                "listeners": [
+                    {
+                        "name": "inbound_mtls",
+                        "address": loopback(ports.filter),
+                        "filter_chains": [{
+                            "filters": [inbound("inbound_mtls")],
+                            "transport_socket": {
+                                "name": "envoy.transport_sockets.tls",
+                                "typed_config": {
+                                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                                    "require_client_certificate": true,
+                                    "common_tls_context": common_tls_context(identity, None),
+                                },
+                            },
+                        }],
+                    },
+                    {
+                        "name": "inbound_plaintext",
+                        "address": loopback(ports.plain),
+                        "filter_chains": [{ "filters": [inbound("inbound_plaintext")] }],
+                    },
+                ],
+                "clusters": [cluster("inbound|8080||", broker)],
+            },
+        });
+        let (envoy, config_path) = launch(&bootstrap, &ports, 1, None);
+        until_ready(envoy, &config_path).await
+    }
+
     /// Sends a request to the listener with the filter.
     pub async fn imds(&self, request: Req) -> Reply {
         request.send(self.addr).await
@@ -398,6 +483,33 @@ fn cluster(name: &str, addr: SocketAddr) -> Value {
             "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": socket(addr) } }] }],
         },
     })
+}
+
+/// Presents `identity`; trusts its CA; with `peer_id`, accepts only a peer
+/// certificate with that URI SAN (Istio's secure naming).
+fn common_tls_context(identity: &WorkloadFiles, peer_id: Option<&str>) -> Value {
+    let file = |path: &Path| json!({ "filename": path.display().to_string() });
+    let mut validation = json!({ "trusted_ca": file(&identity.ca) });
+    if let Some(peer_id) = peer_id {
+        validation["match_typed_subject_alt_names"] = json!([{ "san_type": "URI", "matcher": { "exact": peer_id } }]);
+    }
+    json!({
+        "tls_certificates": [{ "certificate_chain": file(&identity.cert), "private_key": file(&identity.key) }],
+        "validation_context": validation,
+    })
+}
+
+/// `cluster` over mesh mTLS to `peer`.
+fn with_upstream_mtls(mut cluster: Value, peer: &MeshPeer) -> Value {
+    cluster["transport_socket"] = json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": common_tls_context(&peer.identity, Some(&peer.peer_id)),
+            "sni": "token-broker.imds-mesh.svc.cluster.local",
+        },
+    });
+    cluster
 }
 
 fn router() -> Value {

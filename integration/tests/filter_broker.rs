@@ -1,0 +1,152 @@
+//! The filter against the real broker, through the mesh as Istio lays it
+//! out: the app's sidecar (Envoy with the filter) calls the broker over mesh
+//! mTLS with the app's workload certificate; the broker's sidecar verifies
+//! it and appends its XFCC element; the broker (`xfcc` mode) checks the pod
+//! in the harness's Kubernetes API, mints a pod-bound token and exchanges it
+//! at moto STS; boto3 in the "pod" gets the result as an IAM role. Then the
+//! same without the broker's sidecar, the broker terminating mTLS itself.
+
+use integration::clients::SdkClient;
+use integration::pki::{self, MeshCa, WorkloadFiles};
+use integration::{CREDENTIALS_PATH, Envoy, KubeApi, Pod, ROLE_ARN, RealBroker, Req, Sts, wait};
+use k8s_openapi::api::core::v1::{Pod as KubePod, PodSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use tempfile::TempDir;
+use token_broker::identity::{SpiffeId, XfccVerifier};
+use token_broker::server::IdentityMode;
+use token_broker::tls::MtlsFiles;
+
+const BROKER_ID: &str = "spiffe://cluster.local/ns/imds-mesh/sa/token-broker";
+
+/// The Kubernetes object of the pod an [`Envoy`] sidecar belongs to, with
+/// the role annotation `role_arn`.
+fn kube_pod(pod: &Pod, role_arn: &str) -> KubePod {
+    let mut annotations = pod.annotations.clone();
+    annotations.insert(token_broker::authz::ROLE_ARN_ANNOTATION.to_owned(), role_arn.to_owned());
+    KubePod {
+        metadata: ObjectMeta {
+            name: Some(pod.name.clone()),
+            namespace: Some(pod.namespace.clone()),
+            labels: Some(pod.labels.clone()),
+            annotations: Some(annotations),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec { service_account_name: Some(pod.service_account.clone()), ..PodSpec::default() }),
+        ..KubePod::default()
+    }
+}
+
+/// The mesh: a CA, and the broker's and the app's workload certificates.
+struct Mesh {
+    ca: MeshCa,
+    broker: WorkloadFiles,
+    app: WorkloadFiles,
+    _dir: TempDir,
+}
+
+impl Mesh {
+    fn new(app: &Pod) -> Self {
+        let ca = MeshCa::new("mesh");
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let broker = ca.workload(&[BROKER_ID]).write(dir.path(), "broker");
+        let app = ca.workload(&[&pki::spiffe_id(&app.namespace, &app.service_account)]).write(dir.path(), "app");
+        Self { ca, broker, app, _dir: dir }
+    }
+}
+
+fn xfcc_mode() -> IdentityMode {
+    let own_id = SpiffeId::parse(BROKER_ID).unwrap_or_else(|e| panic!("{e:?}"));
+    IdentityMode::Xfcc(XfccVerifier { own_id, trust_domain: "cluster.local".into() })
+}
+
+#[tokio::test]
+async fn boto3_gets_sts_credentials_through_the_mesh_and_the_real_broker() {
+    let (api, sts) = (KubeApi::start().await, Sts::start().await);
+    let pod = Pod::enabled();
+    let bound = api.add_pod(kube_pod(&pod, ROLE_ARN));
+    let mesh = Mesh::new(&pod);
+    let broker = RealBroker::builder(&api, sts.endpoint()).tune(|c| c.identity = xfcc_mode()).start().await;
+    let broker_sidecar = Envoy::broker_sidecar(broker.addr, &mesh.broker).await;
+    let app = Envoy::sidecar()
+        .pod(pod.clone())
+        .broker_mtls(broker_sidecar.addr, &mesh.app, BROKER_ID)
+        .sdk_endpoint()
+        .start()
+        .await;
+
+    let credentials = SdkClient::python("boto3_credentials.py", &app).run().await;
+    assert_eq!(credentials["method"], "iam-role");
+    assert!(credentials["access_key"].as_str().is_some_and(|k| k.starts_with("ASIA")), "not from STS: {credentials}");
+
+    // One token, for the app's service account, bound to its pod.
+    let token_requests = api.token_requests();
+    assert_eq!(token_requests.len(), 1);
+    assert_eq!(
+        token_requests[0].claims["sub"],
+        format!("system:serviceaccount:{}:{}", pod.namespace, pod.service_account)
+    );
+    let binding = token_requests[0].request.spec.bound_object_ref.as_ref().and_then(|r| r.uid.clone());
+    assert_eq!(binding, bound.metadata.uid);
+}
+
+#[tokio::test]
+async fn a_pod_whose_annotation_names_another_role_gets_no_credentials() {
+    let (api, sts) = (KubeApi::start().await, Sts::start().await);
+    // The sidecar's metadata says ROLE_ARN; the API server, which the pod
+    // cannot edit through its sidecar, says another role.
+    let pod = Pod::enabled();
+    api.add_pod(kube_pod(&pod, "arn:aws:iam::123456789012:role/other"));
+    let mesh = Mesh::new(&pod);
+    let broker = RealBroker::builder(&api, sts.endpoint()).tune(|c| c.identity = xfcc_mode()).start().await;
+    let broker_sidecar = Envoy::broker_sidecar(broker.addr, &mesh.broker).await;
+    let app = Envoy::sidecar().pod(pod).broker_mtls(broker_sidecar.addr, &mesh.app, BROKER_ID).start().await;
+
+    app.wait_for_stat("imds_mesh.broker_fetches.denied", 1).await;
+    assert_eq!(app.imds(Req::get(CREDENTIALS_PATH)).await.status, 404);
+    assert_eq!(api.token_request_count(), 0, "a denied pod caused a token");
+}
+
+#[tokio::test]
+async fn only_the_brokers_sidecar_can_vouch_for_a_caller() {
+    let (api, sts) = (KubeApi::start().await, Sts::start().await);
+    let pod = Pod::enabled();
+    api.add_pod(kube_pod(&pod, ROLE_ARN));
+    let mesh = Mesh::new(&pod);
+    let broker = RealBroker::builder(&api, sts.endpoint()).tune(|c| c.identity = xfcc_mode()).start().await;
+    let broker_sidecar = Envoy::broker_sidecar(broker.addr, &mesh.broker).await;
+    let role = ROLE_ARN.replace(':', "%3A").replace('/', "%2F");
+    let request = Req::get(format!("/v1/credentials?role_arn={role}&pod={}", pod.name)).host("token-broker");
+
+    // Over plaintext (PERMISSIVE) the sidecar drops a forged XFCC element.
+    let app_id = pki::spiffe_id(&pod.namespace, &pod.service_account);
+    let forged = request.clone().header("x-forwarded-client-cert", &format!("By={BROKER_ID};URI={app_id}"));
+    let reply = forged.send(broker_sidecar.plain_addr).await;
+    assert_eq!((reply.status, reply.json()["Code"].as_str()), (401, Some("Unauthenticated")), "{}", reply.body_text());
+
+    // Over mTLS, the caller is who its certificate says, whatever it claims.
+    let other = mesh.ca.client(Some(&mesh.ca.workload(&[&pki::spiffe_id(&pod.namespace, "admin")])));
+    let reply = forged.send_tls(&other, broker_sidecar.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((reply.status, reply.json()["Code"].as_str()), (403, Some("AccessDenied")), "{}", reply.body_text());
+    let app = mesh.ca.client(Some(&mesh.ca.workload(&[&app_id])));
+    let reply = request.send_tls(&app, broker_sidecar.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(reply.status, 200, "{}", reply.body_text());
+}
+
+#[tokio::test]
+async fn the_filter_reaches_a_broker_that_terminates_mtls_itself() {
+    let (api, sts) = (KubeApi::start().await, Sts::start().await);
+    let pod = Pod::enabled();
+    api.add_pod(kube_pod(&pod, ROLE_ARN));
+    let mesh = Mesh::new(&pod);
+    let files = MtlsFiles {
+        certificate_chain: mesh.broker.cert.clone(),
+        private_key: mesh.broker.key.clone(),
+        client_ca_bundle: mesh.broker.ca.clone(),
+    };
+    let broker = RealBroker::builder(&api, sts.endpoint()).mtls(files, wait::PATIENCE).start().await;
+    let app = Envoy::sidecar().pod(pod).broker_mtls(broker.addr, &mesh.app, BROKER_ID).start().await;
+
+    let reply = app.imds(Req::get(CREDENTIALS_PATH)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body_text());
+    assert!(reply.json()["AccessKeyId"].as_str().is_some_and(|k| k.starts_with("ASIA")), "{}", reply.body_text());
+}
