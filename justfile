@@ -40,9 +40,9 @@ test-wasm:
     CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
         cargo test -p imds-filter --lib --target wasm32-unknown-unknown
 
-# Real Envoy, real clients, started by the harness.
+# Every crate's tests/ (real Envoy, STS, clients, the binaries' command lines).
 test-integration: build
-    IMDS_MESH_VENV="{{venv}}" IMDS_MESH_WASM="{{wasm}}" cargo test -p integration --tests
+    IMDS_MESH_VENV="{{venv}}" IMDS_MESH_WASM="{{wasm}}" cargo test --workspace --test '*'
 
 # fmt check and clippy (warnings denied) for the host and the wasm target.
 lint:

