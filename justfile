@@ -50,6 +50,10 @@ lint:
     cargo clippy --workspace --all-targets -- -D warnings
     cargo clippy -p imds-filter --target wasm32-wasip1 -- -D warnings
 
+# Rewrite the committed default rendering (mesh-config/deploy/imds-mesh.yaml).
+render:
+    cargo run --quiet -p mesh-config -- render > mesh-config/deploy/imds-mesh.yaml
+
 # Token broker: cached-hit req/s and p99 against /healthz on the same server,
 # and single flight on a cold start (not a test).
 bench-broker: setup

@@ -2,8 +2,15 @@
 //! from what the filter and the broker accept.
 //!
 //! Layout:
+//! - [`render`]: the objects an operator applies (Kubernetes and Istio),
+//!   from [`render::Options`], and their YAML.
+//! - [`istio`]: typed Istio resources (WasmPlugin, ServiceEntry,
+//!   VirtualService, DestinationRule, PeerAuthentication,
+//!   AuthorizationPolicy).
 //! - [`envoy`]: Envoy bootstraps shaped as Istio shapes the app's and the
 //!   broker's sidecars, for running both on one machine (tests, `just demo`).
 #![forbid(unsafe_code)]
 
 pub mod envoy;
+pub mod istio;
+pub mod render;

@@ -1,6 +1,8 @@
 //! `mesh-config`: prints what imds-mesh needs outside its two binaries.
-//! `mesh-config envoy app|broker` prints an Envoy bootstrap (JSON) for one
-//! of the two sidecars, shaped as Istio shapes it ([`mesh_config::envoy`]).
+//! `mesh-config render` prints the objects an operator applies
+//! ([`mesh_config::render`]) as multi-document YAML; `mesh-config envoy
+//! app|broker` prints an Envoy bootstrap (JSON) for one of the two sidecars,
+//! shaped as Istio shapes it ([`mesh_config::envoy`]).
 //!
 //! Layout: this file is the command line only.
 #![forbid(unsafe_code)]
@@ -10,8 +12,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use imds_filter::config::HttpTokens;
 use mesh_config::envoy::{AppSidecar, BrokerRoute, BrokerSidecar, CertificateFiles, Workload};
+use mesh_config::istio::FailStrategy;
+use mesh_config::render::{self, Options};
 
 #[derive(Debug, Parser)]
 #[command(name = "mesh-config", version, about = "Renders imds-mesh's deployment and local sidecar bootstraps")]
@@ -22,9 +27,75 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Print everything to apply to a cluster, as multi-document YAML.
+    Render(RenderArgs),
     /// Print an Envoy bootstrap (JSON) shaped like an Istio sidecar's.
     #[command(subcommand)]
     Envoy(Sidecar),
+}
+
+#[derive(Debug, Args)]
+struct RenderArgs {
+    /// Namespace of the broker and its policies.
+    #[arg(long, default_value_t = Options::default().namespace)]
+    namespace: String,
+    /// Istio's root namespace (mesh-wide WasmPlugin, ServiceEntry,
+    /// VirtualService).
+    #[arg(long, default_value_t = Options::default().root_namespace)]
+    root_namespace: String,
+    /// The token-broker container image.
+    #[arg(long, default_value_t = Options::default().broker_image)]
+    broker_image: String,
+    /// Broker replicas (at least 2 keeps it available through a disruption).
+    #[arg(long, default_value_t = Options::default().replicas, value_parser = clap::value_parser!(i32).range(1..))]
+    replicas: i32,
+    /// The mesh's trust domain.
+    #[arg(long, default_value_t = Options::default().trust_domain)]
+    trust_domain: String,
+    /// AWS region of the STS endpoint the broker calls.
+    #[arg(long, default_value_t = Options::default().sts_region)]
+    sts_region: String,
+    /// STS endpoint URL for the broker (e.g. a VPC endpoint).
+    #[arg(long)]
+    sts_endpoint_url: Option<String>,
+    /// Enable the broker's namespace policy with this Namespace annotation.
+    #[arg(long)]
+    namespace_policy_annotation: Option<String>,
+    /// Where sidecars pull the filter: oci://host/repo:tag, or https://.../imds_filter.wasm.
+    #[arg(long, default_value_t = Options::default().wasm_url)]
+    wasm_url: String,
+    /// The WasmPlugin sha256: for oci:// the image manifest digest, for
+    /// https:// the module's (64 hex digits, no prefix).
+    #[arg(long, value_parser = sha256_hex)]
+    wasm_sha256: Option<String>,
+    /// IMDSv2 enforcement: optional (IMDSv1 and IMDSv2) or required.
+    #[arg(long, value_enum, default_value_t = Tokens::Optional)]
+    http_tokens: Tokens,
+    /// The WasmPlugin failStrategy: reload (Istio 1.27+) or close.
+    #[arg(long, value_enum, default_value_t = OnFailure::Reload)]
+    fail_strategy: OnFailure,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Tokens {
+    Optional,
+    Required,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum OnFailure {
+    /// FAIL_RELOAD: reload a failed VM (Istio 1.27 and later).
+    Reload,
+    /// FAIL_CLOSE: fail requests while the VM is down (older Istio).
+    Close,
+}
+
+fn sha256_hex(s: &str) -> Result<String, String> {
+    if s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        Ok(s.to_owned())
+    } else {
+        Err("must be 64 lower-case hex digits, without a sha256: prefix".to_owned())
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -137,6 +208,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<String, String> {
     let bootstrap = match cli.command {
+        Command::Render(args) => return render::to_yaml(&render::render(&options(args)?)),
         Command::Envoy(Sidecar::App(args)) => app(args)?.bootstrap(),
         Command::Envoy(Sidecar::Broker(args)) => BrokerSidecar {
             inbound: args.listen,
@@ -148,6 +220,33 @@ fn run(cli: Cli) -> Result<String, String> {
         .bootstrap(),
     };
     serde_json::to_string_pretty(&bootstrap).map_err(|e| e.to_string())
+}
+
+fn options(args: RenderArgs) -> Result<Options, String> {
+    let scheme = args.wasm_url.split_once("://").map(|(scheme, _)| scheme);
+    if !matches!(scheme, Some("oci" | "https" | "http" | "file")) {
+        return Err(format!("--wasm-url {:?}: must start with oci://, https://, http:// or file://", args.wasm_url));
+    }
+    Ok(Options {
+        namespace: args.namespace,
+        root_namespace: args.root_namespace,
+        broker_image: args.broker_image,
+        replicas: args.replicas,
+        trust_domain: args.trust_domain,
+        sts_region: args.sts_region,
+        sts_endpoint_url: args.sts_endpoint_url,
+        namespace_policy_annotation: args.namespace_policy_annotation,
+        wasm_url: args.wasm_url,
+        wasm_sha256: args.wasm_sha256,
+        http_tokens: match args.http_tokens {
+            Tokens::Optional => HttpTokens::Optional,
+            Tokens::Required => HttpTokens::Required,
+        },
+        fail_strategy: match args.fail_strategy {
+            OnFailure::Reload => FailStrategy::FailReload,
+            OnFailure::Close => FailStrategy::FailClose,
+        },
+    })
 }
 
 fn app(args: AppArgs) -> Result<AppSidecar, String> {

@@ -1,0 +1,654 @@
+//! Everything an operator applies for imds-mesh, as typed objects: the
+//! broker (Namespace, ServiceAccount, RBAC, Deployment, Service,
+//! PodDisruptionBudget), its mesh policy (PeerAuthentication,
+//! AuthorizationPolicy, DestinationRule), the metadata address
+//! (ServiceEntry, fail-closed VirtualService) and the filter (WasmPlugin).
+//! [`render`] returns them in apply order; [`to_yaml`] prints them.
+
+use std::collections::BTreeMap;
+
+use imds_filter::config::{Config, ENABLE_LABEL, ENABLED_VALUE, HttpTokens};
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, Namespace, ObjectFieldSelector,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext,
+    Service, ServiceAccount, ServicePort, ServiceSpec, TopologySpreadConstraint,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Serialize;
+
+use crate::istio::{
+    Action, AuthorizationPolicy, AuthorizationPolicySpec, ClientTls, ConsistentHash, DestinationRule,
+    DestinationRuleSpec, FailStrategy, HttpBody, HttpDirectResponse, HttpRoute, LoadBalancer, Location, MtlsMode,
+    Operation, PeerAuthentication, PeerAuthenticationSpec, PeerMtls, PluginPhase, PluginType, PortSelector, PullPolicy,
+    Resolution, Rule, RuleFrom, RuleTo, ServiceEntry, ServiceEntrySpec, ServicePort as MeshPort, Source, TlsMode,
+    TrafficPolicy, TrafficSelector, VirtualService, VirtualServiceSpec, WasmPlugin, WasmPluginSpec, WorkloadMode,
+    WorkloadSelector,
+};
+
+/// The broker's name: ServiceAccount, Deployment, Service, labels.
+pub const BROKER: &str = "token-broker";
+/// The broker's service port (credentials; HTTP behind its sidecar).
+pub const BROKER_PORT: u16 = 8080;
+/// The broker's admin port (`/healthz`, `/readyz`, `/metrics`).
+pub const ADMIN_PORT: u16 = 9090;
+/// The name the metadata `ServiceEntry` gives the link-local address (the
+/// name EC2 itself resolves to it).
+pub const IMDS_HOST: &str = "instance-data.ec2.internal";
+/// The query parameter the broker's load balancing hashes on.
+pub const HASH_PARAMETER: &str = "role_arn";
+
+/// What [`render`] renders; [`Default`] is the committed rendering.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// Namespace of the broker and its policies.
+    pub namespace: String,
+    /// Istio's root namespace: the WasmPlugin, ServiceEntry and
+    /// VirtualService there apply to the whole mesh.
+    pub root_namespace: String,
+    pub broker_image: String,
+    pub replicas: i32,
+    pub trust_domain: String,
+    /// AWS region of the STS endpoint the broker calls.
+    pub sts_region: String,
+    /// `--sts-endpoint-url` of the broker (e.g. a VPC endpoint).
+    pub sts_endpoint_url: Option<String>,
+    /// Enables the broker's namespace policy with this Namespace annotation.
+    pub namespace_policy_annotation: Option<String>,
+    /// Where sidecars pull the filter: `oci://...`, `https://...`.
+    pub wasm_url: String,
+    /// The WasmPlugin `sha256` (OCI: manifest digest; HTTP: module digest).
+    pub wasm_sha256: Option<String>,
+    pub http_tokens: HttpTokens,
+    /// `FAIL_RELOAD` needs Istio 1.27; `FAIL_CLOSE` for older releases.
+    pub fail_strategy: FailStrategy,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        let version = env!("CARGO_PKG_VERSION");
+        Self {
+            namespace: "imds-mesh".to_owned(),
+            root_namespace: "istio-system".to_owned(),
+            broker_image: format!("ghcr.io/imds-mesh/token-broker:{version}"),
+            replicas: 2,
+            trust_domain: "cluster.local".to_owned(),
+            sts_region: "us-east-1".to_owned(),
+            sts_endpoint_url: None,
+            namespace_policy_annotation: None,
+            wasm_url: format!("oci://ghcr.io/imds-mesh/imds-filter:{version}"),
+            wasm_sha256: None,
+            http_tokens: HttpTokens::Optional,
+            fail_strategy: FailStrategy::FailReload,
+        }
+    }
+}
+
+impl Options {
+    /// The broker's in-cluster host name.
+    pub fn broker_host(&self) -> String {
+        format!("{BROKER}.{}.svc.cluster.local", self.namespace)
+    }
+
+    /// The broker sidecar's SPIFFE ID, which it writes as XFCC `By`.
+    pub fn broker_spiffe_id(&self) -> String {
+        format!("spiffe://{}/ns/{}/sa/{BROKER}", self.trust_domain, self.namespace)
+    }
+
+    /// The filter's `pluginConfig`: the filter's own type, pointed at the
+    /// broker's mesh cluster.
+    pub fn plugin_config(&self) -> Config {
+        let host = self.broker_host();
+        Config {
+            broker_cluster: format!("outbound|{BROKER_PORT}||{host}"),
+            broker_authority: host,
+            http_tokens: self.http_tokens,
+            ..Config::default()
+        }
+    }
+}
+
+/// One rendered object.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+#[expect(clippy::large_enum_variant, reason = "a dozen objects, rendered once")]
+pub enum Object {
+    Namespace(Namespace),
+    ServiceAccount(ServiceAccount),
+    ClusterRole(ClusterRole),
+    ClusterRoleBinding(ClusterRoleBinding),
+    Deployment(Deployment),
+    Service(Service),
+    PodDisruptionBudget(PodDisruptionBudget),
+    PeerAuthentication(PeerAuthentication),
+    AuthorizationPolicy(AuthorizationPolicy),
+    DestinationRule(DestinationRule),
+    ServiceEntry(ServiceEntry),
+    VirtualService(VirtualService),
+    WasmPlugin(WasmPlugin),
+}
+
+impl Object {
+    /// Whether this is an Istio object (not validated as a core kind).
+    pub fn is_istio(&self) -> bool {
+        matches!(
+            self,
+            Self::PeerAuthentication(_)
+                | Self::AuthorizationPolicy(_)
+                | Self::DestinationRule(_)
+                | Self::ServiceEntry(_)
+                | Self::VirtualService(_)
+                | Self::WasmPlugin(_)
+        )
+    }
+}
+
+/// Everything, in the order `kubectl apply` should see it.
+pub fn render(options: &Options) -> Vec<Object> {
+    vec![
+        Object::Namespace(namespace(options)),
+        Object::ServiceAccount(ServiceAccount {
+            metadata: meta(BROKER, &options.namespace),
+            ..ServiceAccount::default()
+        }),
+        Object::ClusterRole(cluster_role(options)),
+        Object::ClusterRoleBinding(cluster_role_binding(options)),
+        Object::Service(service(options)),
+        Object::Deployment(deployment(options)),
+        Object::PodDisruptionBudget(pod_disruption_budget(options)),
+        Object::PeerAuthentication(peer_authentication(options)),
+        Object::AuthorizationPolicy(authorization_policy(options)),
+        Object::DestinationRule(destination_rule(options)),
+        Object::ServiceEntry(service_entry(options)),
+        Object::VirtualService(fail_closed_route(options)),
+        Object::WasmPlugin(wasm_plugin(options)),
+    ]
+}
+
+/// Multi-document YAML, one document per object.
+pub fn to_yaml(objects: &[Object]) -> Result<String, String> {
+    let mut out = String::new();
+    for object in objects {
+        out.push_str("---\n");
+        out.push_str(&serde_saphyr::to_string(object).map_err(|e| format!("YAML: {e}"))?);
+    }
+    Ok(out)
+}
+
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+}
+
+/// Labels every object carries.
+fn common_labels() -> BTreeMap<String, String> {
+    labels(&[("app.kubernetes.io/part-of", "imds-mesh"), ("app.kubernetes.io/managed-by", "mesh-config")])
+}
+
+fn meta(name: &str, namespace: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: Some(namespace.to_owned()),
+        labels: Some(common_labels()),
+        ..ObjectMeta::default()
+    }
+}
+
+fn broker_selector() -> BTreeMap<String, String> {
+    labels(&[("app.kubernetes.io/name", BROKER)])
+}
+
+fn namespace(options: &Options) -> Namespace {
+    let mut labels = common_labels();
+    // The broker runs in the mesh: its sidecar terminates mTLS and writes
+    // the XFCC element it trusts.
+    labels.insert("istio-injection".to_owned(), "enabled".to_owned());
+    Namespace {
+        metadata: ObjectMeta { name: Some(options.namespace.clone()), labels: Some(labels), ..ObjectMeta::default() },
+        ..Namespace::default()
+    }
+}
+
+/// Least privilege: read pods (the watch and the direct read), mint tokens,
+/// record denial Events; read namespaces only for the namespace policy.
+fn cluster_role(options: &Options) -> ClusterRole {
+    let rule = |groups: &[&str], resources: &[&str], verbs: &[&str]| PolicyRule {
+        api_groups: Some(groups.iter().map(|g| (*g).to_owned()).collect()),
+        resources: Some(resources.iter().map(|r| (*r).to_owned()).collect()),
+        verbs: verbs.iter().map(|v| (*v).to_owned()).collect(),
+        ..PolicyRule::default()
+    };
+    let mut rules = vec![
+        rule(&[""], &["pods"], &["get", "list", "watch"]),
+        rule(&[""], &["serviceaccounts/token"], &["create"]),
+        rule(&["events.k8s.io"], &["events"], &["create"]),
+    ];
+    if options.namespace_policy_annotation.is_some() {
+        rules.push(rule(&[""], &["namespaces"], &["get"]));
+    }
+    ClusterRole {
+        metadata: ObjectMeta {
+            name: Some(format!("imds-mesh-{BROKER}")),
+            labels: Some(common_labels()),
+            ..ObjectMeta::default()
+        },
+        rules: Some(rules),
+        ..ClusterRole::default()
+    }
+}
+
+fn cluster_role_binding(options: &Options) -> ClusterRoleBinding {
+    let name = format!("imds-mesh-{BROKER}");
+    ClusterRoleBinding {
+        metadata: ObjectMeta { name: Some(name.clone()), labels: Some(common_labels()), ..ObjectMeta::default() },
+        role_ref: RoleRef { api_group: "rbac.authorization.k8s.io".to_owned(), kind: "ClusterRole".to_owned(), name },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".to_owned(),
+            name: BROKER.to_owned(),
+            namespace: Some(options.namespace.clone()),
+            ..Subject::default()
+        }]),
+    }
+}
+
+fn service(options: &Options) -> Service {
+    Service {
+        metadata: meta(BROKER, &options.namespace),
+        spec: Some(ServiceSpec {
+            selector: Some(broker_selector()),
+            ports: Some(vec![ServicePort {
+                // `http`: Istio treats the port as HTTP without sniffing.
+                name: Some("http".to_owned()),
+                port: i32::from(BROKER_PORT),
+                target_port: Some(IntOrString::Int(i32::from(BROKER_PORT))),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn broker_args(options: &Options) -> Vec<String> {
+    let mut args = vec![
+        format!("--listen=0.0.0.0:{BROKER_PORT}"),
+        format!("--admin-listen=0.0.0.0:{ADMIN_PORT}"),
+        "--identity-mode=xfcc".to_owned(),
+        format!("--own-spiffe-id={}", options.broker_spiffe_id()),
+        format!("--trust-domain={}", options.trust_domain),
+        format!("--sts-region={}", options.sts_region),
+        "--log-format=json".to_owned(),
+    ];
+    if let Some(url) = &options.sts_endpoint_url {
+        args.push(format!("--sts-endpoint-url={url}"));
+    }
+    if let Some(annotation) = &options.namespace_policy_annotation {
+        args.push(format!("--namespace-policy-annotation={annotation}"));
+    }
+    args
+}
+
+fn deployment(options: &Options) -> Deployment {
+    let probe = |path: &str, period: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::Int(i32::from(ADMIN_PORT)),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        ..Probe::default()
+    };
+    let quantities = |cpu: &str, memory: &str| {
+        BTreeMap::from([
+            ("cpu".to_owned(), Quantity(cpu.to_owned())),
+            ("memory".to_owned(), Quantity(memory.to_owned())),
+        ])
+    };
+    let container = Container {
+        name: BROKER.to_owned(),
+        image: Some(options.broker_image.clone()),
+        args: Some(broker_args(options)),
+        env: Some(vec![EnvVar {
+            // Names this replica in the denial Events it records.
+            name: "TOKEN_BROKER_INSTANCE".to_owned(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.name".to_owned(),
+                    ..ObjectFieldSelector::default()
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        }]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("http".to_owned()),
+                container_port: i32::from(BROKER_PORT),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("admin".to_owned()),
+                container_port: i32::from(ADMIN_PORT),
+                ..ContainerPort::default()
+            },
+        ]),
+        readiness_probe: Some(probe("/readyz", 5)),
+        liveness_probe: Some(probe("/healthz", 10)),
+        resources: Some(ResourceRequirements {
+            requests: Some(quantities("50m", "64Mi")),
+            limits: Some(quantities("1", "256Mi")),
+            ..ResourceRequirements::default()
+        }),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".to_owned()]), ..Capabilities::default() }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+    let spread = |key: &str, when: &str| TopologySpreadConstraint {
+        max_skew: 1,
+        topology_key: key.to_owned(),
+        when_unsatisfiable: when.to_owned(),
+        label_selector: Some(LabelSelector { match_labels: Some(broker_selector()), ..LabelSelector::default() }),
+        ..TopologySpreadConstraint::default()
+    };
+    let mut pod_labels = common_labels();
+    pod_labels.extend(broker_selector());
+    Deployment {
+        metadata: meta(BROKER, &options.namespace),
+        spec: Some(DeploymentSpec {
+            replicas: Some(options.replicas),
+            selector: LabelSelector { match_labels: Some(broker_selector()), ..LabelSelector::default() },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    // The broker's first calls (the pod watch, STS) go
+                    // through its sidecar: start it first.
+                    annotations: Some(labels(&[(
+                        "proxy.istio.io/config",
+                        r#"{"holdApplicationUntilProxyStarts":true}"#,
+                    )])),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(BROKER.to_owned()),
+                    containers: vec![container],
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(65532),
+                        run_as_group: Some(65532),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".to_owned(),
+                            ..SeccompProfile::default()
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    topology_spread_constraints: Some(vec![
+                        spread("topology.kubernetes.io/zone", "ScheduleAnyway"),
+                        spread("kubernetes.io/hostname", "ScheduleAnyway"),
+                    ]),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+fn pod_disruption_budget(options: &Options) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: meta(BROKER, &options.namespace),
+        spec: Some(PodDisruptionBudgetSpec {
+            min_available: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector { match_labels: Some(broker_selector()), ..LabelSelector::default() }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    }
+}
+
+/// Callers reach the broker only over mesh mTLS: the XFCC element the
+/// broker trusts exists only then.
+fn peer_authentication(options: &Options) -> PeerAuthentication {
+    PeerAuthentication {
+        metadata: meta(BROKER, &options.namespace),
+        spec: PeerAuthenticationSpec {
+            selector: WorkloadSelector { match_labels: broker_selector() },
+            mtls: PeerMtls { mode: MtlsMode::Strict },
+        },
+    }
+}
+
+/// Credentials only to authenticated mesh workloads; health and metrics
+/// (no secrets) to anyone who can reach the admin port.
+fn authorization_policy(options: &Options) -> AuthorizationPolicy {
+    let get = |ports: Vec<String>, paths: &[&str]| RuleTo {
+        operation: Operation {
+            ports,
+            methods: vec!["GET".to_owned()],
+            paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+        },
+    };
+    AuthorizationPolicy {
+        metadata: meta(BROKER, &options.namespace),
+        spec: AuthorizationPolicySpec {
+            selector: WorkloadSelector { match_labels: broker_selector() },
+            action: Action::Allow,
+            rules: vec![
+                Rule {
+                    from: vec![RuleFrom { source: Source { principals: vec!["*".to_owned()] } }],
+                    to: vec![get(vec![BROKER_PORT.to_string()], &["/v1/credentials"])],
+                },
+                Rule {
+                    from: Vec::new(),
+                    to: vec![get(vec![ADMIN_PORT.to_string()], &["/healthz", "/readyz", "/metrics"])],
+                },
+            ],
+        },
+    }
+}
+
+/// Each role's requests land on one replica (a ring hashed on the role), so
+/// STS sees one exchange per role and key, not one per replica; mesh mTLS.
+fn destination_rule(options: &Options) -> DestinationRule {
+    DestinationRule {
+        metadata: meta(BROKER, &options.namespace),
+        spec: DestinationRuleSpec {
+            host: options.broker_host(),
+            traffic_policy: TrafficPolicy {
+                load_balancer: LoadBalancer {
+                    consistent_hash: ConsistentHash { http_query_parameter_name: HASH_PARAMETER.to_owned() },
+                },
+                tls: ClientTls { mode: TlsMode::IstioMutual },
+            },
+            export_to: vec!["*".to_owned()],
+        },
+    }
+}
+
+/// The metadata address as an HTTP service on port 80, so its traffic lands
+/// on the sidecar's HTTP listener where the filter runs.
+fn service_entry(options: &Options) -> ServiceEntry {
+    ServiceEntry {
+        metadata: meta("instance-metadata", &options.root_namespace),
+        spec: ServiceEntrySpec {
+            hosts: vec![IMDS_HOST.to_owned()],
+            addresses: vec!["169.254.169.254/32".to_owned(), "fd00:ec2::254/128".to_owned()],
+            ports: vec![MeshPort { number: 80, protocol: "HTTP".to_owned(), name: "http".to_owned() }],
+            location: Location::MeshExternal,
+            resolution: Resolution::None,
+            export_to: vec!["*".to_owned()],
+        },
+    }
+}
+
+/// Fail closed: what the filter does not answer (it is absent, disabled, or
+/// the pod is not enabled) gets a fixed 404 from the sidecar and never
+/// reaches the node's IMDS.
+fn fail_closed_route(options: &Options) -> VirtualService {
+    VirtualService {
+        metadata: meta("instance-metadata-fail-closed", &options.root_namespace),
+        spec: VirtualServiceSpec {
+            hosts: vec![IMDS_HOST.to_owned()],
+            http: vec![HttpRoute {
+                name: "fail-closed".to_owned(),
+                direct_response: HttpDirectResponse {
+                    status: 404,
+                    body: HttpBody { string: "imds-mesh: instance metadata is not served to this pod\n".to_owned() },
+                },
+            }],
+            export_to: vec!["*".to_owned()],
+        },
+    }
+}
+
+/// The filter in every sidecar whose pod carries the enable label, on
+/// outbound port 80. Phase `AUTHN` with a high priority puts it first in
+/// the chain, ahead of any other filter that could forward the request.
+fn wasm_plugin(options: &Options) -> WasmPlugin {
+    let mut plugin_config = match serde_json::to_value(options.plugin_config()) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    };
+    // Unset options (`role_arn`, `pod_name`) are left out, not sent as null.
+    plugin_config.retain(|_, value| !value.is_null());
+    WasmPlugin {
+        metadata: meta("imds-mesh", &options.root_namespace),
+        spec: WasmPluginSpec {
+            selector: WorkloadSelector { match_labels: labels(&[(ENABLE_LABEL, ENABLED_VALUE)]) },
+            url: options.wasm_url.clone(),
+            sha256: options.wasm_sha256.clone(),
+            image_pull_policy: Some(PullPolicy::IfNotPresent),
+            image_pull_secret: None,
+            plugin_name: "imds-mesh".to_owned(),
+            phase: PluginPhase::Authn,
+            priority: 1000,
+            fail_strategy: options.fail_strategy,
+            plugin_type: PluginType::Http,
+            traffic: vec![TrafficSelector { mode: WorkloadMode::Client, ports: vec![PortSelector { number: 80 }] }],
+            plugin_config,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::de::DeserializeOwned;
+
+    use super::*;
+
+    fn all_options() -> Vec<Options> {
+        vec![
+            Options::default(),
+            Options {
+                namespace: "creds".into(),
+                http_tokens: HttpTokens::Required,
+                namespace_policy_annotation: Some("imds-mesh.io/permitted-roles".into()),
+                wasm_sha256: Some("ab".repeat(32)),
+                fail_strategy: FailStrategy::FailClose,
+                ..Options::default()
+            },
+        ]
+    }
+
+    fn wasm_plugin_of(objects: &[Object]) -> &WasmPlugin {
+        objects
+            .iter()
+            .find_map(|o| match o {
+                Object::WasmPlugin(plugin) => Some(plugin),
+                _ => None,
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn every_rendered_plugin_config_is_one_the_filter_accepts() {
+        for options in all_options() {
+            let objects = render(&options);
+            let plugin = wasm_plugin_of(&objects);
+            let json = serde_json::to_vec(&plugin.spec.plugin_config).unwrap();
+            let config = Config::from_json(&json).unwrap();
+            assert_eq!(config, options.plugin_config());
+            assert_eq!(
+                config.broker_cluster,
+                format!("outbound|8080||token-broker.{}.svc.cluster.local", options.namespace)
+            );
+        }
+    }
+
+    /// Parses `object`'s YAML back into `T` and checks nothing was lost.
+    fn round_trip<T: Serialize + DeserializeOwned>(object: &Object) {
+        let yaml = serde_saphyr::to_string(object).unwrap();
+        let typed: T = serde_saphyr::from_str(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        assert_eq!(serde_json::to_value(&typed).unwrap(), serde_json::to_value(object).unwrap());
+    }
+
+    #[test]
+    fn every_istio_object_round_trips_through_its_type() {
+        for options in all_options() {
+            for object in render(&options) {
+                match &object {
+                    Object::WasmPlugin(_) => round_trip::<WasmPlugin>(&object),
+                    Object::ServiceEntry(_) => round_trip::<ServiceEntry>(&object),
+                    Object::VirtualService(_) => round_trip::<VirtualService>(&object),
+                    Object::DestinationRule(_) => round_trip::<DestinationRule>(&object),
+                    Object::PeerAuthentication(_) => round_trip::<PeerAuthentication>(&object),
+                    Object::AuthorizationPolicy(_) => round_trip::<AuthorizationPolicy>(&object),
+                    _ => assert!(!object.is_istio()),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_istio_types_refuse_unknown_fields_and_values() {
+        let plugin = serde_saphyr::to_string(&Object::WasmPlugin(wasm_plugin(&Options::default()))).unwrap();
+        assert!(serde_saphyr::from_str::<WasmPlugin>(&plugin).is_ok());
+        let typo = plugin.replace("failStrategy:", "failStrategyy:");
+        assert!(serde_saphyr::from_str::<WasmPlugin>(&typo).is_err(), "an unknown field was accepted");
+        let bad_value = plugin.replace("FAIL_RELOAD", "FAIL_SOMETIMES");
+        assert!(serde_saphyr::from_str::<WasmPlugin>(&bad_value).is_err(), "an unknown enum value was accepted");
+    }
+
+    #[test]
+    fn rbac_is_least_privilege() {
+        let rules = |options: &Options| {
+            let role = cluster_role(options);
+            role.rules
+                .unwrap_or_default()
+                .into_iter()
+                .flat_map(|r| {
+                    let resources = r.resources.unwrap_or_default();
+                    resources
+                        .into_iter()
+                        .flat_map(move |res| r.verbs.iter().map(move |v| format!("{res}:{v}")).collect::<Vec<_>>())
+                })
+                .collect::<Vec<_>>()
+        };
+        let base = ["pods:get", "pods:list", "pods:watch", "serviceaccounts/token:create", "events:create"];
+        assert_eq!(rules(&Options::default()), base);
+        let with_policy = Options { namespace_policy_annotation: Some("a".into()), ..Options::default() };
+        assert_eq!(rules(&with_policy), [&base[..], &["namespaces:get"]].concat());
+    }
+
+    #[test]
+    fn the_broker_is_in_the_mesh_but_not_served_by_the_filter() {
+        let deployment = deployment(&Options::default());
+        let template = deployment.spec.unwrap().template;
+        let labels = template.metadata.unwrap().labels.unwrap();
+        assert!(!labels.contains_key(ENABLE_LABEL));
+        assert_eq!(namespace(&Options::default()).metadata.labels.unwrap()["istio-injection"], "enabled");
+        let args = template.spec.unwrap().containers[0].args.clone().unwrap();
+        assert!(
+            args.contains(&"--own-spiffe-id=spiffe://cluster.local/ns/imds-mesh/sa/token-broker".to_owned()),
+            "{args:?}"
+        );
+    }
+}

@@ -1,0 +1,88 @@
+//! The committed rendering (`mesh-config/deploy/`) is what `mesh-config
+//! render` prints today, and its Kubernetes objects pass `kubernetes-validate`
+//! (strict: unknown fields are errors) for Kubernetes 1.24 and 1.33.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use integration::paths;
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
+}
+
+fn render(args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_mesh-config"))
+        .arg("render")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run mesh-config: {e}"));
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn the_committed_rendering_is_current() {
+    let path = deploy_dir().join("imds-mesh.yaml");
+    let committed = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(committed == render(&[]), "{} is stale: run `just render` and commit the result", path.display());
+    let kustomization = std::fs::read_to_string(deploy_dir().join("kustomization.yaml")).unwrap_or_default();
+    assert!(kustomization.contains("- imds-mesh.yaml"), "{kustomization}");
+}
+
+/// The core (non-Istio) documents of a rendering.
+fn core_documents(yaml: &str) -> String {
+    yaml.split("---\n")
+        .filter(|doc| !doc.trim().is_empty())
+        .filter(|doc| !doc.lines().any(|line| line.starts_with("apiVersion:") && line.contains(".istio.io/")))
+        .map(|doc| format!("---\n{doc}"))
+        .collect()
+}
+
+/// `kubernetes-validate --strict` for `version`; its output on failure.
+fn validate(yaml: &str, version: &str) -> Result<String, String> {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let file = dir.path().join("objects.yaml");
+    std::fs::write(&file, yaml).unwrap_or_else(|e| panic!("{e}"));
+    let output = Command::new(paths::venv().join("bin/kubernetes-validate"))
+        .args(["--strict", "--kubernetes-version", version])
+        .arg(&file)
+        .output()
+        .unwrap_or_else(|e| panic!("run kubernetes-validate (`just setup` installs it): {e}"));
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    if output.status.success() { Ok(text) } else { Err(text) }
+}
+
+#[test]
+fn every_kubernetes_object_is_valid_for_1_24_and_1_33() {
+    for args in [&[][..], &["--namespace-policy-annotation", "imds-mesh.io/permitted-roles", "--replicas", "3"][..]] {
+        let core = core_documents(&render(args));
+        let kinds = [
+            "namespace",
+            "serviceaccount",
+            "clusterrole",
+            "clusterrolebinding",
+            "service",
+            "deployment",
+            "poddisruptionbudget",
+        ];
+        for version in ["1.24.0", "1.33.0"] {
+            let report = validate(&core, version).unwrap_or_else(|report| panic!("{version}: {report}"));
+            for kind in kinds {
+                assert!(
+                    report.contains(&format!("passed for resource {kind}/")),
+                    "{version}: {kind} not validated:\n{report}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_validator_rejects_what_kubernetes_would() {
+    let core = core_documents(&render(&[]));
+    let broken = core
+        .replace("readOnlyRootFilesystem: true", "readOnlyRootFilesystem: true\n          readOnlyEverything: true");
+    assert_ne!(broken, core);
+    assert!(validate(&broken, "1.33.0").is_err(), "an unknown field passed");
+}
