@@ -50,6 +50,14 @@ lint:
     cargo clippy --workspace --all-targets -- -D warnings
     cargo clippy -p imds-filter --target wasm32-wasip1 -- -D warnings
 
+# Package the filter as an OCI image layout (target/imds-mesh/oci) and print its digest.
+wasm-image: build
+    cargo run --quiet -p mesh-config -- oci-image --wasm "{{wasm}}" --out "{{target}}/imds-mesh/oci"
+
+# Push the packaged image to REF (host/repo:tag), e.g. for a WasmPlugin url oci://REF.
+push-wasm-image ref *flags: wasm-image
+    "{{venv}}/bin/python" scripts/oci.py push "{{target}}/imds-mesh/oci" "{{ref}}" {{flags}}
+
 # Rewrite the committed default rendering (mesh-config/deploy/imds-mesh.yaml).
 render:
     cargo run --quiet -p mesh-config -- render > mesh-config/deploy/imds-mesh.yaml

@@ -29,6 +29,7 @@
 //! - [`http`]: a raw HTTP/1.1 client, able to send what real clients would not.
 //! - [`netns`]: network namespaces, for tests that need the metadata address itself.
 //! - [`pki`]: a mesh CA and workload certificates (rcgen), and TLS clients.
+//! - [`registry`]: an OCI registry (Debian `docker-registry`) for the filter's image.
 //! - [`real_broker`]: the real token broker, in-process, in any identity mode.
 //! - [`wait`]: polling for eventual states without timing assumptions.
 //! - [`bench`]: what the `bench-*` binaries share: options, `wrk` runs, rounds and their figures.
@@ -44,6 +45,7 @@ pub mod paths;
 pub mod pki;
 mod process;
 pub mod real_broker;
+pub mod registry;
 pub mod scripted_sts;
 pub mod sts;
 pub mod upstream;

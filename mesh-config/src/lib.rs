@@ -7,10 +7,12 @@
 //! - [`istio`]: typed Istio resources (WasmPlugin, ServiceEntry,
 //!   VirtualService, DestinationRule, PeerAuthentication,
 //!   AuthorizationPolicy).
+//! - [`oci`]: the filter as a reproducible OCI image WasmPlugin pulls.
 //! - [`envoy`]: Envoy bootstraps shaped as Istio shapes the app's and the
 //!   broker's sidecars, for running both on one machine (tests, `just demo`).
 #![forbid(unsafe_code)]
 
 pub mod envoy;
 pub mod istio;
+pub mod oci;
 pub mod render;

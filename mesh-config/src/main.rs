@@ -16,6 +16,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use imds_filter::config::HttpTokens;
 use mesh_config::envoy::{AppSidecar, BrokerRoute, BrokerSidecar, CertificateFiles, Workload};
 use mesh_config::istio::FailStrategy;
+use mesh_config::oci::OciImage;
 use mesh_config::render::{self, Options};
 
 #[derive(Debug, Parser)]
@@ -29,9 +30,25 @@ struct Cli {
 enum Command {
     /// Print everything to apply to a cluster, as multi-document YAML.
     Render(RenderArgs),
+    /// Package the filter's .wasm as an OCI image layout (what WasmPlugin
+    /// pulls) and print its manifest digest.
+    OciImage(OciArgs),
     /// Print an Envoy bootstrap (JSON) shaped like an Istio sidecar's.
     #[command(subcommand)]
     Envoy(Sidecar),
+}
+
+#[derive(Debug, Args)]
+struct OciArgs {
+    /// The filter's release .wasm.
+    #[arg(long)]
+    wasm: PathBuf,
+    /// Directory to write the OCI image layout into.
+    #[arg(long)]
+    out: PathBuf,
+    /// Tag recorded in the layout's index.
+    #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
+    tag: String,
 }
 
 #[derive(Debug, Args)]
@@ -209,6 +226,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<String, String> {
     let bootstrap = match cli.command {
         Command::Render(args) => return render::to_yaml(&render::render(&options(args)?)),
+        Command::OciImage(args) => return oci_image(&args),
         Command::Envoy(Sidecar::App(args)) => app(args)?.bootstrap(),
         Command::Envoy(Sidecar::Broker(args)) => BrokerSidecar {
             inbound: args.listen,
@@ -220,6 +238,16 @@ fn run(cli: Cli) -> Result<String, String> {
         .bootstrap(),
     };
     serde_json::to_string_pretty(&bootstrap).map_err(|e| e.to_string())
+}
+
+fn oci_image(args: &OciArgs) -> Result<String, String> {
+    let wasm = std::fs::read(&args.wasm).map_err(|e| format!("--wasm {}: {e}", args.wasm.display()))?;
+    if !wasm.starts_with(b"\0asm") {
+        return Err(format!("--wasm {}: not a WebAssembly module", args.wasm.display()));
+    }
+    let image = OciImage::build(&wasm, env!("CARGO_PKG_VERSION")).map_err(|e| e.to_string())?;
+    image.write_layout(&args.out, &args.tag).map_err(|e| format!("--out {}: {e}", args.out.display()))?;
+    Ok(image.digest())
 }
 
 fn options(args: RenderArgs) -> Result<Options, String> {
