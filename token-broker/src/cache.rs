@@ -2,7 +2,9 @@
 //! service account), filled by a fetch function the server supplies
 //! (TokenRequest then STS `AssumeRoleWithWebIdentity`). It knows nothing of
 //! either; it decides when to serve, when to fetch, and how hard upstream may
-//! be pushed.
+//! be pushed. What it holds is any [`Expiring`] value: the server stores each
+//! credential with its response already rendered, so a hit costs no
+//! serialization.
 //!
 //! What it guarantees:
 //! - A credential cached for one [`CacheKey`] is only ever served for that key.
@@ -142,6 +144,20 @@ impl fmt::Debug for Credentials {
     }
 }
 
+/// What the cache can hold: a value that stops being usable at a wall-clock
+/// time. [`Credentials`] is one; the server caches credentials together
+/// with their rendered response, so a hit serves bytes built once per fetch.
+pub trait Expiring: Send + Sync + 'static {
+    /// When upstream says the value stops working.
+    fn expiration(&self) -> OffsetDateTime;
+}
+
+impl Expiring for Credentials {
+    fn expiration(&self) -> OffsetDateTime {
+        self.expiration
+    }
+}
+
 /// How a fetch failed, as far as the cache's scheduling cares. The server
 /// maps these to the v1 contract (Throttled 429, Denied 403, Failed 502/503).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,7 +210,7 @@ impl FetchError {
 }
 
 /// The future a fetch returns.
-pub type FetchFuture = Pin<Box<dyn Future<Output = Result<Credentials, FetchError>> + Send>>;
+pub type FetchFuture<T = Credentials> = Pin<Box<dyn Future<Output = Result<T, FetchError>> + Send>>;
 
 /// The wall clock STS expirations are read against.
 pub type WallClock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;
@@ -333,21 +349,21 @@ impl RateLimiter {
 // ---------------------------------------------------------------------------
 // The cache.
 
-type Outcome = Result<Arc<Credentials>, FetchError>;
-type FetchFn = Arc<dyn Fn(CacheKey) -> FetchFuture + Send + Sync>;
+type Outcome<T> = Result<Arc<T>, FetchError>;
+type FetchFn<T> = Arc<dyn Fn(CacheKey) -> FetchFuture<T> + Send + Sync>;
 
 /// The credential cache. Create it inside a tokio runtime ([`Cache::new`]
 /// spawns the refresh task); share it behind an `Arc`. Dropping it stops the
 /// refresh task; fetches already running finish and are discarded.
-pub struct Cache {
-    inner: Arc<Inner>,
+pub struct Cache<T = Credentials> {
+    inner: Arc<Inner<T>>,
     sweeper: JoinHandle<()>,
 }
 
-struct Inner {
+struct Inner<T> {
     config: CacheConfig,
-    fetch: FetchFn,
-    entries: Mutex<HashMap<CacheKey, Entry>>,
+    fetch: FetchFn<T>,
+    entries: Mutex<HashMap<CacheKey, Entry<T>>>,
     permits: Semaphore,
     rate: Mutex<RateLimiter>,
     /// Seeds the backoff jitter: `RandomState` is randomly keyed per process,
@@ -374,9 +390,9 @@ impl Counters {
     }
 }
 
-struct Entry {
-    current: Option<Stored>,
-    inflight: Option<InFlight>,
+struct Entry<T> {
+    current: Option<Stored<T>>,
+    inflight: Option<InFlight<T>>,
     /// Consecutive failed fetches.
     failures: u32,
     /// The last failure, answered during backoff when nothing is servable.
@@ -386,22 +402,28 @@ struct Entry {
     last_used: Instant,
 }
 
-#[derive(Clone)]
-struct Stored {
-    credentials: Arc<Credentials>,
+struct Stored<T> {
+    credentials: Arc<T>,
     fetched_at: Instant,
-    /// Monotonic form of `credentials.expiration`.
+    /// Monotonic form of `credentials.expiration()`.
     expires_at: Instant,
 }
 
-struct InFlight {
+// By hand: a derive would require `T: Clone`, and only the `Arc` is cloned.
+impl<T> Clone for Stored<T> {
+    fn clone(&self) -> Self {
+        Self { credentials: Arc::clone(&self.credentials), fetched_at: self.fetched_at, expires_at: self.expires_at }
+    }
+}
+
+struct InFlight<T> {
     /// Tells this fetch's result apart from a later one's, should the key be
     /// evicted and re-created while it runs.
     id: u64,
-    result: watch::Receiver<Option<Outcome>>,
+    result: watch::Receiver<Option<Outcome<T>>>,
 }
 
-impl Entry {
+impl<T> Entry<T> {
     fn new(now: Instant) -> Self {
         Self { current: None, inflight: None, failures: 0, last_error: None, retry_at: now, last_used: now }
     }
@@ -428,12 +450,12 @@ impl Entry {
     }
 }
 
-impl Cache {
+impl<T: Expiring> Cache<T> {
     /// A cache that fills itself with `fetch`. Must be called inside a tokio
     /// runtime.
     pub fn new<F>(config: CacheConfig, fetch: F) -> Self
     where
-        F: Fn(CacheKey) -> FetchFuture + Send + Sync + 'static,
+        F: Fn(CacheKey) -> FetchFuture<T> + Send + Sync + 'static,
     {
         let inner = Arc::new(Inner {
             permits: Semaphore::new(config.max_concurrent_fetches.max(1)),
@@ -455,24 +477,22 @@ impl Cache {
     /// (the fetch has [`CacheConfig::fetch_timeout`] once it starts; queueing
     /// for a permit or rate slot is not counted), so the server puts its own
     /// deadline around this call.
-    pub async fn get(&self, key: &CacheKey) -> Result<Arc<Credentials>, FetchError> {
+    pub async fn get(&self, key: &CacheKey) -> Result<Arc<T>, FetchError> {
         let mut result = {
             let now = Instant::now();
             let mut entries = self.inner.lock_entries();
+            // Hits first, by lookup alone: only a key that is not there yet
+            // is cloned into the map.
+            if let Some(entry) = entries.get_mut(key)
+                && let Some(credentials) = self.inner.serve(key, entry, now)
+            {
+                return Ok(credentials);
+            }
             if !entries.contains_key(key) {
                 self.inner.make_room(&mut entries, now);
             }
             let entry = entries.entry(key.clone()).or_insert_with(|| Entry::new(now));
             entry.last_used = now;
-            entry.forget_unservable(now);
-            if let Some(stored) = &entry.current {
-                let credentials = Arc::clone(&stored.credentials);
-                Counters::bump(&self.inner.counters.hits);
-                if entry.wants_refresh(now) {
-                    self.inner.start_fetch(key, entry);
-                }
-                return Ok(credentials);
-            }
             Counters::bump(&self.inner.counters.misses);
             match (&entry.inflight, &entry.last_error) {
                 (Some(inflight), _) => inflight.result.clone(),
@@ -485,6 +505,17 @@ impl Cache {
             // The fetch task went away without answering (runtime shutdown).
             Err(_) => Err(FetchError::failed("fetch abandoned")),
         }
+    }
+
+    /// The hit half of [`Cache::get`]: credentials for `key` if servable
+    /// ones are cached (counted as a hit, and refreshed if due), else `None`
+    /// with nothing counted or started. Lets a caller answer hits without
+    /// setting up a deadline for the wait a miss may need.
+    pub fn get_cached(&self, key: &CacheKey) -> Option<Arc<T>> {
+        let now = Instant::now();
+        let mut entries = self.inner.lock_entries();
+        let entry = entries.get_mut(key)?;
+        self.inner.serve(key, entry, now)
     }
 
     /// The counters so far.
@@ -509,13 +540,13 @@ impl Cache {
     }
 }
 
-impl Drop for Cache {
+impl<T> Drop for Cache<T> {
     fn drop(&mut self) {
         self.sweeper.abort();
     }
 }
 
-impl fmt::Debug for Cache {
+impl<T: Expiring> fmt::Debug for Cache<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Cache").field("config", &self.inner.config).field("stats", &self.stats()).finish()
     }
@@ -524,7 +555,7 @@ impl fmt::Debug for Cache {
 /// The background task: refresh and evict every [`SWEEP_INTERVAL`]. It holds
 /// the cache only weakly, so it ends once the cache is gone even if the abort
 /// in `Drop` were missed.
-async fn sweep_forever(inner: Weak<Inner>) {
+async fn sweep_forever<T: Expiring>(inner: Weak<Inner<T>>) {
     let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
@@ -534,11 +565,24 @@ async fn sweep_forever(inner: Weak<Inner>) {
     }
 }
 
-impl Inner {
-    fn lock_entries(&self) -> MutexGuard<'_, HashMap<CacheKey, Entry>> {
+impl<T: Expiring> Inner<T> {
+    fn lock_entries(&self) -> MutexGuard<'_, HashMap<CacheKey, Entry<T>>> {
         // Nothing panics while holding the lock; if something ever did, the
         // map is still consistent entry by entry, so keep going.
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Marks `entry` used and answers its credential while servable (a hit),
+    /// starting a refresh if one is due.
+    fn serve(self: &Arc<Self>, key: &CacheKey, entry: &mut Entry<T>, now: Instant) -> Option<Arc<T>> {
+        entry.last_used = now;
+        entry.forget_unservable(now);
+        let credentials = Arc::clone(&entry.current.as_ref()?.credentials);
+        Counters::bump(&self.counters.hits);
+        if entry.wants_refresh(now) {
+            self.start_fetch(key, entry);
+        }
+        Some(credentials)
     }
 
     fn sweep(self: &Arc<Self>) {
@@ -559,7 +603,7 @@ impl Inner {
     /// used, preferring keys with no fetch running (their waiters still get
     /// the result; only the storing is lost). The scan is linear, but only
     /// runs at the bound, and a full map of busy keys is the rare case.
-    fn make_room(&self, entries: &mut HashMap<CacheKey, Entry>, now: Instant) {
+    fn make_room(&self, entries: &mut HashMap<CacheKey, Entry<T>>, now: Instant) {
         let max_keys = self.config.max_keys.max(1);
         if entries.len() < max_keys {
             return;
@@ -580,7 +624,7 @@ impl Inner {
     /// Starts a fetch for `key` in its own task and returns where its result
     /// will appear. The caller holds the entries lock and has checked that
     /// no fetch is running for the key.
-    fn start_fetch(self: &Arc<Self>, key: &CacheKey, entry: &mut Entry) -> watch::Receiver<Option<Outcome>> {
+    fn start_fetch(self: &Arc<Self>, key: &CacheKey, entry: &mut Entry<T>) -> watch::Receiver<Option<Outcome<T>>> {
         let (sender, result) = watch::channel(None);
         let id = self.next_fetch_id.fetch_add(1, Ordering::Relaxed);
         entry.inflight = Some(InFlight { id, result: result.clone() });
@@ -602,7 +646,7 @@ impl Inner {
     /// fetch under its timeout. The permit comes first so that at most
     /// `max_concurrent_fetches` reservations are ever waiting on the rate
     /// limiter, and the fetch starts as soon as its slot comes.
-    async fn call_upstream(&self, key: &CacheKey) -> Result<Credentials, FetchError> {
+    async fn call_upstream(&self, key: &CacheKey) -> Result<T, FetchError> {
         let Ok(_permit) = self.permits.acquire().await else {
             // The semaphore is never closed.
             return Err(FetchError::failed("fetch limiter closed"));
@@ -627,10 +671,10 @@ impl Inner {
 
     /// Records a fetch's result in its entry (if the entry still exists and
     /// is still waiting for this fetch) and returns what the waiters get.
-    fn store(&self, key: &CacheKey, id: u64, fetched: Result<Credentials, FetchError>) -> Outcome {
+    fn store(&self, key: &CacheKey, id: u64, fetched: Result<T, FetchError>) -> Outcome<T> {
         let now = Instant::now();
         let outcome = fetched.and_then(|credentials| {
-            let left = credentials.expiration - (self.config.wall_clock)();
+            let left = credentials.expiration() - (self.config.wall_clock)();
             let left = Duration::try_from(left).unwrap_or(Duration::ZERO);
             if is_servable(left) {
                 Ok(Stored { credentials: Arc::new(credentials), fetched_at: now, expires_at: now + left })
@@ -995,6 +1039,24 @@ mod tests {
         tokio::time::advance(HOUR).await;
         settle().await;
         assert!(cache.get(&nth_key(0)).await.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn get_cached_answers_only_a_servable_credential_of_its_own_key_and_never_fetches() {
+        let (cache, upstream) = cache_with(config(), |_, _| ok(HOUR));
+        assert!(cache.get_cached(&nth_key(0)).is_none(), "nothing cached yet");
+        assert_eq!((upstream.calls(), cache.stats().misses), (0, 0), "a miss starts and counts nothing");
+
+        let fetched = cache.get(&nth_key(0)).await.unwrap();
+        assert_eq!(cache.get_cached(&nth_key(0)), Some(Arc::clone(&fetched)));
+        assert!(cache.get_cached(&nth_key(1)).is_none(), "another key's credential is not served");
+        assert_eq!(cache.stats().hits, 1);
+
+        // Exactly MIN_SERVED_LIFETIME left (no refresh ran: time jumped):
+        // not served.
+        tokio::time::advance(HOUR - MIN_SERVED_LIFETIME).await;
+        assert!(cache.get_cached(&nth_key(0)).is_none());
+        assert_eq!(upstream.calls(), 1);
     }
 
     #[tokio::test(start_paused = true)]

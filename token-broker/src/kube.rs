@@ -210,7 +210,11 @@ impl PodWatch {
         if let Some(pod) = self.cached(namespace, name) {
             return Ok(Some(pod));
         }
-        let pod = Api::<Pod>::namespaced(self.client.clone(), namespace).get_opt(name).await?;
+        // Boxed, `Api` included: this read is the rare path and its future is
+        // large (about 1.7 KiB); inline, it would make every caller's future
+        // that large, and the server allocates one of those per request.
+        let api = Api::<Pod>::namespaced(self.client.clone(), namespace);
+        let pod = Box::pin(async move { api.get_opt(name).await }).await?;
         Ok(pod.map(Arc::new))
     }
 }

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
@@ -46,7 +46,9 @@ use time::format_description::well_known::Rfc3339;
 use tokio::time::Instant;
 
 use crate::authz::{self, Denial, NamespacePolicy};
-use crate::cache::{Cache, CacheConfig, CacheKey, Credentials, FailedAt, FetchError, FetchErrorKind, FetchFuture};
+use crate::cache::{
+    Cache, CacheConfig, CacheKey, Credentials, Expiring, FailedAt, FetchError, FetchErrorKind, FetchFuture,
+};
 use crate::error::BrokerError;
 use crate::identity::{self, CallerIdentity, IdentityError, SpiffeId, XfccVerifier};
 use crate::kube::{Cluster, KubeError, PodWatch};
@@ -177,7 +179,7 @@ pub struct App {
     config: AppConfig,
     pods: PodWatch,
     cluster: Arc<Cluster>,
-    cache: Arc<Cache>,
+    cache: Arc<Cache<Served>>,
     bindings: Arc<Bindings>,
     metrics: Arc<Metrics>,
     registry: Registry,
@@ -207,7 +209,7 @@ impl App {
         });
         let cache = Arc::new(Cache::new(config.cache.clone(), move |key| {
             let fetcher = Arc::clone(&fetcher);
-            Box::pin(async move { fetcher.fetch(key).await }) as FetchFuture
+            Box::pin(async move { fetcher.fetch(key).await.map(Served::new) }) as FetchFuture<Served>
         }));
         let mut registry = Registry::with_prefix("token_broker");
         metrics.register(&mut registry);
@@ -233,23 +235,30 @@ impl App {
         headers: &HeaderMap,
         peer: Option<&ClientCertificate>,
         query: Option<&str>,
-    ) -> Result<Arc<Credentials>, BrokerError> {
+    ) -> Result<Arc<Served>, BrokerError> {
         let caller = self.config.identity.verify(headers, peer)?;
         let (role_arn, pod_name) = parse_query(query)?;
-        let (ns, sa) = (caller.namespace.as_str(), caller.service_account.as_str());
+        let ns = caller.namespace.as_str();
 
         let pod = match self.pods.pod(ns, &pod_name).await {
             Ok(Some(pod)) => pod,
-            Ok(None) => return Err(BrokerError::PodNotFound { namespace: ns.to_owned(), name: pod_name }),
+            Ok(None) => return Err(BrokerError::PodNotFound { namespace: ns.to_owned(), name: pod_name.into_owned() }),
             Err(error) => return Err(self.kube_unavailable(&error)),
         };
         self.authorize(&caller, &role_arn, &pod).await?;
 
-        let key = CacheKey { role_arn, namespace: ns.to_owned(), service_account: sa.to_owned() };
+        // The caller's names move into the key: it is not needed after this.
+        let CallerIdentity { namespace, service_account, .. } = caller;
+        let key = CacheKey { role_arn, namespace, service_account };
         // The fetch binds its token to the pod that asked last for this key.
-        let uid = pod.metadata.uid.clone().unwrap_or_default();
-        self.bindings.bind(&key, pod_name, uid);
-        match tokio::time::timeout(self.config.credentials_deadline, self.cache.get(&key)).await {
+        self.bindings.bind(&key, &pod_name, pod.metadata.uid.as_deref().unwrap_or_default());
+        if let Some(credentials) = self.cache.get_cached(&key) {
+            return Ok(credentials);
+        }
+        // A miss waits, under the deadline. Boxed: the wait is the rare path,
+        // and its future would otherwise enlarge every request's.
+        let wait = Box::pin(tokio::time::timeout(self.config.credentials_deadline, self.cache.get(&key)));
+        match wait.await {
             Ok(Ok(credentials)) => Ok(credentials),
             Ok(Err(error)) => Err(fetch_error_response(&error)),
             Err(_) => Err(BrokerError::Unavailable("timed out waiting for credentials; retry".into())),
@@ -260,20 +269,24 @@ impl App {
     /// and recorded as an Event in the background.
     async fn authorize(&self, caller: &CallerIdentity, role_arn: &str, pod: &Arc<Pod>) -> Result<(), BrokerError> {
         let (ns, sa) = (caller.namespace.as_str(), caller.service_account.as_str());
-        let mut verdict = authz::authorize(ns, sa, role_arn, pod);
-        if let (Ok(()), Some(policy)) = (&verdict, &self.config.namespace_policy) {
-            let namespace = match self.cluster.namespace(ns).await {
-                Ok(namespace) => namespace,
-                Err(error) => return Err(self.kube_unavailable(&error)),
-            };
-            // A namespace that is gone carries no policy, so it permits nothing.
-            let namespace = namespace.unwrap_or_else(|| Namespace {
-                metadata: ObjectMeta { name: Some(ns.to_owned()), ..ObjectMeta::default() },
-                ..Namespace::default()
-            });
-            verdict = policy.check(&namespace, role_arn);
+        // No verdict is held across the await below: that keeps this future,
+        // and so every request's, small.
+        if let Err(denial) = authz::authorize(ns, sa, role_arn, pod) {
+            return Err(self.deny(caller, pod, denial));
         }
-        verdict.map_err(|denial| self.deny(caller, pod, denial))
+        let Some(policy) = &self.config.namespace_policy else { return Ok(()) };
+        // Boxed, like the pod read in `PodWatch::pod`: a large future on a
+        // path most deployments skip.
+        let namespace = match Box::pin(self.cluster.namespace(ns)).await {
+            Ok(namespace) => namespace,
+            Err(error) => return Err(self.kube_unavailable(&error)),
+        };
+        // A namespace that is gone carries no policy, so it permits nothing.
+        let namespace = namespace.unwrap_or_else(|| Namespace {
+            metadata: ObjectMeta { name: Some(ns.to_owned()), ..ObjectMeta::default() },
+            ..Namespace::default()
+        });
+        policy.check(&namespace, role_arn).map_err(|denial| self.deny(caller, pod, denial))
     }
 
     fn deny(&self, caller: &CallerIdentity, pod: &Arc<Pod>, denial: Denial) -> BrokerError {
@@ -321,8 +334,10 @@ pub fn fetch_error_response(error: &FetchError) -> BrokerError {
 
 /// The two parameters of a credential request, each exactly once.
 /// Values are percent-decoded as RFC 3986 says (a `+` stays a `+`: IAM role
-/// names may contain it, and the filter percent-encodes it).
-fn parse_query(query: Option<&str>) -> Result<(String, String), BrokerError> {
+/// names may contain it, and the filter percent-encodes it). The pod name
+/// stays borrowed from the query unless it needed decoding: it is looked up,
+/// never stored.
+fn parse_query(query: Option<&str>) -> Result<(String, std::borrow::Cow<'_, str>), BrokerError> {
     let invalid = |message: &str| BrokerError::InvalidRequest(message.to_owned());
     let (mut role_arn, mut pod) = (None, None);
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
@@ -337,7 +352,7 @@ fn parse_query(query: Option<&str>) -> Result<(String, String), BrokerError> {
             return Err(invalid("role_arn and pod must each appear once"));
         }
         let value = percent_decode_str(value).decode_utf8().map_err(|_| invalid("parameters must be UTF-8"))?;
-        *slot = Some(value.into_owned());
+        *slot = Some(value);
     }
     let (Some(role_arn), Some(pod)) = (role_arn, pod) else {
         return Err(invalid("role_arn and pod are required"));
@@ -346,7 +361,7 @@ fn parse_query(query: Option<&str>) -> Result<(String, String), BrokerError> {
     if !identity::is_dns1123_subdomain(&pod) {
         return Err(invalid("pod is not a Kubernetes pod name"));
     }
-    Ok((role_arn, pod))
+    Ok((role_arn.into_owned(), pod))
 }
 
 /// The IMDS credential document, exactly as the filter serves it.
@@ -366,6 +381,29 @@ pub fn credential_document(credentials: &Credentials) -> serde_json::Value {
 fn imds_time(at: OffsetDateTime) -> String {
     let at = at.to_offset(time::UtcOffset::UTC);
     at.replace_nanosecond(0).unwrap_or(at).format(&Rfc3339).unwrap_or_default()
+}
+
+/// A credential as the cache holds it: its IMDS document, rendered once per
+/// fetch, so a cache hit answers with a reference-counted clone of the same
+/// bytes instead of building JSON per request. No `Debug`: the bytes hold
+/// the secret and the session token.
+struct Served {
+    expiration: OffsetDateTime,
+    /// [`credential_document`], serialized.
+    document: Bytes,
+}
+
+impl Served {
+    fn new(credentials: Credentials) -> Self {
+        let document = credential_document(&credentials).to_string();
+        Self { expiration: credentials.expiration, document: Bytes::from(document) }
+    }
+}
+
+impl Expiring for Served {
+    fn expiration(&self) -> OffsetDateTime {
+        self.expiration
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -390,15 +428,26 @@ impl Bindings {
         Self { max: max.max(1), map: Mutex::default() }
     }
 
-    fn bind(&self, key: &CacheKey, pod: String, uid: String) {
+    fn bind(&self, key: &CacheKey, pod: &str, uid: &str) {
+        let now = Instant::now();
         let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        if !map.contains_key(key) && map.len() >= self.max {
+        // Almost every request re-binds the pod already bound: then only the
+        // time moves, and nothing is allocated.
+        if let Some(binding) = map.get_mut(key) {
+            if binding.pod != pod || binding.uid != uid {
+                binding.pod = pod.to_owned();
+                binding.uid = uid.to_owned();
+            }
+            binding.at = now;
+            return;
+        }
+        if map.len() >= self.max {
             let oldest = map.iter().min_by_key(|(_, b)| b.at).map(|(k, _)| k.clone());
             if let Some(oldest) = oldest {
                 map.remove(&oldest);
             }
         }
-        map.insert(key.clone(), Binding { pod, uid, at: Instant::now() });
+        map.insert(key.clone(), Binding { pod: pod.to_owned(), uid: uid.to_owned(), at: now });
     }
 
     fn get(&self, key: &CacheKey) -> Option<(String, String)> {
@@ -477,6 +526,9 @@ fn latency_histogram() -> Histogram {
 
 struct Metrics {
     requests: Family<OutcomeLabel, Counter>,
+    /// `requests` for outcome `Success`, looked up once: the hot path then
+    /// skips the family's lock and label hashing.
+    successes: Counter,
     request_duration: Histogram,
     denials: Family<RuleLabel, Counter>,
     sts_calls: Counter,
@@ -488,8 +540,11 @@ struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
+        let requests = Family::<OutcomeLabel, Counter>::default();
+        let successes = requests.get_or_create(&OutcomeLabel { outcome: "Success" }).clone();
         Self {
-            requests: Family::default(),
+            requests,
+            successes,
             request_duration: latency_histogram(),
             denials: Family::default(),
             sts_calls: Counter::default(),
@@ -528,7 +583,7 @@ impl Metrics {
 
 /// Exports [`Cache::stats`] at scrape time.
 #[derive(Debug)]
-struct CacheCollector(Arc<Cache>);
+struct CacheCollector(Arc<Cache<Served>>);
 
 impl Collector for CacheCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -609,13 +664,18 @@ async fn credentials_handler(State(app): State<Arc<App>>, request: Request) -> R
     let started = std::time::Instant::now();
     let peer = request.extensions().get::<ConnectInfo<ClientCertificate>>().map(|info| &info.0);
     let result = app.credentials(request.headers(), peer, request.uri().query()).await;
-    let (outcome, response) = match result {
-        Ok(credentials) => ("Success", json(StatusCode::OK, &credential_document(&credentials))),
-        Err(error) => (error.code(), error_response(&error)),
+    let reply = match result {
+        Ok(served) => {
+            app.metrics.successes.inc();
+            response(StatusCode::OK, "application/json", served.document.clone())
+        }
+        Err(error) => {
+            app.metrics.requests.get_or_create(&OutcomeLabel { outcome: error.code() }).inc();
+            error_response(&error)
+        }
     };
-    app.metrics.requests.get_or_create(&OutcomeLabel { outcome }).inc();
     app.metrics.request_duration.observe(started.elapsed().as_secs_f64());
-    response
+    reply
 }
 
 async fn readyz(State(app): State<Arc<App>>) -> Response {
@@ -662,8 +722,8 @@ fn text(status: StatusCode, body: &str) -> Response {
     response(status, "text/plain; charset=utf-8", body.to_owned())
 }
 
-fn response(status: StatusCode, content_type: &'static str, body: String) -> Response {
-    let mut response = Response::new(Body::from(body));
+fn response(status: StatusCode, content_type: &'static str, body: impl Into<Body>) -> Response {
+    let mut response = Response::new(body.into());
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
@@ -678,7 +738,7 @@ mod tests {
     #[test]
     fn query_needs_both_parameters_exactly_once() {
         let ok = parse_query(Some("role_arn=arn%3Aaws%3Aiam%3A%3A123456789012%3Arole%2Fteam%2Fapp%2Bx&pod=web-0"));
-        assert_eq!(ok, Ok((ARN.to_owned(), "web-0".to_owned())));
+        assert_eq!(ok, Ok((ARN.to_owned(), "web-0".into())));
         assert_eq!(parse_query(Some(&format!("pod=web-0&role_arn={ARN}&extra=1"))).map(|q| q.1), Ok("web-0".into()));
         for bad in [
             None,
@@ -722,6 +782,26 @@ mod tests {
                 "Expiration": "2027-01-15T09:00:00Z",
             })
         );
+        // What a cache hit answers: the same document, rendered at fetch time.
+        let served = Served::new(credentials.clone());
+        let body: serde_json::Value = serde_json::from_slice(&served.document).expect("JSON");
+        assert_eq!(body, credential_document(&credentials));
+        assert_eq!(served.expiration(), credentials.expiration);
+    }
+
+    #[test]
+    fn a_key_is_bound_to_the_pod_that_asked_last() {
+        let key = CacheKey { role_arn: ARN.into(), namespace: "ns".into(), service_account: "sa".into() };
+        let bindings = Bindings::new(1);
+        bindings.bind(&key, "web-0", "uid-0");
+        bindings.bind(&key, "web-0", "uid-0");
+        assert_eq!(bindings.get(&key), Some(("web-0".into(), "uid-0".into())));
+        bindings.bind(&key, "web-1", "uid-1");
+        assert_eq!(bindings.get(&key), Some(("web-1".into(), "uid-1".into())));
+        // Beyond the bound, the binding used longest ago goes.
+        let other = CacheKey { namespace: "other".into(), ..key.clone() };
+        bindings.bind(&other, "web-2", "uid-2");
+        assert_eq!((bindings.get(&key), bindings.get(&other)), (None, Some(("web-2".into(), "uid-2".into()))));
     }
 
     #[test]
