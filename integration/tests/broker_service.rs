@@ -293,13 +293,18 @@ async fn sts_refusals_are_502_naming_the_sts_code() {
 /// A successful `AssumeRoleWithWebIdentity` answer, as STS writes it, after
 /// `delay`.
 fn sts_success(delay: Duration) -> Scripted {
+    sts_success_numbered(1, delay)
+}
+
+/// [`sts_success`] with access key `ASIASCRIPTED<call>`.
+fn sts_success_numbered(call: usize, delay: Duration) -> Scripted {
     let expiration =
         (OffsetDateTime::now_utc() + Duration::from_secs(3600)).replace_nanosecond(0).unwrap_or_else(|e| panic!("{e}"));
     let expiration = expiration.format(&Rfc3339).unwrap_or_else(|e| panic!("{e}"));
     let body = format!(
         "<AssumeRoleWithWebIdentityResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">\
          <AssumeRoleWithWebIdentityResult>\
-         <Credentials><AccessKeyId>ASIASCRIPTED0000001</AccessKeyId>\
+         <Credentials><AccessKeyId>ASIASCRIPTED{call:07}</AccessKeyId>\
          <SecretAccessKey>scripted-secret-access-key</SecretAccessKey>\
          <SessionToken>scripted-session-token</SessionToken>\
          <Expiration>{expiration}</Expiration></Credentials>\
@@ -311,6 +316,33 @@ fn sts_success(delay: Duration) -> Scripted {
          </AssumeRoleWithWebIdentityResponse>"
     );
     Scripted { status: 200, headers: vec![("content-type".into(), "text/xml".into())], body, delay }
+}
+
+#[tokio::test]
+async fn credentials_in_use_are_refreshed_ahead_in_the_background() {
+    let api = KubeApi::start().await;
+    api.add_pod(pod("web-0", SA));
+    let sts = ScriptedSts::start(|call| sts_success_numbered(call, Duration::ZERO)).await;
+    // One-hour credentials fall inside a 61-minute refresh window at once,
+    // so the refresh-ahead timing shrinks from tens of minutes to seconds.
+    let broker = start(&api, sts.endpoint(), |config| {
+        config.cache.refresh_before = Duration::from_secs(61 * 60);
+        config.cache.min_refresh_interval = Duration::from_secs(1);
+        config.cache.sweep_interval = Duration::from_millis(100);
+    })
+    .await;
+
+    let first = assert_document(&dev_request(SA, "web-0").send(broker.addr).await);
+    assert_eq!(first["AccessKeyId"], "ASIASCRIPTED0000000");
+    // No request arrives, yet the broker fetches again: a new token and a
+    // new STS call, bound to the same pod.
+    wait::until("a background refresh", || async { (sts.request_count() >= 2).then_some(()) }).await;
+    assert!(api.token_request_count() >= 2, "the refresh minted no new token");
+    // The next request gets the refreshed credential from the cache.
+    let next = assert_document(&dev_request(SA, "web-0").send(broker.addr).await);
+    assert_ne!(next["AccessKeyId"], first["AccessKeyId"], "still the first credential after a refresh");
+    let metrics = broker.admin_get("/metrics").await.body_text();
+    assert!(!metrics.contains("token_broker_cache_refreshes_total 0\n"), "{metrics}");
 }
 
 #[tokio::test]

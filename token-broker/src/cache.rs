@@ -233,6 +233,12 @@ pub struct CacheConfig {
     pub fetch_timeout: Duration,
     /// Reads STS expirations; `OffsetDateTime::now_utc` outside tests.
     pub wall_clock: WallClock,
+    /// [`REFRESH_BEFORE`]; service-level tests shorten the refresh timing.
+    pub refresh_before: Duration,
+    /// [`MIN_REFRESH_INTERVAL`].
+    pub min_refresh_interval: Duration,
+    /// [`SWEEP_INTERVAL`].
+    pub sweep_interval: Duration,
 }
 
 impl Default for CacheConfig {
@@ -244,6 +250,9 @@ impl Default for CacheConfig {
             fetch_burst: FETCH_BURST,
             fetch_timeout: FETCH_TIMEOUT,
             wall_clock: Arc::new(OffsetDateTime::now_utc),
+            refresh_before: REFRESH_BEFORE,
+            min_refresh_interval: MIN_REFRESH_INTERVAL,
+            sweep_interval: SWEEP_INTERVAL,
         }
     }
 }
@@ -256,6 +265,9 @@ impl fmt::Debug for CacheConfig {
             .field("fetches_per_second", &self.fetches_per_second)
             .field("fetch_burst", &self.fetch_burst)
             .field("fetch_timeout", &self.fetch_timeout)
+            .field("refresh_before", &self.refresh_before)
+            .field("min_refresh_interval", &self.min_refresh_interval)
+            .field("sweep_interval", &self.sweep_interval)
             .finish_non_exhaustive()
     }
 }
@@ -290,9 +302,11 @@ pub fn is_servable(remaining: Duration) -> bool {
     remaining > MIN_SERVED_LIFETIME
 }
 
-/// Should a credential fetched `age` ago, with `remaining` left, be refreshed?
-pub fn refresh_due(age: Duration, remaining: Duration) -> bool {
-    remaining < REFRESH_BEFORE && age >= MIN_REFRESH_INTERVAL
+/// Should a credential fetched `age` ago, with `remaining` left, be
+/// refreshed, given `refresh_before` ([`REFRESH_BEFORE`]) and
+/// `min_interval` ([`MIN_REFRESH_INTERVAL`])?
+pub fn refresh_due(age: Duration, remaining: Duration, refresh_before: Duration, min_interval: Duration) -> bool {
+    remaining < refresh_before && age >= min_interval
 }
 
 /// Has a key not requested for `unused_for` gone idle?
@@ -437,7 +451,7 @@ impl<T> Entry<T> {
     }
 
     /// Is a servable credential here due for a refresh that may start now?
-    fn wants_refresh(&self, now: Instant) -> bool {
+    fn wants_refresh(&self, now: Instant, config: &CacheConfig) -> bool {
         self.inflight.is_none()
             && now >= self.retry_at
             && !is_idle(now.saturating_duration_since(self.last_used))
@@ -445,6 +459,8 @@ impl<T> Entry<T> {
                 refresh_due(
                     now.saturating_duration_since(stored.fetched_at),
                     stored.expires_at.saturating_duration_since(now),
+                    config.refresh_before,
+                    config.min_refresh_interval,
                 )
             })
     }
@@ -467,7 +483,7 @@ impl<T: Expiring> Cache<T> {
             next_fetch_id: AtomicU64::new(0),
             counters: Counters::default(),
         });
-        let sweeper = tokio::spawn(sweep_forever(Arc::downgrade(&inner)));
+        let sweeper = tokio::spawn(sweep_forever(Arc::downgrade(&inner), inner.config.sweep_interval));
         Self { inner, sweeper }
     }
 
@@ -555,8 +571,8 @@ impl<T: Expiring> fmt::Debug for Cache<T> {
 /// The background task: refresh and evict every [`SWEEP_INTERVAL`]. It holds
 /// the cache only weakly, so it ends once the cache is gone even if the abort
 /// in `Drop` were missed.
-async fn sweep_forever<T: Expiring>(inner: Weak<Inner<T>>) {
-    let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
+async fn sweep_forever<T: Expiring>(inner: Weak<Inner<T>>, every: Duration) {
+    let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
@@ -579,7 +595,7 @@ impl<T: Expiring> Inner<T> {
         entry.forget_unservable(now);
         let credentials = Arc::clone(&entry.current.as_ref()?.credentials);
         Counters::bump(&self.counters.hits);
-        if entry.wants_refresh(now) {
+        if entry.wants_refresh(now, &self.config) {
             self.start_fetch(key, entry);
         }
         Some(credentials)
@@ -593,7 +609,7 @@ impl<T: Expiring> Inner<T> {
         self.counters.evictions.fetch_add((before - entries.len()) as u64, Ordering::Relaxed);
         for (key, entry) in entries.iter_mut() {
             entry.forget_unservable(now);
-            if entry.wants_refresh(now) {
+            if entry.wants_refresh(now, &self.config) {
                 self.start_fetch(key, entry);
             }
         }
@@ -859,10 +875,11 @@ mod tests {
 
     #[test]
     fn refresh_is_due_inside_the_window_but_not_right_after_a_fetch() {
-        assert!(!refresh_due(10 * MINUTE, REFRESH_BEFORE));
-        assert!(refresh_due(10 * MINUTE, REFRESH_BEFORE - Duration::from_secs(1)));
-        assert!(!refresh_due(MIN_REFRESH_INTERVAL - Duration::from_secs(1), 10 * MINUTE));
-        assert!(refresh_due(MIN_REFRESH_INTERVAL, 10 * MINUTE));
+        let due = |age, remaining| refresh_due(age, remaining, REFRESH_BEFORE, MIN_REFRESH_INTERVAL);
+        assert!(!due(10 * MINUTE, REFRESH_BEFORE));
+        assert!(due(10 * MINUTE, REFRESH_BEFORE - Duration::from_secs(1)));
+        assert!(!due(MIN_REFRESH_INTERVAL - Duration::from_secs(1), 10 * MINUTE));
+        assert!(due(MIN_REFRESH_INTERVAL, 10 * MINUTE));
     }
 
     #[test]
