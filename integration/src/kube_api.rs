@@ -35,7 +35,7 @@ use axum::routing::{get, patch, post};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestStatus};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, PodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ListMeta, ObjectMeta, Status, StatusDetails, Time, WatchEvent};
 use k8s_openapi::jiff::Timestamp;
 use rsa::pkcs1v15::SigningKey;
@@ -47,6 +47,7 @@ use rsa::{RsaPrivateKey, RsaPublicKey};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use token_broker::authz::{ENABLED_LABEL, ENABLED_VALUE, ROLE_ARN_ANNOTATION};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -310,6 +311,22 @@ impl Drop for KubeApi {
         self.task.abort();
         // Ends the open watch streams too.
         self.shared.down.send_replace(true);
+    }
+}
+
+/// A pod `namespace/name` running as `service_account`, opted in (the
+/// enable label `True`) and annotated with `role_arn`.
+pub fn enabled_pod(namespace: &str, name: &str, service_account: &str, role_arn: &str) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(namespace.into()),
+            labels: Some(BTreeMap::from([(ENABLED_LABEL.to_owned(), ENABLED_VALUE.to_owned())])),
+            annotations: Some(BTreeMap::from([(ROLE_ARN_ANNOTATION.to_owned(), role_arn.to_owned())])),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec { service_account_name: Some(service_account.into()), ..PodSpec::default() }),
+        ..Pod::default()
     }
 }
 

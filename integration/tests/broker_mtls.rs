@@ -2,15 +2,13 @@
 //! rcgen, the broker's own listener (`token_broker::tls`), rustls clients,
 //! the harness's Kubernetes API and moto STS.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
+use integration::kube_api::{self, KubeApi};
 use integration::pki::{self, MeshCa, TlsClient};
-use integration::{KubeApi, ROLE_ARN, RealBroker, Req, Sts, wait};
-use k8s_openapi::api::core::v1::{Pod, PodSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use integration::{ROLE_ARN, RealBroker, Req, Sts, wait};
+use k8s_openapi::api::core::v1::Pod;
 use tempfile::TempDir;
-use token_broker::authz::{ENABLED_LABEL, ENABLED_VALUE, ROLE_ARN_ANNOTATION};
 use token_broker::tls::MtlsFiles;
 
 const NS: &str = "default";
@@ -18,17 +16,7 @@ const SA: &str = "app";
 const BROKER_ID: &str = "spiffe://cluster.local/ns/imds-mesh/sa/token-broker";
 
 fn pod(name: &str) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some(NS.into()),
-            labels: Some(BTreeMap::from([(ENABLED_LABEL.to_owned(), ENABLED_VALUE.to_owned())])),
-            annotations: Some(BTreeMap::from([(ROLE_ARN_ANNOTATION.to_owned(), ROLE_ARN.to_owned())])),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PodSpec { service_account_name: Some(SA.into()), ..PodSpec::default() }),
-        ..Pod::default()
-    }
+    kube_api::enabled_pod(NS, name, SA, ROLE_ARN)
 }
 
 fn credentials_request() -> Req {

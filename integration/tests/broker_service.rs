@@ -14,12 +14,12 @@ use integration::broker::Scripted;
 use integration::kube_api::{self, KubeApi};
 use integration::scripted_sts::{self, ScriptedSts};
 use integration::{ROLE_ARN, RealBroker, Reply, Req, Sts, wait};
-use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use token_broker::authz::{ENABLED_LABEL, ENABLED_VALUE, NamespacePolicy, ROLE_ARN_ANNOTATION};
+use token_broker::authz::{ENABLED_LABEL, NamespacePolicy, ROLE_ARN_ANNOTATION};
 use token_broker::identity::{SpiffeId, XfccVerifier};
 use token_broker::kube::DENIAL_EVENT_REASON;
 use token_broker::server::{self, AppConfig, IdentityMode};
@@ -50,17 +50,7 @@ async fn start(api: &KubeApi, sts_endpoint: String, tune: impl FnOnce(&mut AppCo
 
 /// A pod running as `sa` in [`NS`], opted in and annotated with [`ROLE_ARN`].
 fn pod(name: &str, sa: &str) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some(NS.into()),
-            labels: Some(BTreeMap::from([(ENABLED_LABEL.to_owned(), ENABLED_VALUE.to_owned())])),
-            annotations: Some(BTreeMap::from([(ROLE_ARN_ANNOTATION.to_owned(), ROLE_ARN.to_owned())])),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PodSpec { service_account_name: Some(sa.into()), ..PodSpec::default() }),
-        ..Pod::default()
-    }
+    kube_api::enabled_pod(NS, name, sa, ROLE_ARN)
 }
 
 fn credentials_path(role_arn: &str, pod: &str) -> String {
