@@ -28,6 +28,13 @@ build:
         "{{target}}/wasm32-wasip1/wasm-release/imds_filter.wasm" -o "{{wasm}}"
     @ls -l "{{wasm}}" | awk '{print "filter: " $5 " bytes, " $9}'
 
+# imds-mesh end to end on this machine: Kubernetes API, STS, the broker and
+# both Envoy sidecars, and an unmodified boto3 app getting its role.
+demo: setup build
+    cargo build --quiet -p token-broker
+    IMDS_MESH_VENV="{{venv}}" IMDS_MESH_WASM="{{wasm}}" IMDS_MESH_BROKER_BIN="{{target}}/debug/token-broker" \
+        cargo run --quiet -p integration --bin demo
+
 # Run every test this machine can run: lint, unit (native and wasm32), integration.
 test: setup build lint test-unit test-wasm test-integration
 
@@ -42,7 +49,8 @@ test-wasm:
 
 # Every crate's tests/ (real Envoy, STS, clients, the binaries' command lines).
 test-integration: build
-    IMDS_MESH_VENV="{{venv}}" IMDS_MESH_WASM="{{wasm}}" cargo test --workspace --test '*'
+    IMDS_MESH_VENV="{{venv}}" IMDS_MESH_WASM="{{wasm}}" IMDS_MESH_BROKER_BIN="{{target}}/debug/token-broker" \
+        cargo test --workspace --test '*'
 
 # fmt check and clippy (warnings denied) for the host and the wasm target.
 lint:

@@ -25,15 +25,20 @@ pub fn python() -> PathBuf {
     venv().join("bin/python")
 }
 
+/// The `token-broker` binary: `IMDS_MESH_BROKER_BIN`, else the debug build
+/// in the target directory.
+pub fn broker_binary() -> PathBuf {
+    std::env::var_os("IMDS_MESH_BROKER_BIN").map_or_else(|| target_dir().join("debug/token-broker"), PathBuf::from)
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo_root().join("target"), PathBuf::from)
+}
+
 /// The optimised release build of the filter (`just build`).
 pub fn filter_wasm() -> PathBuf {
-    let wasm = std::env::var_os("IMDS_MESH_WASM").map_or_else(
-        || {
-            let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo_root().join("target"), PathBuf::from);
-            target.join("imds-mesh/imds_filter.wasm")
-        },
-        PathBuf::from,
-    );
+    let wasm = std::env::var_os("IMDS_MESH_WASM")
+        .map_or_else(|| target_dir().join("imds-mesh/imds_filter.wasm"), PathBuf::from);
     assert!(wasm.exists(), "{} is missing: run `just build`", wasm.display());
     wasm
 }

@@ -1,0 +1,14 @@
+//! `just demo` runs end to end: the demo binary exits 0 after boto3 in the
+//! "pod" got the pod's role from STS and another workload was refused.
+
+use std::process::Command;
+
+#[test]
+fn the_demo_runs_end_to_end() {
+    let output = Command::new(env!("CARGO_BIN_EXE_demo")).output().unwrap_or_else(|e| panic!("run the demo: {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("arn:aws:sts::123456789012:assumed-role/app/default.app"), "{stdout}");
+    assert!(stdout.contains("403 AccessDenied"), "{stdout}");
+    assert!(stdout.contains("imds-mesh demo: OK"), "{stdout}");
+}
