@@ -81,6 +81,7 @@ pub struct EnvoyBuilder {
     direct_body: Option<Vec<u8>>,
     sdk_endpoint: bool,
     filter_listener: Option<SocketAddr>,
+    with_filter: bool,
 }
 
 /// A running Envoy; killed on drop.
@@ -109,6 +110,7 @@ impl Envoy {
             direct_body: None,
             sdk_endpoint: false,
             filter_listener: None,
+            with_filter: true,
         }
     }
 }
@@ -156,6 +158,13 @@ impl EnvoyBuilder {
         self
     }
 
+    /// Leaves the filter out, as for a pod the WasmPlugin does not select:
+    /// what remains is the mesh's metadata guard and fail-closed route.
+    pub fn without_filter(mut self) -> Self {
+        self.with_filter = false;
+        self
+    }
+
     pub fn workers(mut self, workers: u32) -> Self {
         self.workers = workers;
         self
@@ -190,7 +199,7 @@ impl EnvoyBuilder {
             pod: self.pod.workload(),
             outbound: self.filter_listener.unwrap_or(loopback(ports.filter)),
             admin: loopback(ports.admin),
-            wasm: paths::filter_wasm(),
+            wasm: self.with_filter.then(paths::filter_wasm),
             plugin_config: config,
             broker: BrokerRoute { address: self.broker.unwrap_or(closed), mtls: self.broker_mtls.clone() },
             upstream: self.upstream.unwrap_or(closed),
@@ -198,8 +207,7 @@ impl EnvoyBuilder {
         let mut bootstrap = sidecar.bootstrap();
         // For comparisons: the same routes without the filter, and Envoy's
         // own direct response.
-        let mut extra =
-            vec![envoy::outbound_listener("outbound_80_without_filter", loopback(ports.plain), vec![envoy::router()])];
+        let mut extra = vec![envoy::outbound_listener("outbound_80_without_filter", loopback(ports.plain), Vec::new())];
         if let (Some(body), Some(port)) = (&self.direct_body, ports.direct) {
             extra.push(direct_listener(port, body));
         }

@@ -17,7 +17,6 @@ use std::time::Duration;
 use token_broker::server::{self, App, AppConfig, IdentityMode};
 use token_broker::sts::{StsClient, StsConfig};
 use token_broker::tls::{MtlsFiles, MtlsListener};
-use tokio::sync::watch;
 
 use crate::{KubeApi, Req, wait};
 
@@ -31,12 +30,12 @@ pub struct RealBroker {
     pub addr: SocketAddr,
     /// Health and metrics only, always plain HTTP.
     pub admin_addr: SocketAddr,
-    stop: watch::Sender<()>,
+    shutdown: server::Shutdown,
 }
 
 impl Drop for RealBroker {
     fn drop(&mut self) {
-        let _ = self.stop.send(());
+        self.shutdown.trigger();
     }
 }
 
@@ -51,6 +50,8 @@ pub struct RealBrokerBuilder {
 }
 
 impl RealBroker {
+    /// A broker over `api` and the STS at `sts_endpoint`, to configure and
+    /// start.
     pub fn builder(api: &KubeApi, sts_endpoint: String) -> RealBrokerBuilder {
         RealBrokerBuilder {
             api_url: api.url(),
@@ -92,29 +93,23 @@ impl RealBrokerBuilder {
         })
         .unwrap_or_else(|e| panic!("{e}"));
         let app = Arc::new(App::new(self.config, client, sts, "broker-test-0"));
-        let (stop, stopped) = watch::channel(());
-        let on_stop = move || {
-            let mut stopped = stopped.clone();
-            async move {
-                let _ = stopped.changed().await;
-            }
-        };
+        let shutdown = server::Shutdown::default();
 
         let listener = bind().await;
         let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
         match self.mtls {
             Some((files, reload)) => {
                 let listener = MtlsListener::new(listener, files, reload).unwrap_or_else(|e| panic!("mtls: {e}"));
-                tokio::spawn(server::run_mtls(listener, Arc::clone(&app), on_stop()));
+                tokio::spawn(server::run_mtls(listener, Arc::clone(&app), shutdown.signal()));
             }
             None => {
-                tokio::spawn(server::run(listener, Arc::clone(&app), on_stop()));
+                tokio::spawn(server::run(listener, Arc::clone(&app), shutdown.signal()));
             }
         }
         let admin = bind().await;
         let admin_addr = admin.local_addr().unwrap_or_else(|e| panic!("{e}"));
-        tokio::spawn(server::run_admin(admin, app, on_stop()));
-        RealBroker { addr, admin_addr, stop }
+        tokio::spawn(server::run_admin(admin, app, shutdown.signal()));
+        RealBroker { addr, admin_addr, shutdown }
     }
 
     /// [`Self::start_unsynced`], then waits for `/readyz`.

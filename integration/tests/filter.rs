@@ -550,3 +550,22 @@ async fn a_spoofed_host_sent_to_the_metadata_address_is_still_answered_locally()
     assert_eq!(elsewhere["status"].as_u64(), Some(503), "{elsewhere}");
     drop(envoy);
 }
+
+#[tokio::test]
+async fn without_the_filter_a_spoofed_host_to_the_metadata_address_is_refused_by_destination() {
+    let Some(netns) = integration::netns::NetNs::create(&["169.254.169.254/32"]) else {
+        panic!("this test needs root to create a network namespace (CI and `just test` run as root)");
+    };
+    // A pod the WasmPlugin does not select: only the mesh's guard stands
+    // between it and the node's metadata service.
+    let envoy = Envoy::sidecar().without_filter().start_in(&netns, "0.0.0.0:80".parse().unwrap());
+    // Refused by destination, whatever the Host says.
+    let spoofed = get_in(&netns, "http://169.254.169.254/latest/meta-data/iam/security-credentials/", "example.com");
+    assert_eq!(spoofed["status"].as_u64(), Some(403), "{spoofed}");
+    let named = get_in(&netns, "http://169.254.169.254/latest/meta-data/iam/security-credentials/", "169.254.169.254");
+    assert_eq!(named["status"].as_u64(), Some(403), "{named}");
+    // Any other destination still passes through (no upstream here: 503).
+    let elsewhere = get_in(&netns, "http://127.0.0.1:80/latest/meta-data/iam/security-credentials/", "example.com");
+    assert_eq!(elsewhere["status"].as_u64(), Some(503), "{elsewhere}");
+    drop(envoy);
+}

@@ -15,17 +15,33 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-/// The IMDS authorities the fail-closed route answers for (what Istio's
-/// route configuration for port 80 lists for the metadata `ServiceEntry`).
-pub const IMDS_DOMAINS: [&str; 4] = ["169.254.169.254", "169.254.169.254:80", "[fd00:ec2::254]", "[fd00:ec2::254]:80"];
+/// The IMDS authorities the fail-closed route answers for: what Istio's
+/// route configuration for port 80 lists for the metadata `ServiceEntry`
+/// (its host and addresses, with and without the port).
+pub const IMDS_DOMAINS: [&str; 6] = [
+    crate::render::IMDS_HOST,
+    "instance-data.ec2.internal:80",
+    "169.254.169.254",
+    "169.254.169.254:80",
+    "[fd00:ec2::254]",
+    "[fd00:ec2::254]:80",
+];
+
+/// The metadata addresses, as `(address, prefix length)`.
+pub const IMDS_ADDRESSES: [(&str, u32); 2] = [("169.254.169.254", 32), ("fd00:ec2::254", 128)];
 
 /// The pod a sidecar belongs to, as Istio reports it in node metadata.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workload {
+    /// Pod name (`NAME`).
     pub name: String,
+    /// Pod namespace (`NAMESPACE`).
     pub namespace: String,
+    /// The pod's service account (`SERVICE_ACCOUNT`).
     pub service_account: String,
+    /// Pod labels (`LABELS`).
     pub labels: BTreeMap<String, String>,
+    /// Pod annotations (`ANNOTATIONS`).
     pub annotations: BTreeMap<String, String>,
 }
 
@@ -52,8 +68,11 @@ impl Workload {
 /// root, all PEM files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertificateFiles {
+    /// The workload certificate.
     pub cert: PathBuf,
+    /// Its private key.
     pub key: PathBuf,
+    /// The mesh root, which peers must chain to.
     pub ca: PathBuf,
 }
 
@@ -70,15 +89,19 @@ pub struct BrokerRoute {
 /// The app's sidecar.
 #[derive(Debug, Clone)]
 pub struct AppSidecar {
+    /// The pod, as node metadata.
     pub pod: Workload,
     /// The listener standing for the pod's outbound port 80.
     pub outbound: SocketAddr,
+    /// Envoy's admin listener.
     pub admin: SocketAddr,
-    /// The filter's `.wasm`.
-    pub wasm: PathBuf,
+    /// The filter's `.wasm`; `None` for a pod the WasmPlugin does not
+    /// select (the guard and the fail-closed route still apply).
+    pub wasm: Option<PathBuf>,
     /// The filter's `pluginConfig` (its `broker_cluster` names the broker
     /// cluster).
     pub plugin_config: Value,
+    /// How the broker is reached.
     pub broker: BrokerRoute,
     /// Where non-IMDS port-80 traffic goes (Istio's passthrough).
     pub upstream: SocketAddr,
@@ -92,6 +115,7 @@ pub struct BrokerSidecar {
     /// A plaintext listener on the same route, as in PERMISSIVE mode; `None`
     /// for STRICT.
     pub plaintext: Option<SocketAddr>,
+    /// Envoy's admin listener.
     pub admin: SocketAddr,
     /// The broker on loopback.
     pub broker: SocketAddr,
@@ -114,6 +138,7 @@ impl AppSidecar {
     /// to `upstream`; the broker cluster; the pod in node metadata.
     pub fn bootstrap(&self) -> Value {
         let broker_cluster = broker_cluster(&self.plugin_config);
+        let filters = self.wasm.iter().map(|wasm| wasm_filter(wasm, &self.plugin_config)).collect();
         let mut broker = cluster(&broker_cluster, self.broker.address);
         if let Some((certificates, broker_id)) = &self.broker.mtls {
             broker["transport_socket"] = upstream_mtls(certificates, broker_id, &broker_cluster);
@@ -122,7 +147,7 @@ impl AppSidecar {
             "node": self.pod.node(),
             "admin": { "address": socket(self.admin) },
             "static_resources": {
-                "listeners": [outbound_listener("0.0.0.0_80", self.outbound, vec![wasm_filter(&self.wasm, &self.plugin_config), router()])],
+                "listeners": [outbound_listener("0.0.0.0_80", self.outbound, filters)],
                 "clusters": [cluster(PASSTHROUGH_CLUSTER, self.upstream), broker],
             },
         })
@@ -191,10 +216,14 @@ fn inbound_manager(stat_prefix: &str) -> Value {
     manager
 }
 
-/// The outbound port-80 listener: IMDS authorities get a fixed 404 unless
-/// a filter before the router answers (fail closed: a pod without the
-/// filter never reaches the node's IMDS), the rest passes through.
-pub fn outbound_listener(name: &str, address: SocketAddr, filters: Vec<Value>) -> Value {
+/// The outbound port-80 listener: `filters` (the filter, or none), then
+/// the metadata guard and the router. A request no filter answered is
+/// refused twice over: one to a metadata address (by original destination)
+/// gets 403 from the guard, whatever its `Host`; one naming an IMDS
+/// authority gets the route's fixed 404 wherever it was sent. The rest
+/// passes through.
+pub fn outbound_listener(name: &str, address: SocketAddr, mut filters: Vec<Value>) -> Value {
+    filters.extend([deny_imds_destinations(), router()]);
     let fail_closed = json!({
         "match": { "prefix": "/" },
         "direct_response": { "status": 404, "body": { "inline_string": "imds-mesh: instance metadata is not served to this pod\n" } },
@@ -225,6 +254,30 @@ pub fn http_connection_manager(stat_prefix: &str, virtual_hosts: Value, filters:
             "generate_request_id": false,
             "route_config": { "name": stat_prefix, "virtual_hosts": virtual_hosts },
             "http_filters": filters,
+        },
+    })
+}
+
+/// An HTTP RBAC filter refusing every request whose connection is to a
+/// metadata address (the original destination), before the router could
+/// pass it through. It sits after the imds-mesh filter, which answers the
+/// requests of enabled pods first; Istio gets the same filter from the
+/// rendered `EnvoyFilter`.
+pub fn deny_imds_destinations() -> Value {
+    let permissions: Vec<Value> = IMDS_ADDRESSES
+        .iter()
+        .map(|(address, prefix_len)| json!({ "destination_ip": { "address_prefix": address, "prefix_len": prefix_len } }))
+        .collect();
+    json!({
+        "name": "imds-mesh.deny-instance-metadata",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+            "rules": {
+                "action": "DENY",
+                "policies": {
+                    "instance-metadata": { "permissions": permissions, "principals": [{ "any": true }] },
+                },
+            },
         },
     })
 }
@@ -279,6 +332,7 @@ pub fn cluster(name: &str, address: SocketAddr) -> Value {
     })
 }
 
+/// An Envoy `socket_address`.
 pub fn socket(address: SocketAddr) -> Value {
     json!({ "socket_address": { "address": address.ip().to_string(), "port_value": address.port() } })
 }

@@ -1,7 +1,8 @@
 //! The Istio resources imds-mesh renders, typed with the fields it uses
 //! (istio/api `networking/v1alpha3`, `security/v1beta1`,
 //! `extensions/v1alpha1`, served as `networking.istio.io/v1` and
-//! `security.istio.io/v1` since Istio 1.22). No published Istio type crate
+//! `security.istio.io/v1` since Istio 1.22; EnvoyFilter only as
+//! `v1alpha3`). No published Istio type crate
 //! builds with kube 5, so they are declared here with kube's
 //! `CustomResource` derive (no schema: Istio installs the CRDs).
 //!
@@ -235,6 +236,100 @@ pub enum TlsMode {
     IstioMutual,
 }
 
+/// A patch to the Envoy configuration Istio generates
+/// (`networking/v1alpha3/envoy_filter.proto`); imds-mesh inserts one HTTP
+/// filter.
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[kube(group = "networking.istio.io", version = "v1alpha3", kind = "EnvoyFilter", namespaced, schema = "disabled")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnvoyFilterSpec {
+    pub config_patches: Vec<ConfigPatch>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConfigPatch {
+    pub apply_to: ApplyTo,
+    #[serde(rename = "match")]
+    pub target: PatchMatch,
+    pub patch: Patch,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ApplyTo {
+    Listener,
+    FilterChain,
+    NetworkFilter,
+    HttpFilter,
+    RouteConfiguration,
+    VirtualHost,
+    HttpRoute,
+    Cluster,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PatchMatch {
+    pub context: PatchContext,
+    pub listener: ListenerMatch,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PatchContext {
+    Any,
+    SidecarInbound,
+    SidecarOutbound,
+    Gateway,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ListenerMatch {
+    pub port_number: u32,
+    pub filter_chain: FilterChainMatch,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FilterChainMatch {
+    pub filter: FilterMatch,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FilterMatch {
+    pub name: String,
+    pub sub_filter: SubFilterMatch,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SubFilterMatch {
+    pub name: String,
+}
+
+/// What to do at the match; `value` is Envoy configuration (a filter).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Patch {
+    pub operation: PatchOperation,
+    pub value: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PatchOperation {
+    Merge,
+    Add,
+    Remove,
+    InsertBefore,
+    InsertAfter,
+    InsertFirst,
+    Replace,
+}
+
 // ---------------------------------------------------------------------------
 // security.istio.io/v1
 
@@ -245,6 +340,9 @@ pub enum TlsMode {
 pub struct PeerAuthenticationSpec {
     pub selector: WorkloadSelector,
     pub mtls: PeerMtls,
+    /// Per-port exceptions (only with a selector), keyed by port number.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub port_level_mtls: BTreeMap<u32, PeerMtls>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -297,7 +297,7 @@ fn app(args: AppArgs) -> Result<AppSidecar, String> {
         },
         outbound: args.listen,
         admin: args.admin,
-        wasm: args.wasm,
+        wasm: Some(args.wasm),
         plugin_config,
         broker: BrokerRoute { address: args.broker, mtls },
         upstream: args.upstream,

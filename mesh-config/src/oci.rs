@@ -17,8 +17,11 @@ use flate2::write::GzEncoder;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+/// The image manifest's media type (OCI image manifest v1).
 pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+/// The config blob's media type (OCI image config v1).
 pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
+/// The one layer's media type: what Istio's "compat" variant reads.
 pub const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 /// The file Istio looks for in the layer.
 pub const WASM_FILE_NAME: &str = "plugin.wasm";
@@ -26,8 +29,11 @@ pub const WASM_FILE_NAME: &str = "plugin.wasm";
 /// A built image: its three blobs and the manifest's digest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OciImage {
+    /// The manifest, byte for byte as pushed (its digest is the image's).
     pub manifest: Vec<u8>,
+    /// The image config blob.
     pub config: Vec<u8>,
+    /// The gzipped tar holding `plugin.wasm`.
     pub layer: Vec<u8>,
 }
 

@@ -29,6 +29,10 @@ use crate::istio::{
     TrafficPolicy, TrafficSelector, VirtualService, VirtualServiceSpec, WasmPlugin, WasmPluginSpec, WorkloadMode,
     WorkloadSelector,
 };
+use crate::istio::{
+    ApplyTo, ConfigPatch, EnvoyFilter, EnvoyFilterSpec, FilterChainMatch, FilterMatch, ListenerMatch, Patch,
+    PatchContext, PatchMatch, PatchOperation, SubFilterMatch,
+};
 
 /// The broker's name: ServiceAccount, Deployment, Service, labels.
 pub const BROKER: &str = "token-broker";
@@ -50,8 +54,11 @@ pub struct Options {
     /// Istio's root namespace: the WasmPlugin, ServiceEntry and
     /// VirtualService there apply to the whole mesh.
     pub root_namespace: String,
+    /// The token-broker container image.
     pub broker_image: String,
+    /// Broker replicas.
     pub replicas: i32,
+    /// The mesh's trust domain (the broker's SPIFFE ID and its callers').
     pub trust_domain: String,
     /// AWS region of the STS endpoint the broker calls.
     pub sts_region: String,
@@ -63,6 +70,7 @@ pub struct Options {
     pub wasm_url: String,
     /// The WasmPlugin `sha256` (OCI: manifest digest; HTTP: module digest).
     pub wasm_sha256: Option<String>,
+    /// The filter's IMDSv2 enforcement.
     pub http_tokens: HttpTokens,
     /// `FAIL_RELOAD` needs Istio 1.27; `FAIL_CLOSE` for older releases.
     pub fail_strategy: FailStrategy,
@@ -129,6 +137,7 @@ pub enum Object {
     DestinationRule(DestinationRule),
     ServiceEntry(ServiceEntry),
     VirtualService(VirtualService),
+    EnvoyFilter(EnvoyFilter),
     WasmPlugin(WasmPlugin),
 }
 
@@ -142,6 +151,7 @@ impl Object {
                 | Self::DestinationRule(_)
                 | Self::ServiceEntry(_)
                 | Self::VirtualService(_)
+                | Self::EnvoyFilter(_)
                 | Self::WasmPlugin(_)
         )
     }
@@ -165,6 +175,7 @@ pub fn render(options: &Options) -> Vec<Object> {
         Object::DestinationRule(destination_rule(options)),
         Object::ServiceEntry(service_entry(options)),
         Object::VirtualService(fail_closed_route(options)),
+        Object::EnvoyFilter(metadata_guard(options)),
         Object::WasmPlugin(wasm_plugin(options)),
     ]
 }
@@ -414,14 +425,18 @@ fn pod_disruption_budget(options: &Options) -> PodDisruptionBudget {
     }
 }
 
-/// Callers reach the broker only over mesh mTLS: the XFCC element the
-/// broker trusts exists only then.
+/// Callers reach the broker's service port only over mesh mTLS: the XFCC
+/// element the broker trusts exists only then. The admin port is
+/// PERMISSIVE so a scraper outside the mesh can read health and metrics.
 fn peer_authentication(options: &Options) -> PeerAuthentication {
     PeerAuthentication {
         metadata: meta(BROKER, &options.namespace),
         spec: PeerAuthenticationSpec {
             selector: WorkloadSelector { match_labels: broker_selector() },
             mtls: PeerMtls { mode: MtlsMode::Strict },
+            // Health and metrics only, no secrets: scrapers outside the mesh
+            // may reach them.
+            port_level_mtls: BTreeMap::from([(u32::from(ADMIN_PORT), PeerMtls { mode: MtlsMode::Permissive })]),
         },
     }
 }
@@ -505,6 +520,36 @@ fn fail_closed_route(options: &Options) -> VirtualService {
                 },
             }],
             export_to: vec!["*".to_owned()],
+        },
+    }
+}
+
+/// Fail closed by destination: in every sidecar, a port-80 request whose
+/// connection is to a metadata address and that no filter answered gets
+/// 403 before the router could pass it to the node's IMDS, whatever its
+/// `Host` says (the VirtualService above matches by `Host` only). Inserted
+/// just before the router, so after the imds-mesh filter, which answers
+/// enabled pods first. The same filter is in the local bootstraps.
+fn metadata_guard(options: &Options) -> EnvoyFilter {
+    EnvoyFilter {
+        metadata: meta("instance-metadata-guard", &options.root_namespace),
+        spec: EnvoyFilterSpec {
+            config_patches: vec![ConfigPatch {
+                apply_to: ApplyTo::HttpFilter,
+                target: PatchMatch {
+                    context: PatchContext::SidecarOutbound,
+                    listener: ListenerMatch {
+                        port_number: 80,
+                        filter_chain: FilterChainMatch {
+                            filter: FilterMatch {
+                                name: "envoy.filters.network.http_connection_manager".to_owned(),
+                                sub_filter: SubFilterMatch { name: "envoy.filters.http.router".to_owned() },
+                            },
+                        },
+                    },
+                },
+                patch: Patch { operation: PatchOperation::InsertBefore, value: crate::envoy::deny_imds_destinations() },
+            }],
         },
     }
 }
@@ -601,6 +646,7 @@ mod tests {
                     Object::DestinationRule(_) => round_trip::<DestinationRule>(&object),
                     Object::PeerAuthentication(_) => round_trip::<PeerAuthentication>(&object),
                     Object::AuthorizationPolicy(_) => round_trip::<AuthorizationPolicy>(&object),
+                    Object::EnvoyFilter(_) => round_trip::<EnvoyFilter>(&object),
                     _ => assert!(!object.is_istio()),
                 }
             }

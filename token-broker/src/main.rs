@@ -199,9 +199,19 @@ async fn serve(args: Args) -> Result<(), String> {
         Mode::Mtls => IdentityMode::Mtls { trust_domain: args.trust_domain.clone() },
         Mode::InsecureDev => IdentityMode::InsecureDev { trust_domain: args.trust_domain.clone() },
     };
+    // Flags of another mode are refused rather than ignored: a broker started
+    // with `--tls-cert` but without `--identity-mode mtls` would otherwise
+    // serve plain HTTP.
+    let tls_flags = args.tls_cert.is_some() || args.tls_key.is_some() || args.tls_client_ca.is_some();
+    if tls_flags && args.identity_mode != Mode::Mtls {
+        return Err("--tls-cert, --tls-key and --tls-client-ca apply only to --identity-mode mtls".into());
+    }
+    if args.own_spiffe_id.is_some() && args.identity_mode != Mode::Xfcc {
+        return Err("--own-spiffe-id applies only to --identity-mode xfcc".into());
+    }
     // Checked before anything connects, so a bad file fails fast.
     let tls_files = match (&args.tls_cert, &args.tls_key, &args.tls_client_ca) {
-        (Some(cert), Some(key), Some(client_ca)) if args.identity_mode == Mode::Mtls => {
+        (Some(cert), Some(key), Some(client_ca)) => {
             let files = MtlsFiles {
                 certificate_chain: cert.clone(),
                 private_key: key.clone(),
@@ -209,6 +219,9 @@ async fn serve(args: Args) -> Result<(), String> {
             };
             files.load().map_err(|e| format!("mtls: {e}"))?;
             Some(files)
+        }
+        _ if args.identity_mode == Mode::Mtls => {
+            return Err("--identity-mode mtls needs --tls-cert, --tls-key and --tls-client-ca".into());
         }
         _ => None,
     };
@@ -245,23 +258,17 @@ async fn serve(args: Args) -> Result<(), String> {
         None => None,
     };
 
-    let (stop, stopped) = tokio::sync::watch::channel(());
-    let on_stop = move || {
-        let mut stopped = stopped.clone();
-        async move {
-            let _ = stopped.changed().await;
-        }
-    };
+    let shutdown = server::Shutdown::default();
     let main: BoxFuture<'static, std::io::Result<()>> = match tls_files {
         Some(files) => {
             let listener = MtlsListener::new(listener, files, Duration::from_secs(args.tls_reload_seconds))
                 .map_err(|e| format!("mtls: {e}"))?;
-            Box::pin(server::run_mtls(listener, Arc::clone(&app), on_stop()))
+            Box::pin(server::run_mtls(listener, Arc::clone(&app), shutdown.signal()))
         }
-        None => Box::pin(server::run(listener, Arc::clone(&app), on_stop())),
+        None => Box::pin(server::run(listener, Arc::clone(&app), shutdown.signal())),
     };
     let admin: BoxFuture<'static, std::io::Result<()>> = match admin_listener {
-        Some(listener) => Box::pin(server::run_admin(listener, app, on_stop())),
+        Some(listener) => Box::pin(server::run_admin(listener, app, shutdown.signal())),
         None => Box::pin(std::future::ready(Ok(()))),
     };
     // Either server failing stops both.
@@ -271,7 +278,7 @@ async fn serve(args: Args) -> Result<(), String> {
         () = shutdown_signal() => {}
     }
     tracing::info!(grace_seconds = args.shutdown_grace_seconds, "shutting down: draining in-flight requests");
-    let _ = stop.send(());
+    shutdown.trigger();
     match tokio::time::timeout(Duration::from_secs(args.shutdown_grace_seconds), &mut server).await {
         Ok(result) => finished(result),
         Err(_) => {

@@ -615,6 +615,33 @@ impl Collector for CacheCollector {
 // ---------------------------------------------------------------------------
 // HTTP.
 
+/// One shutdown for the several servers of a broker (service and admin
+/// listeners): every [`Shutdown::signal`] completes once [`Shutdown::trigger`]
+/// is called or the `Shutdown` is dropped.
+#[derive(Debug)]
+pub struct Shutdown(tokio::sync::watch::Sender<()>);
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self(tokio::sync::watch::Sender::new(()))
+    }
+}
+
+impl Shutdown {
+    /// A future for [`run`], [`run_mtls`] or [`run_admin`].
+    pub fn signal(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut changed = self.0.subscribe();
+        async move {
+            let _ = changed.changed().await;
+        }
+    }
+
+    /// Starts the graceful shutdown of every server given a signal.
+    pub fn trigger(&self) {
+        self.0.send_replace(());
+    }
+}
+
 /// Serves the broker over plain HTTP on `listener` (the `xfcc` and
 /// `insecure-dev` modes) until `shutdown` completes, then stops accepting and
 /// drains the requests in flight.

@@ -273,8 +273,10 @@ async fn accept_loop(
                     // Fails only when the server has stopped taking connections.
                     let _ = accepted.send((tls, remote)).await;
                 }
-                Ok(Err(error)) => tracing::info!(%remote, %error, "TLS handshake refused"),
-                Err(_) => tracing::info!(%remote, "TLS handshake timed out"),
+                // Debug, not info: scanners and plain-HTTP probes would
+                // otherwise fill the log at the rate they connect.
+                Ok(Err(error)) => tracing::debug!(%remote, %error, "TLS handshake refused"),
+                Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
             }
         });
     }

@@ -97,6 +97,18 @@ fn mtls_mode_with_an_unreadable_file_fails_at_start_naming_it() {
 }
 
 #[test]
+fn flags_of_another_identity_mode_are_refused_not_ignored() {
+    let base = ["--sts-region", "us-east-1", "--kube-api-url", "http://127.0.0.1:9", "--listen", "127.0.0.1:0"];
+    let output = broker(&[&base[..], &["--identity-mode", "insecure-dev", "--tls-cert", "/tmp/tls.crt"]].concat());
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).contains("apply only to --identity-mode mtls"), "{output:?}");
+    let output =
+        broker(&[&base[..], &["--identity-mode", "insecure-dev", "--own-spiffe-id", "spiffe://a/ns/b/sa/c"]].concat());
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).contains("--own-spiffe-id applies only"), "{output:?}");
+}
+
+#[test]
 fn sigterm_stops_the_broker_within_the_grace_period() {
     use std::io::{Read, Write};
     use std::time::{Duration, Instant};
