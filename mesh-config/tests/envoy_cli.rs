@@ -6,13 +6,25 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use integration::paths;
-use integration::pki::{self, MeshCa};
+use integration::pki::{self, MeshCa, WorkloadFiles};
 
 fn mesh_config(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_mesh-config"))
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("run mesh-config: {e}"))
+}
+
+/// `--cert`, `--key` and `--ca` for `files`.
+fn certificate_flags(files: &WorkloadFiles) -> [&str; 6] {
+    [
+        "--cert",
+        files.cert.to_str().unwrap_or_default(),
+        "--key",
+        files.key.to_str().unwrap_or_default(),
+        "--ca",
+        files.ca.to_str().unwrap_or_default(),
+    ]
 }
 
 /// Writes `bootstrap` and runs `envoy --mode validate` on it.
@@ -31,32 +43,31 @@ fn the_app_sidecar_bootstrap_loads_the_filter_and_validates() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let certs = MeshCa::new("mesh").workload(&[&pki::spiffe_id("default", "app")]).write(dir.path(), "app");
     let wasm = paths::filter_wasm();
-    let output = mesh_config(&[
-        "envoy",
-        "app",
-        "--pod-name",
-        "app-0",
-        "--service-account",
-        "app",
-        "--label",
-        "gkemulticloud.googleapis.com/aws-imds-emulator-enabled=True",
-        "--annotation",
-        "gkemulticloud.googleapis.com/aws-imds-emulator-role-arn=arn:aws:iam::123456789012:role/app",
-        "--wasm",
-        wasm.to_str().unwrap_or_default(),
-        "--plugin-config",
-        r#"{"http_tokens":"required"}"#,
-        "--broker",
-        "127.0.0.1:15443",
-        "--broker-id",
-        "spiffe://cluster.local/ns/imds-mesh/sa/token-broker",
-        "--cert",
-        certs.cert.to_str().unwrap_or_default(),
-        "--key",
-        certs.key.to_str().unwrap_or_default(),
-        "--ca",
-        certs.ca.to_str().unwrap_or_default(),
-    ]);
+    let output = mesh_config(
+        &[
+            "envoy",
+            "app",
+            "--pod-name",
+            "app-0",
+            "--service-account",
+            "app",
+            "--label",
+            "gkemulticloud.googleapis.com/aws-imds-emulator-enabled=True",
+            "--annotation",
+            "gkemulticloud.googleapis.com/aws-imds-emulator-role-arn=arn:aws:iam::123456789012:role/app",
+            "--wasm",
+            wasm.to_str().unwrap_or_default(),
+            "--plugin-config",
+            r#"{"http_tokens":"required"}"#,
+            "--broker",
+            "127.0.0.1:15443",
+            "--broker-id",
+            "spiffe://cluster.local/ns/imds-mesh/sa/token-broker",
+        ]
+        .into_iter()
+        .chain(certificate_flags(&certs))
+        .collect::<Vec<_>>(),
+    );
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let bootstrap: serde_json::Value =
         serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("not JSON: {e}"));
@@ -74,18 +85,12 @@ fn the_broker_sidecar_bootstrap_validates() {
     let certs = MeshCa::new("mesh")
         .workload(&["spiffe://cluster.local/ns/imds-mesh/sa/token-broker"])
         .write(dir.path(), "broker");
-    let output = mesh_config(&[
-        "envoy",
-        "broker",
-        "--plaintext-listen",
-        "127.0.0.1:15081",
-        "--cert",
-        certs.cert.to_str().unwrap_or_default(),
-        "--key",
-        certs.key.to_str().unwrap_or_default(),
-        "--ca",
-        certs.ca.to_str().unwrap_or_default(),
-    ]);
+    let output = mesh_config(
+        &["envoy", "broker", "--plaintext-listen", "127.0.0.1:15081"]
+            .into_iter()
+            .chain(certificate_flags(&certs))
+            .collect::<Vec<_>>(),
+    );
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(text.contains("APPEND_FORWARD") && text.contains("\"require_client_certificate\": true"), "{text}");
