@@ -28,7 +28,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use axum::routing::get;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -78,8 +78,11 @@ pub const DEV_NAMESPACE_HEADER: &str = "x-imds-mesh-namespace";
 /// Plain-header identity in `insecure-dev` mode.
 pub const DEV_SERVICE_ACCOUNT_HEADER: &str = "x-imds-mesh-service-account";
 
-/// The caller-identity header in `xfcc` mode.
-const XFCC_HEADER: &str = "x-forwarded-client-cert";
+/// The caller-identity header in `xfcc` mode. The headers are looked up by
+/// `HeaderName`, not `&str`, so no request pays for parsing the name.
+const XFCC_HEADER: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+const DEV_NAMESPACE: HeaderName = HeaderName::from_static(DEV_NAMESPACE_HEADER);
+const DEV_SERVICE_ACCOUNT: HeaderName = HeaderName::from_static(DEV_SERVICE_ACCOUNT_HEADER);
 
 /// How the broker learns who is calling.
 #[derive(Debug, Clone)]
@@ -114,7 +117,7 @@ impl IdentityMode {
                 .and_then(|p| p.caller(trust_domain))
                 .map_err(unauthenticated),
             Self::InsecureDev { trust_domain } => {
-                let one = |name: &str| {
+                let one = |name: &HeaderName| {
                     let mut values = headers.get_all(name).iter();
                     match (values.next(), values.next()) {
                         (Some(value), None) => value.to_str().ok(),
@@ -122,7 +125,7 @@ impl IdentityMode {
                     }
                 };
                 let (Some(namespace), Some(service_account)) =
-                    (one(DEV_NAMESPACE_HEADER), one(DEV_SERVICE_ACCOUNT_HEADER))
+                    (one(&DEV_NAMESPACE), one(&DEV_SERVICE_ACCOUNT))
                 else {
                     return Err(BrokerError::Unauthenticated { label: "missing" });
                 };
