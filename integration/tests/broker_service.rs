@@ -503,8 +503,10 @@ impl std::io::Write for LogBuffer {
     }
 }
 
-// current_thread: the subscriber is the thread's default, and every task
-// (server, pod watch, cache fetches, Event recording) runs on this thread.
+// The subscriber is the process's global default, not a scoped one: with a
+// scoped default, the other tests' threads (no subscriber) race it for
+// tracing's per-callsite interest cache, and a callsite can end up disabled
+// here. Their lines land in the buffer too, which only widens the check.
 #[tokio::test(flavor = "current_thread")]
 async fn no_key_secret_or_token_reaches_the_broker_logs() {
     let logs = LogBuffer::default();
@@ -515,12 +517,12 @@ async fn no_key_secret_or_token_reaches_the_broker_logs() {
         !sdk || *meta.level() <= LevelFilter::DEBUG
     });
     let (text, json) = (logs.clone(), logs.clone());
-    let _guard = tracing_subscriber::registry()
+    let subscriber = tracing_subscriber::registry()
         .with(EnvFilter::new("info"))
         .with(sdk_cap)
         .with(tracing_subscriber::fmt::layer().with_ansi(false).with_writer(move || text.clone()))
-        .with(tracing_subscriber::fmt::layer().json().with_writer(move || json.clone()))
-        .set_default();
+        .with(tracing_subscriber::fmt::layer().json().with_writer(move || json.clone()));
+    subscriber.try_init().unwrap_or_else(|e| panic!("{e}"));
 
     let api = KubeApi::start().await;
     for (name, sa) in [("web-0", SA), ("other-sa", "admin"), ("worker-0", "worker"), ("batch-0", "batch")] {

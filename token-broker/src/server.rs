@@ -124,9 +124,7 @@ impl IdentityMode {
                         _ => None,
                     }
                 };
-                let (Some(namespace), Some(service_account)) =
-                    (one(&DEV_NAMESPACE), one(&DEV_SERVICE_ACCOUNT))
-                else {
+                let (Some(namespace), Some(service_account)) = (one(&DEV_NAMESPACE), one(&DEV_SERVICE_ACCOUNT)) else {
                     return Err(BrokerError::Unauthenticated { label: "missing" });
                 };
                 // Parsing the SPIFFE ID checks both names as Kubernetes would.
