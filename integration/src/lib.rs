@@ -31,6 +31,7 @@
 //! - [`pki`]: a mesh CA and workload certificates (rcgen), and TLS clients.
 //! - [`registry`]: an OCI registry (Debian `docker-registry`) for the filter's image.
 //! - [`real_broker`]: the real token broker, in-process, in any identity mode.
+//! - [`process`]: readiness and teardown of child processes.
 //! - [`wait`]: polling for eventual states without timing assumptions.
 //! - [`bench`]: what the `bench-*` binaries share: options, `wrk` runs, rounds and their figures.
 
@@ -43,7 +44,7 @@ pub mod kube_api;
 pub mod netns;
 pub mod paths;
 pub mod pki;
-mod process;
+pub mod process;
 pub mod real_broker;
 pub mod registry;
 pub mod scripted_sts;

@@ -10,7 +10,7 @@ use crate::{Req, wait};
 
 /// Waits until `GET path` on `addr` answers 200, failing with the process's
 /// log (at `log`) if it exits first.
-pub(crate) async fn until_answering(child: &mut Child, what: &str, log: &Path, addr: SocketAddr, path: &str) {
+pub async fn until_answering(child: &mut Child, what: &str, log: &Path, addr: SocketAddr, path: &str) {
     wait::until(&format!("{what} to answer"), || {
         if let Ok(Some(status)) = child.try_wait() {
             let log = std::fs::read_to_string(log).unwrap_or_default();

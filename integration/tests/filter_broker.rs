@@ -7,10 +7,10 @@
 //! same without the broker's sidecar, the broker terminating mTLS itself.
 
 use integration::clients::SdkClient;
+use integration::kube_api::{self, KubeApi};
 use integration::pki::{self, MeshCa, WorkloadFiles};
-use integration::{CREDENTIALS_PATH, Envoy, KubeApi, Pod, ROLE_ARN, RealBroker, Req, Sts, wait};
-use k8s_openapi::api::core::v1::{Pod as KubePod, PodSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use integration::{CREDENTIALS_PATH, Envoy, Pod, ROLE_ARN, RealBroker, Req, Sts, wait};
+use k8s_openapi::api::core::v1::Pod as KubePod;
 use tempfile::TempDir;
 use token_broker::identity::{SpiffeId, XfccVerifier};
 use token_broker::server::IdentityMode;
@@ -21,19 +21,7 @@ const BROKER_ID: &str = "spiffe://cluster.local/ns/imds-mesh/sa/token-broker";
 /// The Kubernetes object of the pod an [`Envoy`] sidecar belongs to, with
 /// the role annotation `role_arn`.
 fn kube_pod(pod: &Pod, role_arn: &str) -> KubePod {
-    let mut annotations = pod.annotations.clone();
-    annotations.insert(token_broker::authz::ROLE_ARN_ANNOTATION.to_owned(), role_arn.to_owned());
-    KubePod {
-        metadata: ObjectMeta {
-            name: Some(pod.name.clone()),
-            namespace: Some(pod.namespace.clone()),
-            labels: Some(pod.labels.clone()),
-            annotations: Some(annotations),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PodSpec { service_account_name: Some(pod.service_account.clone()), ..PodSpec::default() }),
-        ..KubePod::default()
-    }
+    kube_api::enabled_pod(&pod.namespace, &pod.name, &pod.service_account, role_arn)
 }
 
 /// The mesh: a CA, and the broker's and the app's workload certificates.

@@ -21,6 +21,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 
+use crate::envoy::IMDS_ADDRESSES;
 use crate::istio::{
     Action, AuthorizationPolicy, AuthorizationPolicySpec, ClientTls, ConsistentHash, DestinationRule,
     DestinationRuleSpec, FailStrategy, HttpBody, HttpDirectResponse, HttpRoute, LoadBalancer, Location, MtlsMode,
@@ -495,7 +496,7 @@ fn service_entry(options: &Options) -> ServiceEntry {
         metadata: meta("instance-metadata", &options.root_namespace),
         spec: ServiceEntrySpec {
             hosts: vec![IMDS_HOST.to_owned()],
-            addresses: vec!["169.254.169.254/32".to_owned(), "fd00:ec2::254/128".to_owned()],
+            addresses: IMDS_ADDRESSES.iter().map(|(address, prefix_len)| format!("{address}/{prefix_len}")).collect(),
             ports: vec![MeshPort { number: 80, protocol: "HTTP".to_owned(), name: "http".to_owned() }],
             location: Location::MeshExternal,
             resolution: Resolution::None,

@@ -81,6 +81,8 @@ pub enum TlsError {
     NoCertificate { path: PathBuf },
     #[error("client CA bundle {}: {source}", .path.display())]
     ClientCa { path: PathBuf, source: rustls::server::VerifierBuilderError },
+    #[error("the TCP listener: {0}")]
+    Listener(io::Error),
     #[error("certificate chain and private key: {0}")]
     Rustls(#[from] rustls::Error),
 }
@@ -207,7 +209,7 @@ impl MtlsListener {
     /// `reload_interval`. Fails if the files do not load now. Must be called
     /// inside a tokio runtime.
     pub fn new(tcp: TcpListener, files: MtlsFiles, reload_interval: Duration) -> Result<Self, TlsError> {
-        let local_addr = tcp.local_addr().map_err(|source| TlsError::Read { path: "<listener>".into(), source })?;
+        let local_addr = tcp.local_addr().map_err(TlsError::Listener)?;
         let material = files.read()?;
         let current = Arc::new(RwLock::new(files.config(&material)?));
         let (send, accepted) = mpsc::channel(ACCEPTED_BACKLOG);

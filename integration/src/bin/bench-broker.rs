@@ -29,21 +29,17 @@
 //! [--duration SECS] [--connections N]`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use integration::bench::{self, Options, Sample, WARM_UP_SECS, WRK_THREADS, Wrk, load_average, nproc, verdict};
 use integration::broker::Scripted;
-use integration::{KubeApi, Req, ScriptedSts, wait};
-use k8s_openapi::api::core::v1::{Pod, PodSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use integration::kube_api::{self, KubeApi};
+use integration::{RealBroker, Req, ScriptedSts};
+use k8s_openapi::api::core::v1::Pod;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use token_broker::authz::{ENABLED_LABEL, ENABLED_VALUE, ROLE_ARN_ANNOTATION};
-use token_broker::server::{self, App, AppConfig, DEV_NAMESPACE_HEADER, DEV_SERVICE_ACCOUNT_HEADER, IdentityMode};
-use token_broker::sts::{StsClient, StsConfig};
+use token_broker::server::{DEV_NAMESPACE_HEADER, DEV_SERVICE_ACCOUNT_HEADER};
 
 /// `c/h` req/s target: a cached credential vs the trivial handler.
 const HIT_TARGET: f64 = 0.80;
@@ -99,18 +95,9 @@ struct Case {
 struct Bench {
     api: KubeApi,
     sts: ScriptedSts,
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    broker: RealBroker,
     cases: [Case; 2],
     wrk: Wrk,
-}
-
-impl Drop for Bench {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
 }
 
 async fn run(options: Options) -> Result<(), String> {
@@ -177,40 +164,23 @@ impl Bench {
         // came from.
         let sts = ScriptedSts::start(|call| sts_success(call, STS_DELAY)).await;
 
-        let url = api.url().parse().map_err(|e| format!("the Kubernetes API URL: {e}"))?;
-        let client = token_broker::kube::client(kube::Config::new(url)).map_err(|e| format!("kube client: {e}"))?;
-        let sts_client = StsClient::new(StsConfig {
-            endpoint_url: Some(sts.endpoint()),
-            operation_timeout: Duration::from_secs(5),
-            ..StsConfig::new("us-east-1")
-        })
-        .map_err(|e| format!("STS client: {e}"))?;
-        let identity = IdentityMode::InsecureDev { trust_domain: "cluster.local".into() };
-        let app = Arc::new(App::new(AppConfig::new(identity), client, sts_client, "bench-broker-0"));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| format!("bind: {e}"))?;
-        let addr = listener.local_addr().map_err(|e| format!("local address: {e}"))?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(server::run(listener, app, async move {
-            let _ = stopped.await;
-        }));
-        wait::until("the broker to be ready", || async move {
-            (Req::get("/readyz").host("token-broker").send(addr).await.status == 200).then_some(())
-        })
-        .await;
+        // The same service the broker tests run (insecure-dev identity),
+        // ready once its pod watch has synced.
+        let broker = RealBroker::builder(&api, sts.endpoint()).start().await;
 
         let wrk = Wrk::new()?;
         let cases = [
             Case { key: "h", what: "GET /healthz (same router, trivial)", path: "/healthz".to_owned() },
             Case { key: "c", what: "GET /v1/credentials, cached", path: credentials_path(HIT_KEY) },
         ];
-        Ok(Self { api, sts, addr, stop: Some(stop), cases, wrk })
+        Ok(Self { api, sts, broker, cases, wrk })
     }
 
     /// Sends [`COLD_REQUESTS`] first requests at once, request `i` for pod
     /// `i % COLD_KEYS`, and prints the TokenRequests and STS calls they
     /// caused.
     async fn cold_start(&self) -> Result<(), String> {
-        let addr = self.addr;
+        let addr = self.broker.addr;
         let started = Instant::now();
         let requests =
             (0..COLD_REQUESTS).map(|i| async move { (i % COLD_KEYS, dev_request(i % COLD_KEYS).send(addr).await) });
@@ -255,7 +225,7 @@ impl Bench {
     /// Checks that both cases answer 200, the hit case with a credential.
     async fn check_cases(&self) -> Result<(), String> {
         for case in &self.cases {
-            let reply = with_identity(Req::get(case.path.as_str()), HIT_KEY).send(self.addr).await;
+            let reply = with_identity(Req::get(case.path.as_str()), HIT_KEY).send(self.broker.addr).await;
             if reply.status != 200 {
                 return Err(format!("case {} answers {}: {}", case.key, reply.status, reply.body_text()));
             }
@@ -268,7 +238,7 @@ impl Bench {
 
     /// The broker's cache and STS counters from `/metrics`.
     async fn cache_metrics(&self) -> String {
-        let text = Req::get("/metrics").host("token-broker").send(self.addr).await.body_text();
+        let text = Req::get("/metrics").host("token-broker").send(self.broker.addr).await.body_text();
         let wanted =
             ["token_broker_cache_hits_total", "token_broker_cache_misses_total", "token_broker_sts_calls_total"];
         text.lines()
@@ -282,24 +252,15 @@ impl Bench {
     async fn wrk(&self, case: &Case, load: bench::Load) -> Result<Sample, String> {
         let identity =
             [format!("{DEV_NAMESPACE_HEADER}: {NAMESPACE}"), format!("{DEV_SERVICE_ACCOUNT_HEADER}: bench-{HIT_KEY}")];
-        self.wrk.run(&format!("http://{}{}", self.addr, case.path), &identity, load).await
+        self.wrk.run(&format!("http://{}{}", self.broker.addr, case.path), &identity, load).await
     }
 }
 
 /// Pod `key`: `bench-{key}` in [`NAMESPACE`], running as service account
 /// `bench-{key}`, opted in and annotated with role `bench-{key}`.
 fn pod(key: usize) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(format!("bench-{key}")),
-            namespace: Some(NAMESPACE.into()),
-            labels: Some(BTreeMap::from([(ENABLED_LABEL.to_owned(), ENABLED_VALUE.to_owned())])),
-            annotations: Some(BTreeMap::from([(ROLE_ARN_ANNOTATION.to_owned(), role_arn(key))])),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PodSpec { service_account_name: Some(format!("bench-{key}")), ..PodSpec::default() }),
-        ..Pod::default()
-    }
+    let name = format!("bench-{key}");
+    kube_api::enabled_pod(NAMESPACE, &name, &name, &role_arn(key))
 }
 
 fn role_arn(key: usize) -> String {

@@ -28,7 +28,7 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use integration::clients::SdkClient;
 use integration::kube_api::{self, KubeApi};
 use integration::pki::{self, MeshCa};
-use integration::{CREDENTIALS_PATH, Envoy, Pod, ROLE_ARN, Req, Sts, paths, wait};
+use integration::{CREDENTIALS_PATH, Envoy, Pod, ROLE_ARN, Req, Sts, paths, process, wait};
 
 const BROKER_ID: &str = "spiffe://cluster.local/ns/imds-mesh/sa/token-broker";
 
@@ -94,16 +94,8 @@ async fn demo() -> Result<(), String> {
     step("token-broker (xfcc mode) behind its sidecar");
     let (broker_addr, admin_addr) = (free_addr()?, free_addr()?);
     let mut broker = start_broker(&api, &sts, broker_addr, admin_addr, dir.path())?;
-    wait::until("the broker to be ready", || {
-        if let Ok(Some(status)) = broker.0.try_wait() {
-            panic!("token-broker exited with {status}");
-        }
-        async move {
-            let listening = tokio::net::TcpStream::connect(admin_addr).await.is_ok();
-            (listening && Req::get("/readyz").host("token-broker").send(admin_addr).await.status == 200).then_some(())
-        }
-    })
-    .await;
+    let log = dir.path().join("token-broker.log");
+    process::until_answering(&mut broker.0, "token-broker", &log, admin_addr, "/readyz").await;
     let broker_sidecar = Envoy::broker_sidecar(broker_addr, &broker_certs).await;
     show("broker", format!("{broker_addr} (ready: pod watch synced)"));
     show("broker sidecar (mTLS)", broker_sidecar.addr);
