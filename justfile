@@ -47,10 +47,16 @@ test-wasm:
     CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
         cargo test -p imds-filter --lib --target wasm32-unknown-unknown
 
-# Every crate's tests/ (real Envoy, STS, clients, the binaries' command lines).
-test-integration: build
+# Every crate's tests/ (real Envoy, STS, clients, Istio's own xDS
+# generator, the binaries' command lines).
+test-integration: build istio-xds
     IMDS_MESH_VENV="{{venv}}" IMDS_MESH_WASM="{{wasm}}" IMDS_MESH_BROKER_BIN="{{target}}/debug/token-broker" \
-        cargo test --workspace --test '*'
+        IMDS_MESH_ISTIO_XDS="{{target}}/imds-mesh/istio-xds" cargo test --workspace --test '*'
+
+# Istio's own xDS generator (integration/istio-xds, Go test tooling); module
+# downloads and build cache under the target dir.
+istio-xds:
+    scripts/build-istio-xds.sh "{{target}}"
 
 # fmt check and clippy (warnings denied) for the host and the wasm target.
 lint:

@@ -15,6 +15,28 @@ pub const ENABLED_VALUE: &str = "True";
 /// The annotation that names the pod's role ARN.
 pub const ROLE_ANNOTATION: &str = "gkemulticloud.googleapis.com/aws-imds-emulator-role-arn";
 
+/// One address of the instance metadata service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetadataAddress {
+    /// The address itself.
+    pub ip: &'static str,
+    /// As an HTTP authority without a port (IPv6 in brackets).
+    pub authority: &'static str,
+    /// Its prefix length as a single-address CIDR.
+    pub prefix_len: u8,
+}
+
+/// The metadata service's addresses: EC2's link-local IPv4 address and the
+/// IPv6 address of Nitro instances. The one list the filter, the rendering
+/// (ServiceEntry, guard, NetworkPolicy) and the tests use.
+pub const METADATA_ADDRESSES: [MetadataAddress; 2] = [
+    MetadataAddress { ip: "169.254.169.254", authority: "169.254.169.254", prefix_len: 32 },
+    MetadataAddress { ip: "fd00:ec2::254", authority: "[fd00:ec2::254]", prefix_len: 128 },
+];
+
+/// The port the metadata service answers HTTP on.
+pub const METADATA_PORT: u16 = 80;
+
 /// Whether GET requests must carry an IMDSv2 session token.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -202,7 +224,8 @@ impl Config {
     /// Whether an `:authority` is the metadata service's.
     #[inline]
     pub fn is_imds_authority(&self, authority: &[u8]) -> bool {
-        matches!(authority, b"169.254.169.254" | b"169.254.169.254:80" | b"[fd00:ec2::254]" | b"[fd00:ec2::254]:80")
+        let host = authority.strip_suffix(b":80").unwrap_or(authority);
+        METADATA_ADDRESSES.iter().any(|a| a.authority.as_bytes() == host)
             || self.extra_hosts.iter().any(|h| h.as_bytes().eq_ignore_ascii_case(authority))
     }
 }
@@ -211,7 +234,7 @@ impl Config {
 /// the metadata service, whatever `Host` the app sent.
 #[inline]
 pub fn is_imds_destination(address: &[u8]) -> bool {
-    matches!(address, b"169.254.169.254:80" | b"[fd00:ec2::254]:80")
+    address.strip_suffix(b":80").is_some_and(|host| METADATA_ADDRESSES.iter().any(|a| a.authority.as_bytes() == host))
 }
 
 #[cfg(test)]

@@ -50,6 +50,19 @@ impl SdkClient {
         client
     }
 
+    /// Asks for `http://169.254.169.254` as an app in a pod does, with
+    /// `sidecar` as the HTTP proxy: the sidecar's port-80 listener gets the
+    /// request a captured connection would carry (`Host: 169.254.169.254`)
+    /// without iptables. botocore's IMDS client honours `HTTP_PROXY`.
+    pub fn through_sidecar(self, sidecar: std::net::SocketAddr) -> Self {
+        let proxy = format!("http://{sidecar}");
+        self.env("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://169.254.169.254/")
+            .env("HTTP_PROXY", &proxy)
+            .env("http_proxy", &proxy)
+            .env("NO_PROXY", "")
+            .env("no_proxy", "")
+    }
+
     pub fn env(mut self, name: &str, value: &str) -> Self {
         self.command.env(name, value);
         self

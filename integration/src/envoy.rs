@@ -348,6 +348,16 @@ impl Envoy {
         until_ready(envoy, &config_path).await
     }
 
+    /// Envoy on a bootstrap made elsewhere (Istio's generated configuration,
+    /// [`crate::istio`]): `addr` is the listener tests talk to, `admin` the
+    /// bootstrap's admin address. Validated, then started and awaited.
+    pub async fn start_bootstrap(bootstrap: &Value, addr: SocketAddr, admin: SocketAddr, workers: u32) -> Envoy {
+        let ports = Ports { filter: addr.port(), plain: addr.port(), direct: None, admin: admin.port() };
+        let (mut envoy, config_path) = launch(bootstrap, &ports, workers, None);
+        (envoy.addr, envoy.plain_addr) = (addr, addr);
+        until_ready(envoy, &config_path).await
+    }
+
     /// Sends a request to the listener with the filter.
     pub async fn imds(&self, request: Req) -> Reply {
         request.send(self.addr).await

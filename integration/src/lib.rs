@@ -27,6 +27,7 @@
 //! - [`scripted_sts`]: an STS that throttles, denies or hangs on cue.
 //! - [`kube_api`]: a Kubernetes API endpoint (pods, namespaces, TokenRequest, events).
 //! - [`http`]: a raw HTTP/1.1 client, able to send what real clients would not.
+//! - [`istio`]: Istio's own translation of the rendered objects, run as a sidecar's bootstrap.
 //! - [`netns`]: network namespaces, for tests that need the metadata address itself.
 //! - [`pki`]: a mesh CA and workload certificates (rcgen), and TLS clients.
 //! - [`registry`]: an OCI registry (Debian `docker-registry`) for the filter's image.
@@ -40,6 +41,7 @@ pub mod broker;
 pub mod clients;
 pub mod envoy;
 pub mod http;
+pub mod istio;
 pub mod kube_api;
 pub mod netns;
 pub mod paths;

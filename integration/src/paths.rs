@@ -42,3 +42,12 @@ pub fn filter_wasm() -> PathBuf {
     assert!(wasm.exists(), "{} is missing: run `just build`", wasm.display());
     wasm
 }
+
+/// Istio's xDS generator (`integration/istio-xds`, built by
+/// `just istio-xds`): `IMDS_MESH_ISTIO_XDS`, else the target directory.
+pub fn istio_xds() -> PathBuf {
+    let binary =
+        std::env::var_os("IMDS_MESH_ISTIO_XDS").map_or_else(|| target_dir().join("imds-mesh/istio-xds"), PathBuf::from);
+    assert!(binary.exists(), "{} is missing: run `just istio-xds`", binary.display());
+    binary
+}

@@ -22,6 +22,32 @@ pub fn spiffe_id(namespace: &str, service_account: &str) -> String {
     format!("spiffe://cluster.local/ns/{namespace}/sa/{service_account}")
 }
 
+/// The broker's SPIFFE ID in the default rendering.
+pub fn broker_id() -> String {
+    mesh_config::render::Options::default().broker_spiffe_id()
+}
+
+/// A mesh CA with the broker's and one app's workload certificates, written
+/// to a directory that lives as long as this.
+pub struct Mesh {
+    pub ca: MeshCa,
+    pub broker: WorkloadFiles,
+    pub app: WorkloadFiles,
+    _dir: tempfile::TempDir,
+}
+
+impl Mesh {
+    /// Certificates for the broker and for the app running as
+    /// `namespace/service_account`.
+    pub fn new(namespace: &str, service_account: &str) -> Self {
+        let ca = MeshCa::new("mesh");
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let broker = ca.workload(&[&broker_id()]).write(dir.path(), "broker");
+        let app = ca.workload(&[&spiffe_id(namespace, service_account)]).write(dir.path(), "app");
+        Self { ca, broker, app, _dir: dir }
+    }
+}
+
 /// A root CA that signs workload certificates.
 pub struct MeshCa {
     issuer: CertifiedIssuer<'static, KeyPair>,

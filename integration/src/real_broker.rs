@@ -74,6 +74,16 @@ impl RealBrokerBuilder {
         self
     }
 
+    /// Identifies callers by the XFCC element its own sidecar appends (the
+    /// broker's SPIFFE ID as `By`), as deployed.
+    pub fn xfcc(mut self) -> Self {
+        let own_id =
+            token_broker::identity::SpiffeId::parse(&crate::pki::broker_id()).unwrap_or_else(|e| panic!("{e:?}"));
+        self.config.identity =
+            IdentityMode::Xfcc(token_broker::identity::XfccVerifier { own_id, trust_domain: TRUST_DOMAIN.into() });
+        self
+    }
+
     /// Terminates TLS with `files` (re-read every `reload`) and identifies
     /// callers by their client certificates.
     pub fn mtls(mut self, files: MtlsFiles, reload: Duration) -> Self {

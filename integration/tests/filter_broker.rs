@@ -8,15 +8,10 @@
 
 use integration::clients::SdkClient;
 use integration::kube_api::{self, KubeApi};
-use integration::pki::{self, MeshCa, WorkloadFiles};
+use integration::pki::{self, Mesh};
 use integration::{CREDENTIALS_PATH, Envoy, Pod, ROLE_ARN, RealBroker, Req, Sts, wait};
 use k8s_openapi::api::core::v1::Pod as KubePod;
-use tempfile::TempDir;
-use token_broker::identity::{SpiffeId, XfccVerifier};
-use token_broker::server::IdentityMode;
 use token_broker::tls::MtlsFiles;
-
-const BROKER_ID: &str = "spiffe://cluster.local/ns/imds-mesh/sa/token-broker";
 
 /// The Kubernetes object of the pod an [`Envoy`] sidecar belongs to, with
 /// the role annotation `role_arn`.
@@ -24,40 +19,17 @@ fn kube_pod(pod: &Pod, role_arn: &str) -> KubePod {
     kube_api::enabled_pod(&pod.namespace, &pod.name, &pod.service_account, role_arn)
 }
 
-/// The mesh: a CA, and the broker's and the app's workload certificates.
-struct Mesh {
-    ca: MeshCa,
-    broker: WorkloadFiles,
-    app: WorkloadFiles,
-    _dir: TempDir,
-}
-
-impl Mesh {
-    fn new(app: &Pod) -> Self {
-        let ca = MeshCa::new("mesh");
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let broker = ca.workload(&[BROKER_ID]).write(dir.path(), "broker");
-        let app = ca.workload(&[&pki::spiffe_id(&app.namespace, &app.service_account)]).write(dir.path(), "app");
-        Self { ca, broker, app, _dir: dir }
-    }
-}
-
-fn xfcc_mode() -> IdentityMode {
-    let own_id = SpiffeId::parse(BROKER_ID).unwrap_or_else(|e| panic!("{e:?}"));
-    IdentityMode::Xfcc(XfccVerifier { own_id, trust_domain: "cluster.local".into() })
-}
-
 #[tokio::test]
 async fn boto3_gets_sts_credentials_through_the_mesh_and_the_real_broker() {
     let (api, sts) = (KubeApi::start().await, Sts::start().await);
     let pod = Pod::enabled();
     let bound = api.add_pod(kube_pod(&pod, ROLE_ARN));
-    let mesh = Mesh::new(&pod);
-    let broker = RealBroker::builder(&api, sts.endpoint()).tune(|c| c.identity = xfcc_mode()).start().await;
+    let mesh = Mesh::new(&pod.namespace, &pod.service_account);
+    let broker = RealBroker::builder(&api, sts.endpoint()).xfcc().start().await;
     let broker_sidecar = Envoy::broker_sidecar(broker.addr, &mesh.broker).await;
     let app = Envoy::sidecar()
         .pod(pod.clone())
-        .broker_mtls(broker_sidecar.addr, &mesh.app, BROKER_ID)
+        .broker_mtls(broker_sidecar.addr, &mesh.app, &pki::broker_id())
         .sdk_endpoint()
         .start()
         .await;
@@ -84,10 +56,10 @@ async fn a_pod_whose_annotation_names_another_role_gets_no_credentials() {
     // cannot edit through its sidecar, says another role.
     let pod = Pod::enabled();
     api.add_pod(kube_pod(&pod, "arn:aws:iam::123456789012:role/other"));
-    let mesh = Mesh::new(&pod);
-    let broker = RealBroker::builder(&api, sts.endpoint()).tune(|c| c.identity = xfcc_mode()).start().await;
+    let mesh = Mesh::new(&pod.namespace, &pod.service_account);
+    let broker = RealBroker::builder(&api, sts.endpoint()).xfcc().start().await;
     let broker_sidecar = Envoy::broker_sidecar(broker.addr, &mesh.broker).await;
-    let app = Envoy::sidecar().pod(pod).broker_mtls(broker_sidecar.addr, &mesh.app, BROKER_ID).start().await;
+    let app = Envoy::sidecar().pod(pod).broker_mtls(broker_sidecar.addr, &mesh.app, &pki::broker_id()).start().await;
 
     app.wait_for_stat("imds_mesh.broker_fetches.denied", 1).await;
     assert_eq!(app.imds(Req::get(CREDENTIALS_PATH)).await.status, 404);
@@ -99,15 +71,15 @@ async fn only_the_brokers_sidecar_can_vouch_for_a_caller() {
     let (api, sts) = (KubeApi::start().await, Sts::start().await);
     let pod = Pod::enabled();
     api.add_pod(kube_pod(&pod, ROLE_ARN));
-    let mesh = Mesh::new(&pod);
-    let broker = RealBroker::builder(&api, sts.endpoint()).tune(|c| c.identity = xfcc_mode()).start().await;
+    let mesh = Mesh::new(&pod.namespace, &pod.service_account);
+    let broker = RealBroker::builder(&api, sts.endpoint()).xfcc().start().await;
     let broker_sidecar = Envoy::broker_sidecar(broker.addr, &mesh.broker).await;
     let role = ROLE_ARN.replace(':', "%3A").replace('/', "%2F");
     let request = Req::get(format!("/v1/credentials?role_arn={role}&pod={}", pod.name)).host("token-broker");
 
     // Over plaintext (PERMISSIVE) the sidecar drops a forged XFCC element.
     let app_id = pki::spiffe_id(&pod.namespace, &pod.service_account);
-    let forged = request.clone().header("x-forwarded-client-cert", &format!("By={BROKER_ID};URI={app_id}"));
+    let forged = request.clone().header("x-forwarded-client-cert", &format!("By={};URI={app_id}", pki::broker_id()));
     let reply = forged.send(broker_sidecar.plain_addr).await;
     assert_eq!((reply.status, reply.json()["Code"].as_str()), (401, Some("Unauthenticated")), "{}", reply.body_text());
 
@@ -125,14 +97,14 @@ async fn the_filter_reaches_a_broker_that_terminates_mtls_itself() {
     let (api, sts) = (KubeApi::start().await, Sts::start().await);
     let pod = Pod::enabled();
     api.add_pod(kube_pod(&pod, ROLE_ARN));
-    let mesh = Mesh::new(&pod);
+    let mesh = Mesh::new(&pod.namespace, &pod.service_account);
     let files = MtlsFiles {
         certificate_chain: mesh.broker.cert.clone(),
         private_key: mesh.broker.key.clone(),
         client_ca_bundle: mesh.broker.ca.clone(),
     };
     let broker = RealBroker::builder(&api, sts.endpoint()).mtls(files, wait::PATIENCE).start().await;
-    let app = Envoy::sidecar().pod(pod).broker_mtls(broker.addr, &mesh.app, BROKER_ID).start().await;
+    let app = Envoy::sidecar().pod(pod).broker_mtls(broker.addr, &mesh.app, &pki::broker_id()).start().await;
 
     let reply = app.imds(Req::get(CREDENTIALS_PATH)).await;
     assert_eq!(reply.status, 200, "{}", reply.body_text());

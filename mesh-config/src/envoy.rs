@@ -15,20 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-/// The IMDS authorities the fail-closed route answers for: what Istio's
-/// route configuration for port 80 lists for the metadata `ServiceEntry`
-/// (its host and addresses, with and without the port).
-pub const IMDS_DOMAINS: [&str; 6] = [
-    crate::render::IMDS_HOST,
-    "instance-data.ec2.internal:80",
-    "169.254.169.254",
-    "169.254.169.254:80",
-    "[fd00:ec2::254]",
-    "[fd00:ec2::254]:80",
-];
-
-/// The metadata addresses, as `(address, prefix length)`.
-pub const IMDS_ADDRESSES: [(&str, u32); 2] = [("169.254.169.254", 32), ("fd00:ec2::254", 128)];
+use crate::metadata;
 
 /// The pod a sidecar belongs to, as Istio reports it in node metadata.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -223,14 +210,14 @@ fn inbound_manager(stat_prefix: &str) -> Value {
 /// authority gets the route's fixed 404 wherever it was sent. The rest
 /// passes through.
 pub fn outbound_listener(name: &str, address: SocketAddr, mut filters: Vec<Value>) -> Value {
-    filters.extend([deny_imds_destinations(), router()]);
+    filters.extend([metadata::guard(), router()]);
     let fail_closed = json!({
         "match": { "prefix": "/" },
-        "direct_response": { "status": 404, "body": { "inline_string": "imds-mesh: instance metadata is not served to this pod\n" } },
+        "direct_response": { "status": 404, "body": { "inline_string": metadata::FAIL_CLOSED_BODY } },
     });
     let passthrough = json!({ "match": { "prefix": "/" }, "route": { "cluster": PASSTHROUGH_CLUSTER } });
     let virtual_hosts = json!([
-        virtual_host("instance-metadata:80", &IMDS_DOMAINS, fail_closed),
+        virtual_host("instance-metadata:80", &metadata::authorities(), fail_closed),
         virtual_host("allow_any", &["*"], passthrough),
     ]);
     json!({
@@ -240,7 +227,7 @@ pub fn outbound_listener(name: &str, address: SocketAddr, mut filters: Vec<Value
     })
 }
 
-fn virtual_host(name: &str, domains: &[&str], route: Value) -> Value {
+fn virtual_host(name: &str, domains: &[impl serde::Serialize], route: Value) -> Value {
     json!({ "name": name, "domains": domains, "routes": [route] })
 }
 
@@ -254,30 +241,6 @@ pub fn http_connection_manager(stat_prefix: &str, virtual_hosts: Value, filters:
             "generate_request_id": false,
             "route_config": { "name": stat_prefix, "virtual_hosts": virtual_hosts },
             "http_filters": filters,
-        },
-    })
-}
-
-/// An HTTP RBAC filter refusing every request whose connection is to a
-/// metadata address (the original destination), before the router could
-/// pass it through. It sits after the imds-mesh filter, which answers the
-/// requests of enabled pods first; Istio gets the same filter from the
-/// rendered `EnvoyFilter`.
-pub fn deny_imds_destinations() -> Value {
-    let permissions: Vec<Value> = IMDS_ADDRESSES
-        .iter()
-        .map(|(address, prefix_len)| json!({ "destination_ip": { "address_prefix": address, "prefix_len": prefix_len } }))
-        .collect();
-    json!({
-        "name": "imds-mesh.deny-instance-metadata",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
-            "rules": {
-                "action": "DENY",
-                "policies": {
-                    "instance-metadata": { "permissions": permissions, "principals": [{ "any": true }] },
-                },
-            },
         },
     })
 }

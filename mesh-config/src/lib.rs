@@ -7,6 +7,9 @@
 //! - [`istio`]: typed Istio resources (WasmPlugin, ServiceEntry,
 //!   VirtualService, DestinationRule, PeerAuthentication,
 //!   AuthorizationPolicy).
+//! - [`metadata`]: the metadata service as the mesh sees it (service
+//!   names, authorities, the fail-closed answer, the guard), shared by the
+//!   rendering and the bootstraps.
 //! - [`oci`]: the filter as a reproducible OCI image WasmPlugin pulls.
 //! - [`envoy`]: Envoy bootstraps shaped as Istio shapes the app's and the
 //!   broker's sidecars, for running both on one machine (tests, `just demo`).
@@ -14,5 +17,6 @@
 
 pub mod envoy;
 pub mod istio;
+pub mod metadata;
 pub mod oci;
 pub mod render;

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use imds_filter::config::{Config, ENABLE_LABEL, ENABLED_VALUE, HttpTokens};
+use imds_filter::config::{Config, ENABLE_LABEL, ENABLED_VALUE, HttpTokens, METADATA_PORT};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, Namespace, ObjectFieldSelector,
@@ -21,7 +21,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 
-use crate::envoy::IMDS_ADDRESSES;
 use crate::istio::{
     Action, AuthorizationPolicy, AuthorizationPolicySpec, ClientTls, ConsistentHash, DestinationRule,
     DestinationRuleSpec, FailStrategy, HttpBody, HttpDirectResponse, HttpRoute, LoadBalancer, Location, MtlsMode,
@@ -34,6 +33,7 @@ use crate::istio::{
     ApplyTo, ConfigPatch, EnvoyFilter, EnvoyFilterSpec, FilterChainMatch, FilterMatch, ListenerMatch, Patch,
     PatchContext, PatchMatch, PatchOperation, SubFilterMatch,
 };
+use crate::metadata::{self, METADATA_SERVICES, MetadataService};
 
 /// The broker's name: ServiceAccount, Deployment, Service, labels.
 pub const BROKER: &str = "token-broker";
@@ -41,11 +41,16 @@ pub const BROKER: &str = "token-broker";
 pub const BROKER_PORT: u16 = 8080;
 /// The broker's admin port (`/healthz`, `/readyz`, `/metrics`).
 pub const ADMIN_PORT: u16 = 9090;
-/// The name the metadata `ServiceEntry` gives the link-local address (the
-/// name EC2 itself resolves to it).
-pub const IMDS_HOST: &str = "instance-data.ec2.internal";
 /// The query parameter the broker's load balancing hashes on.
 pub const HASH_PARAMETER: &str = "role_arn";
+
+/// The broker sidecar's `proxy.istio.io/config`. Its first calls (the pod
+/// watch, STS) go through the sidecar: start it first. The broker trusts
+/// the last XFCC element only because its sidecar appends it: pin
+/// `APPEND_FORWARD`, whatever the mesh's default (`ALWAYS_FORWARD_ONLY` or
+/// `FORWARD_ONLY` would pass a caller's forged element on as the last).
+pub const BROKER_PROXY_CONFIG: &str =
+    r#"{"holdApplicationUntilProxyStarts":true,"proxyHeaders":{"forwardedClientCert":"APPEND_FORWARD"}}"#;
 
 /// What [`render`] renders; [`Default`] is the committed rendering.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,7 +179,8 @@ pub fn render(options: &Options) -> Vec<Object> {
         Object::PeerAuthentication(peer_authentication(options)),
         Object::AuthorizationPolicy(authorization_policy(options)),
         Object::DestinationRule(destination_rule(options)),
-        Object::ServiceEntry(service_entry(options)),
+        Object::ServiceEntry(service_entry(options, &METADATA_SERVICES[0])),
+        Object::ServiceEntry(service_entry(options, &METADATA_SERVICES[1])),
         Object::VirtualService(fail_closed_route(options)),
         Object::EnvoyFilter(metadata_guard(options)),
         Object::WasmPlugin(wasm_plugin(options)),
@@ -380,12 +386,7 @@ fn deployment(options: &Options) -> Deployment {
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
-                    // The broker's first calls (the pod watch, STS) go
-                    // through its sidecar: start it first.
-                    annotations: Some(labels(&[(
-                        "proxy.istio.io/config",
-                        r#"{"holdApplicationUntilProxyStarts":true}"#,
-                    )])),
+                    annotations: Some(labels(&[("proxy.istio.io/config", BROKER_PROXY_CONFIG)])),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
@@ -489,15 +490,21 @@ fn destination_rule(options: &Options) -> DestinationRule {
     }
 }
 
-/// The metadata address as an HTTP service on port 80, so its traffic lands
-/// on the sidecar's HTTP listener where the filter runs.
-fn service_entry(options: &Options) -> ServiceEntry {
+/// A metadata address as an HTTP service on port 80, so its traffic lands
+/// on the sidecar's HTTP listener where the filter runs. One object per
+/// address (see [`MetadataService::host`]).
+fn service_entry(options: &Options, service: &MetadataService) -> ServiceEntry {
+    let address = service.address;
     ServiceEntry {
-        metadata: meta("instance-metadata", &options.root_namespace),
+        metadata: meta(service.name, &options.root_namespace),
         spec: ServiceEntrySpec {
-            hosts: vec![IMDS_HOST.to_owned()],
-            addresses: IMDS_ADDRESSES.iter().map(|(address, prefix_len)| format!("{address}/{prefix_len}")).collect(),
-            ports: vec![MeshPort { number: 80, protocol: "HTTP".to_owned(), name: "http".to_owned() }],
+            hosts: vec![service.host.to_owned()],
+            addresses: vec![format!("{}/{}", address.ip, address.prefix_len)],
+            ports: vec![MeshPort {
+                number: u32::from(METADATA_PORT),
+                protocol: "HTTP".to_owned(),
+                name: "http".to_owned(),
+            }],
             location: Location::MeshExternal,
             resolution: Resolution::None,
             export_to: vec!["*".to_owned()],
@@ -512,12 +519,12 @@ fn fail_closed_route(options: &Options) -> VirtualService {
     VirtualService {
         metadata: meta("instance-metadata-fail-closed", &options.root_namespace),
         spec: VirtualServiceSpec {
-            hosts: vec![IMDS_HOST.to_owned()],
+            hosts: METADATA_SERVICES.iter().map(|s| s.host.to_owned()).collect(),
             http: vec![HttpRoute {
                 name: "fail-closed".to_owned(),
                 direct_response: HttpDirectResponse {
                     status: 404,
-                    body: HttpBody { string: "imds-mesh: instance metadata is not served to this pod\n".to_owned() },
+                    body: HttpBody { string: metadata::FAIL_CLOSED_BODY.to_owned() },
                 },
             }],
             export_to: vec!["*".to_owned()],
@@ -540,7 +547,7 @@ fn metadata_guard(options: &Options) -> EnvoyFilter {
                 target: PatchMatch {
                     context: PatchContext::SidecarOutbound,
                     listener: ListenerMatch {
-                        port_number: 80,
+                        port_number: u32::from(METADATA_PORT),
                         filter_chain: FilterChainMatch {
                             filter: FilterMatch {
                                 name: "envoy.filters.network.http_connection_manager".to_owned(),
@@ -549,7 +556,7 @@ fn metadata_guard(options: &Options) -> EnvoyFilter {
                         },
                     },
                 },
-                patch: Patch { operation: PatchOperation::InsertBefore, value: crate::envoy::deny_imds_destinations() },
+                patch: Patch { operation: PatchOperation::InsertBefore, value: metadata::guard() },
             }],
         },
     }
@@ -578,7 +585,10 @@ fn wasm_plugin(options: &Options) -> WasmPlugin {
             priority: 1000,
             fail_strategy: options.fail_strategy,
             plugin_type: PluginType::Http,
-            traffic: vec![TrafficSelector { mode: WorkloadMode::Client, ports: vec![PortSelector { number: 80 }] }],
+            traffic: vec![TrafficSelector {
+                mode: WorkloadMode::Client,
+                ports: vec![PortSelector { number: u32::from(METADATA_PORT) }],
+            }],
             plugin_config,
         },
     }

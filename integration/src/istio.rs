@@ -1,0 +1,501 @@
+//! Istio's own translation as the judge of what `mesh-config` renders.
+//!
+//! [`Cluster`] is what istiod would see: the rendered objects, the pods and
+//! EndpointSlices a test adds, extra Istio config (a namespace `Sidecar`, a
+//! conflicting `ServiceEntry`) and the mesh config. [`Cluster::generate`]
+//! runs `istio-xds` (`integration/istio-xds`: Istio's xDS server, fed those
+//! objects, with each sidecar connected over ADS under its real node id and
+//! metadata) and returns what istiod sends each sidecar ([`SidecarXds`]).
+//!
+//! [`SidecarXds::bootstrap`] turns that into a bootstrap Envoy 1.40 runs on
+//! this machine, with these rewrites and no others ([`Rewrites`]):
+//! 1. RDS -> each HTTP connection manager's route configuration inline.
+//! 2. ECDS -> each discovered filter's configuration inline; a wasm module's
+//!    `remote` code (the WasmPlugin URL, which istio-agent downloads) becomes
+//!    the built `.wasm` file.
+//! 3. EDS -> static endpoints; each pod address a test serves is mapped to
+//!    its loopback address, and the others are left out.
+//! 4. SDS -> certificate files: the `default` secret is the workload
+//!    certificate and key, `ROOTCA` the mesh root.
+//! 5. Listeners: without iptables there is no capture on 15001/15006, so
+//!    only the listeners a test names are kept, each bound to a loopback
+//!    address of its own ([`loopback_port`]) with the port istiod gave it,
+//!    so every filter chain and policy that matches the destination port
+//!    sees the port it was written for.
+//! 6. Original-destination clusters (`PassthroughCluster`, the metadata
+//!    `ServiceEntry`'s cluster, inbound clusters) would dial the listener
+//!    itself on loopback: each becomes a static cluster to the address the
+//!    test says the original destination stands for.
+//!
+//! istiod's own switches keep out the filters only Istio's Envoy build has
+//! (`PILOT_ENABLE_METADATA_EXCHANGE=false`, `PILOT_ENABLE_ALPN_FILTER=false`,
+//! no telemetry provider).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use k8s_openapi::api::core::v1::Pod;
+use mesh_config::render::{self, Object, Options};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::paths;
+use crate::pki::WorkloadFiles;
+
+/// The Istio release whose translation `istio-xds` runs (its module's
+/// `VERSION`).
+pub const ISTIO_VERSION: &str = "1.31";
+
+/// What istiod would see: rendered objects, the test's pods and endpoint
+/// slices, extra Istio config and the mesh config.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    rendered: Vec<Object>,
+    extra_config: Vec<String>,
+    kube: Vec<Value>,
+    mesh: String,
+}
+
+impl Cluster {
+    /// The rendering of `options`, with no pods yet and a mesh config that
+    /// names no telemetry provider.
+    pub fn rendered(options: &Options) -> Self {
+        Self { rendered: render::render(options), extra_config: Vec::new(), kube: Vec::new(), mesh: String::new() }
+    }
+
+    /// Adds a Kubernetes object (a pod, an EndpointSlice, a namespace).
+    pub fn object(mut self, object: impl serde::Serialize) -> Self {
+        self.kube.push(serde_json::to_value(object).unwrap_or_else(|e| panic!("{e}")));
+        self
+    }
+
+    /// Adds `pod`, running at `ip`.
+    pub fn pod(self, mut pod: Pod, ip: &str) -> Self {
+        let status = pod.status.get_or_insert_default();
+        status.phase = Some("Running".into());
+        status.pod_ip = Some(ip.into());
+        status.pod_ips = Some(vec![k8s_openapi::api::core::v1::PodIP { ip: ip.into() }]);
+        status.conditions = Some(vec![k8s_openapi::api::core::v1::PodCondition {
+            type_: "Ready".into(),
+            status: "True".into(),
+            ..Default::default()
+        }]);
+        self.object(pod)
+    }
+
+    /// Adds the broker's pods at `ips` (its Deployment's template) and the
+    /// EndpointSlice that makes them its Service's endpoints.
+    pub fn broker_pods(mut self, ips: &[&str]) -> Self {
+        let options = self.options_namespace();
+        let template = self
+            .rendered
+            .iter()
+            .find_map(|object| match object {
+                Object::Deployment(deployment) => deployment.spec.as_ref().map(|s| s.template.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("the rendering has no broker Deployment"));
+        let mut endpoints = Vec::new();
+        for (i, ip) in ips.iter().enumerate() {
+            let name = broker_pod_name(i);
+            let mut metadata = template.metadata.clone().unwrap_or_default();
+            metadata.name = Some(name.clone());
+            metadata.namespace = Some(options.clone());
+            let pod = Pod { metadata, spec: template.spec.clone(), ..Pod::default() };
+            self = self.pod(pod, ip);
+            endpoints.push(json!({
+                "addresses": [ip],
+                "conditions": { "ready": true },
+                "targetRef": { "kind": "Pod", "name": name, "namespace": options },
+            }));
+        }
+        self.object(json!({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": format!("{}-slice", render::BROKER),
+                "namespace": options,
+                "labels": { "kubernetes.io/service-name": render::BROKER },
+            },
+            "addressType": "IPv4",
+            "ports": [{ "name": "http", "port": render::BROKER_PORT, "protocol": "TCP" }],
+            "endpoints": endpoints,
+        }))
+    }
+
+    /// Adds Istio objects (YAML) beside the rendered ones.
+    pub fn config(mut self, yaml: &str) -> Self {
+        self.extra_config.push(yaml.to_owned());
+        self
+    }
+
+    /// Sets the mesh config (MeshConfig YAML).
+    pub fn mesh(mut self, yaml: &str) -> Self {
+        self.mesh = yaml.to_owned();
+        self
+    }
+
+    fn options_namespace(&self) -> String {
+        self.rendered
+            .iter()
+            .find_map(|object| match object {
+                Object::Deployment(d) => d.metadata.namespace.clone(),
+                _ => None,
+            })
+            .unwrap_or_else(|| Options::default().namespace)
+    }
+
+    /// Runs Istio's translation; each of `proxies` (`namespace/pod`) gets
+    /// what istiod sends its sidecar. Panics with Istio's message when
+    /// Istio refuses the configuration.
+    pub fn generate(&self, proxies: &[&str]) -> BTreeMap<String, SidecarXds> {
+        match self.try_generate(proxies) {
+            Ok(generated) => generated,
+            Err(message) => panic!("{message}"),
+        }
+    }
+
+    /// [`Self::generate`], returning Istio's refusal as an error.
+    pub fn try_generate(&self, proxies: &[&str]) -> Result<BTreeMap<String, SidecarXds>, String> {
+        let dir = tempfile::Builder::new().prefix("imds-mesh-istio-").tempdir().map_err(|e| e.to_string())?;
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+            path
+        };
+        let (istio, core): (Vec<Object>, Vec<Object>) = self.rendered.iter().cloned().partition(Object::is_istio);
+        let mut config = render::to_yaml(&istio)?;
+        for extra in &self.extra_config {
+            config.push_str("\n---\n");
+            config.push_str(extra);
+        }
+        let mut kube = render::to_yaml(&core)?;
+        for object in &self.kube {
+            kube.push_str("\n---\n");
+            kube.push_str(&serde_json::to_string(object).map_err(|e| e.to_string())?);
+        }
+        let out = dir.path().join("xds.json");
+        let mut command = Command::new(paths::istio_xds());
+        command
+            .env("PILOT_ENABLE_METADATA_EXCHANGE", "false")
+            .env("PILOT_ENABLE_ALPN_FILTER", "false")
+            .arg("--mesh")
+            .arg(write("mesh.yaml", &self.mesh))
+            .arg("--config")
+            .arg(write("config.yaml", &config))
+            .arg("--kube")
+            .arg(write("kube.yaml", &kube))
+            .arg("--out")
+            .arg(&out);
+        for proxy in proxies {
+            command.args(["--proxy", proxy]);
+        }
+        let output = command.output().map_err(|e| format!("run istio-xds: {e}"))?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let message = stderr.lines().filter(|l| l.starts_with("istio-xds:")).collect::<Vec<_>>().join("\n");
+            return Err(if message.is_empty() { stderr.into_owned() } else { message });
+        }
+        let text = std::fs::read(&out).map_err(|e| e.to_string())?;
+        serde_json::from_slice(&text).map_err(|e| format!("istio-xds output: {e}"))
+    }
+}
+
+/// The name of the broker's `i`th pod.
+pub fn broker_pod_name(i: usize) -> String {
+    format!("{}-{i}", render::BROKER)
+}
+
+/// What istiod sends one sidecar.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SidecarXds {
+    /// The Envoy node (id, cluster, metadata) its bootstrap carries.
+    pub node: Value,
+    pub listeners: Vec<Value>,
+    pub routes: Vec<Value>,
+    pub clusters: Vec<Value>,
+    pub endpoints: Vec<Value>,
+    /// ECDS: the filters the listeners leave to discovery.
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub extension_configs: Vec<Value>,
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<Value>, D::Error> {
+    Ok(Option::<Vec<Value>>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+fn named<'a>(items: &'a [Value], key: &str, name: &str) -> Option<&'a Value> {
+    items.iter().find(|item| item[key] == name)
+}
+
+impl SidecarXds {
+    pub fn listener(&self, name: &str) -> Option<&Value> {
+        named(&self.listeners, "name", name)
+    }
+
+    pub fn route(&self, name: &str) -> Option<&Value> {
+        named(&self.routes, "name", name)
+    }
+
+    pub fn cluster(&self, name: &str) -> Option<&Value> {
+        named(&self.clusters, "name", name)
+    }
+
+    /// The endpoints (`ip:port`) istiod gives `cluster`.
+    pub fn endpoint_addresses(&self, cluster: &str) -> Vec<String> {
+        let Some(assignment) = named(&self.endpoints, "cluster_name", cluster) else { return Vec::new() };
+        lb_endpoints(assignment).iter().filter_map(endpoint_address).collect()
+    }
+
+    /// The HTTP filter names of the first HTTP connection manager of
+    /// listener `name`, in order.
+    pub fn http_filters(&self, listener: &str) -> Vec<String> {
+        self.listener(listener)
+            .and_then(|l| first_connection_manager(l))
+            .and_then(|m| m["http_filters"].as_array())
+            .map(|filters| filters.iter().filter_map(|f| f["name"].as_str().map(str::to_owned)).collect())
+            .unwrap_or_default()
+    }
+
+    /// The bootstrap Envoy 1.40 runs for this sidecar (see the module's
+    /// list of rewrites).
+    pub fn bootstrap(&self, rewrites: &Rewrites) -> Value {
+        let mut listeners = Vec::new();
+        for (name, address) in &rewrites.listeners {
+            let mut listener = self.listener(name).cloned().unwrap_or_else(|| panic!("istiod sent no listener {name}"));
+            listener["address"] = mesh_config::envoy::socket(*address);
+            if let Some(map) = listener.as_object_mut() {
+                map.remove("bind_to_port");
+                map.remove("use_original_dst");
+            }
+            self.inline(&mut listener, rewrites);
+            listeners.push(listener);
+        }
+        let clusters: Vec<Value> = self.clusters.iter().map(|c| self.static_cluster(c, rewrites)).collect();
+        json!({
+            "node": self.node,
+            "admin": { "address": mesh_config::envoy::socket(rewrites.admin) },
+            "static_resources": { "listeners": listeners, "clusters": clusters },
+        })
+    }
+
+    /// Rewrites 1, 2 and 4 inside `value`.
+    fn inline(&self, value: &mut Value, rewrites: &Rewrites) {
+        visit(value, &mut |object| {
+            if let Some(name) = object.get("rds").and_then(|r| r["route_config_name"].as_str()).map(str::to_owned) {
+                let route = self.route(&name).cloned().unwrap_or_else(|| panic!("istiod sent no route {name}"));
+                object.remove("rds");
+                object.insert("route_config".into(), route);
+            }
+            if object.contains_key("config_discovery")
+                && let Some(name) = object.get("name").and_then(Value::as_str).map(str::to_owned)
+            {
+                let extension = named(&self.extension_configs, "name", &name)
+                    .unwrap_or_else(|| panic!("istiod sent no extension config {name}"));
+                let mut typed_config = extension["typed_config"].clone();
+                let code = &mut typed_config["config"]["vm_config"]["code"];
+                if code.get("remote").is_some() {
+                    let wasm = rewrites.wasm.as_ref().unwrap_or_else(|| panic!("{name} needs the filter's .wasm"));
+                    *code = json!({ "local": { "filename": wasm.display().to_string() } });
+                }
+                object.remove("config_discovery");
+                object.insert("typed_config".into(), typed_config);
+            }
+            secrets_to_files(object, rewrites.certificates.as_ref());
+        });
+    }
+
+    /// Rewrites 3, 4 and 6 for one cluster.
+    fn static_cluster(&self, cluster: &Value, rewrites: &Rewrites) -> Value {
+        let mut cluster = cluster.clone();
+        let name = cluster["name"].as_str().unwrap_or_default().to_owned();
+        match cluster["type"].as_str() {
+            Some("EDS") => {
+                let mut assignment = named(&self.endpoints, "cluster_name", &name)
+                    .cloned()
+                    .unwrap_or_else(|| json!({ "cluster_name": name }));
+                map_endpoints(&mut assignment, &rewrites.endpoints);
+                if let Some(map) = cluster.as_object_mut() {
+                    map.remove("eds_cluster_config");
+                    map.insert("type".into(), "STATIC".into());
+                    map.insert("load_assignment".into(), assignment);
+                }
+            }
+            Some("ORIGINAL_DST") => {
+                if let Some(address) = rewrites.original_destinations.get(&name)
+                    && let Some(map) = cluster.as_object_mut()
+                {
+                    map.remove("original_dst_lb_config");
+                    map.insert("type".into(), "STATIC".into());
+                    map.insert("lb_policy".into(), "ROUND_ROBIN".into());
+                    map.insert(
+                        "load_assignment".into(),
+                        json!({
+                            "cluster_name": name,
+                            "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": mesh_config::envoy::socket(*address) } }] }],
+                        }),
+                    );
+                }
+            }
+            _ => {}
+        }
+        visit(&mut cluster, &mut |object| secrets_to_files(object, rewrites.certificates.as_ref()));
+        cluster
+    }
+}
+
+/// How one sidecar's generated configuration is made to run here.
+#[derive(Debug, Clone)]
+pub struct Rewrites {
+    /// Envoy's admin listener.
+    pub admin: SocketAddr,
+    /// The listeners kept, by istiod's name, and where each is bound.
+    pub listeners: BTreeMap<String, SocketAddr>,
+    /// Pod endpoints (`ip:port`) and where they are served here.
+    pub endpoints: BTreeMap<String, SocketAddr>,
+    /// Original-destination clusters and what their destination stands for.
+    pub original_destinations: BTreeMap<String, SocketAddr>,
+    /// The workload certificate (SDS `default`) and mesh root (`ROOTCA`).
+    pub certificates: Option<WorkloadFiles>,
+    /// The filter's `.wasm` for ECDS wasm filters.
+    pub wasm: Option<PathBuf>,
+}
+
+impl Rewrites {
+    pub fn new(admin: SocketAddr) -> Self {
+        Self {
+            admin,
+            listeners: BTreeMap::new(),
+            endpoints: BTreeMap::new(),
+            original_destinations: BTreeMap::new(),
+            certificates: None,
+            wasm: None,
+        }
+    }
+
+    pub fn listener(mut self, name: &str, address: SocketAddr) -> Self {
+        self.listeners.insert(name.to_owned(), address);
+        self
+    }
+
+    /// Keeps istiod's `virtualInbound`, bound at `address` (whose port is
+    /// the captured port its chains match).
+    pub fn inbound(self, address: SocketAddr) -> Self {
+        self.listener("virtualInbound", address)
+    }
+
+    pub fn endpoint(mut self, pod_endpoint: &str, address: SocketAddr) -> Self {
+        self.endpoints.insert(pod_endpoint.to_owned(), address);
+        self
+    }
+
+    pub fn original_destination(mut self, cluster: &str, address: SocketAddr) -> Self {
+        self.original_destinations.insert(cluster.to_owned(), address);
+        self
+    }
+
+    pub fn certificates(mut self, files: &WorkloadFiles) -> Self {
+        self.certificates = Some(files.clone());
+        self
+    }
+
+    pub fn wasm(mut self, wasm: &Path) -> Self {
+        self.wasm = Some(wasm.to_owned());
+        self
+    }
+}
+
+/// Calls `f` on every JSON object in `value`, outermost first.
+fn visit(value: &mut Value, f: &mut impl FnMut(&mut serde_json::Map<String, Value>)) {
+    match value {
+        Value::Object(map) => {
+            f(map);
+            for child in map.values_mut() {
+                visit(child, f);
+            }
+        }
+        Value::Array(items) => {
+            for child in items {
+                visit(child, f);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Rewrite 4: SDS secrets in a TLS context become files.
+fn secrets_to_files(object: &mut serde_json::Map<String, Value>, files: Option<&WorkloadFiles>) {
+    let file = |path: &Path| json!({ "filename": path.display().to_string() });
+    let Some(files) = files else { return };
+    if object.remove("tls_certificate_sds_secret_configs").is_some() {
+        object.insert(
+            "tls_certificates".into(),
+            json!([{ "certificate_chain": file(&files.cert), "private_key": file(&files.key) }]),
+        );
+    }
+    if let Some(combined) = object.remove("combined_validation_context") {
+        let mut validation = combined["default_validation_context"].clone();
+        if !validation.is_object() {
+            validation = json!({});
+        }
+        validation["trusted_ca"] = file(&files.ca);
+        object.insert("validation_context".into(), validation);
+    }
+}
+
+/// The first HTTP connection manager's config in `listener`.
+fn first_connection_manager(listener: &Value) -> Option<&Value> {
+    listener["filter_chains"].as_array()?.iter().find_map(|chain| {
+        chain["filters"]
+            .as_array()?
+            .iter()
+            .find_map(|f| (f["name"] == "envoy.filters.network.http_connection_manager").then_some(&f["typed_config"]))
+    })
+}
+
+fn lb_endpoints(assignment: &Value) -> Vec<Value> {
+    assignment["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|locality| locality["lb_endpoints"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+fn endpoint_address(lb_endpoint: &Value) -> Option<String> {
+    let socket = &lb_endpoint["endpoint"]["address"]["socket_address"];
+    Some(format!("{}:{}", socket["address"].as_str()?, socket["port_value"].as_u64()?))
+}
+
+/// Rewrite 3: each endpoint a test serves points at its loopback address;
+/// the rest are dropped.
+fn map_endpoints(assignment: &mut Value, served: &BTreeMap<String, SocketAddr>) {
+    let Some(localities) = assignment["endpoints"].as_array_mut() else { return };
+    for locality in localities {
+        let Some(endpoints) = locality["lb_endpoints"].as_array_mut() else { continue };
+        endpoints.retain_mut(|endpoint| {
+            let Some(address) = endpoint_address(endpoint).and_then(|a| served.get(&a).copied()) else {
+                return false;
+            };
+            endpoint["endpoint"]["address"] = mesh_config::envoy::socket(address);
+            true
+        });
+    }
+}
+
+/// A loopback address of this test's own (in 127.0.0.0/8) where `port`
+/// is free: two sidecars each get port 80 or 8080, as in two pods.
+pub fn loopback_port(port: u16) -> SocketAddr {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed) + std::process::id() * 97;
+        let [_, b, c, d] = n.to_be_bytes();
+        let address = SocketAddr::from(([127, b, c, d.max(2)], port));
+        if std::net::TcpListener::bind(address).is_ok() {
+            return address;
+        }
+    }
+}
