@@ -36,6 +36,7 @@ pub struct Counters {
     tokens_rejected: u64,
     cache_hits: u64,
     cache_misses: u64,
+    passed_on: u64,
     fetches: [u64; 10],
 }
 
@@ -68,6 +69,14 @@ impl Counters {
         self.cache_misses += 1;
     }
 
+    /// One request that was not for the metadata service, passed on
+    /// untouched. Deployed as rendered, the filter runs on the metadata
+    /// routes only, so this stays at zero.
+    #[inline]
+    pub fn passed_on(&mut self) {
+        self.passed_on += 1;
+    }
+
     /// One broker call ended: `None` for success.
     pub fn fetch(&mut self, failure: Option<Failure>) {
         let label = failure.map_or("success", Failure::label);
@@ -81,7 +90,7 @@ impl Counters {
         let taken = std::mem::take(self);
         let requests = taken.requests.into_iter().flatten();
         requests
-            .chain([taken.tokens_issued, taken.tokens_rejected, taken.cache_hits, taken.cache_misses])
+            .chain([taken.tokens_issued, taken.tokens_rejected, taken.cache_hits, taken.cache_misses, taken.passed_on])
             .chain(taken.fetches)
     }
 }
@@ -95,7 +104,7 @@ pub fn names() -> Vec<String> {
             names.push(format!("imds_mesh.requests.{route}.{class}"));
         }
     }
-    for name in ["tokens.issued", "tokens.rejected", "cache.hits", "cache.misses"] {
+    for name in ["tokens.issued", "tokens.rejected", "cache.hits", "cache.misses", "passed_on"] {
         names.push(format!("imds_mesh.{name}"));
     }
     for outcome in FETCH_OUTCOMES {
@@ -116,6 +125,7 @@ mod tests {
         counters.request(RouteKind::Credentials, 200);
         counters.request(RouteKind::Invalid, 400);
         counters.cache_hit();
+        counters.passed_on();
         counters.fetch(Some(Failure::Denied));
         let names = names();
         let counts: Vec<u64> = counters.take().collect();
@@ -127,6 +137,7 @@ mod tests {
                 "imds_mesh.requests.credentials.2xx",
                 "imds_mesh.requests.invalid.4xx",
                 "imds_mesh.cache.hits",
+                "imds_mesh.passed_on",
                 "imds_mesh.broker_fetches.denied"
             ]
         );

@@ -273,8 +273,9 @@ impl Context for Request {}
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let mut w = self.worker.borrow_mut();
-        // Every port-80 request of the pod comes here, so passthrough pays for
-        // exactly two host calls. Each call that returns data re-enters the VM
+        // Deployed as rendered, only requests on the metadata filter chain come
+        // here; where the filter runs on all port-80 traffic (other meshes,
+        // the local bootstraps), passthrough pays for exactly two host calls. Each call that returns data re-enters the VM
         // (the host calls back to allocate) and is the dominant cost, so the
         // full header list is read only once a request is known to be IMDS.
         let is_imds = request_header(":authority").is_some_and(|a| w.responder.config().is_imds_authority(&a))
@@ -283,6 +284,7 @@ impl HttpContext for Request {
                 .flatten()
                 .is_some_and(|d| config::is_imds_destination(&d));
         if !is_imds {
+            w.responder.counters.passed_on();
             return Action::Continue;
         }
         let headers = HeaderPairs::read();

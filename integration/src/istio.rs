@@ -26,6 +26,11 @@
 //!    `ServiceEntry`'s cluster, inbound clusters) would dial the listener
 //!    itself on loopback: each becomes a static cluster to the address the
 //!    test says the original destination stands for.
+//! 7. The metadata service's IPv4 address is a loopback address of the
+//!    test's ([`Rewrites::metadata_at`]): every destination match on
+//!    169.254.169.254 (filter chain prefix ranges, RBAC `destination_ip`)
+//!    matches it instead, and the port-80 listener also listens there, so a
+//!    connection to it is, to Envoy, a connection to the metadata service.
 //!
 //! istiod's own switches keep out the filters only Istio's Envoy build has
 //! (`PILOT_ENABLE_METADATA_EXCHANGE=false`, `PILOT_ENABLE_ALPN_FILTER=false`,
@@ -203,6 +208,9 @@ impl Cluster {
     }
 }
 
+/// The metadata service's IPv4 address, as Istio's output carries it.
+const METADATA_IPV4: &str = imds_filter::config::METADATA_ADDRESSES[0].ip;
+
 /// The name of the broker's `i`th pod.
 pub fn broker_pod_name(i: usize) -> String {
     format!("{}-{i}", render::BROKER)
@@ -249,11 +257,12 @@ impl SidecarXds {
         lb_endpoints(assignment).iter().filter_map(endpoint_address).collect()
     }
 
-    /// The HTTP filter names of the first HTTP connection manager of
-    /// listener `name`, in order.
-    pub fn http_filters(&self, listener: &str) -> Vec<String> {
+    /// The HTTP filter names, in order, of listener `listener`'s filter
+    /// chain `chain` (`None`: the first chain with an HTTP connection
+    /// manager, Istio's own).
+    pub fn http_filters(&self, listener: &str, chain: Option<&str>) -> Vec<String> {
         self.listener(listener)
-            .and_then(|l| first_connection_manager(l))
+            .and_then(|l| connection_manager(l, chain))
             .and_then(|m| m["http_filters"].as_array())
             .map(|filters| filters.iter().filter_map(|f| f["name"].as_str().map(str::to_owned)).collect())
             .unwrap_or_default()
@@ -269,6 +278,17 @@ impl SidecarXds {
             if let Some(map) = listener.as_object_mut() {
                 map.remove("bind_to_port");
                 map.remove("use_original_dst");
+            }
+            if let Some((metadata_listener, stand_in)) = &rewrites.metadata {
+                if metadata_listener == name {
+                    listener["additional_addresses"] = json!([{ "address": mesh_config::envoy::socket(*stand_in) }]);
+                }
+                let ip = stand_in.ip().to_string();
+                visit(&mut listener, &mut |object| {
+                    if object.get("address_prefix").and_then(Value::as_str) == Some(METADATA_IPV4) {
+                        object.insert("address_prefix".into(), json!(ip));
+                    }
+                });
             }
             self.inline(&mut listener, rewrites);
             listeners.push(listener);
@@ -361,6 +381,9 @@ pub struct Rewrites {
     pub certificates: Option<WorkloadFiles>,
     /// The filter's `.wasm` for ECDS wasm filters.
     pub wasm: Option<PathBuf>,
+    /// The listener that also listens where the metadata service is, and
+    /// that address.
+    pub metadata: Option<(String, SocketAddr)>,
 }
 
 impl Rewrites {
@@ -372,6 +395,7 @@ impl Rewrites {
             original_destinations: BTreeMap::new(),
             certificates: None,
             wasm: None,
+            metadata: None,
         }
     }
 
@@ -398,6 +422,13 @@ impl Rewrites {
 
     pub fn certificates(mut self, files: &WorkloadFiles) -> Self {
         self.certificates = Some(files.clone());
+        self
+    }
+
+    /// Listener `name` also listens on `address`, which stands for the
+    /// metadata service's IPv4 address (rewrite 7).
+    pub fn metadata_at(mut self, name: &str, address: SocketAddr) -> Self {
+        self.metadata = Some((name.to_owned(), address));
         self
     }
 
@@ -445,13 +476,15 @@ fn secrets_to_files(object: &mut serde_json::Map<String, Value>, files: Option<&
     }
 }
 
-/// The first HTTP connection manager's config in `listener`.
-fn first_connection_manager(listener: &Value) -> Option<&Value> {
-    listener["filter_chains"].as_array()?.iter().find_map(|chain| {
-        chain["filters"]
+/// The HTTP connection manager's config in `listener`'s chain named
+/// `chain`, or in its first chain that has one.
+fn connection_manager<'a>(listener: &'a Value, chain: Option<&str>) -> Option<&'a Value> {
+    let chains = listener["filter_chains"].as_array()?;
+    chains.iter().filter(|c| chain.is_none_or(|name| c["name"] == name)).find_map(|c| {
+        c["filters"]
             .as_array()?
             .iter()
-            .find_map(|f| (f["name"] == "envoy.filters.network.http_connection_manager").then_some(&f["typed_config"]))
+            .find_map(|f| (f["name"] == mesh_config::metadata::HTTP_CONNECTION_MANAGER).then_some(&f["typed_config"]))
     })
 }
 

@@ -17,6 +17,7 @@ pub const BODY: &[u8] = b"upstream body \x00\x01\xff\r\n\r\nHTTP/1.1 200 OK\r\n 
 pub struct Upstream {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Vec<u8>>>>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -27,12 +28,15 @@ impl Upstream {
         let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let recorder = Arc::clone(&seen);
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = Arc::clone(&connections);
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tokio::spawn(serve(stream, Arc::clone(&recorder)));
             }
         });
-        Self { addr, seen, task }
+        Self { addr, seen, connections, task }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -42,6 +46,11 @@ impl Upstream {
     /// Every request received so far, head and body as raw bytes.
     pub fn requests(&self) -> Vec<Vec<u8>> {
         self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Connections accepted so far, whatever was sent on them (HTTP or not).
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The exact response bytes the upstream sends.

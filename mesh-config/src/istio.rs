@@ -237,13 +237,26 @@ pub enum TlsMode {
 }
 
 /// A patch to the Envoy configuration Istio generates
-/// (`networking/v1alpha3/envoy_filter.proto`); imds-mesh inserts one HTTP
-/// filter.
+/// (`networking/v1alpha3/envoy_filter.proto`): imds-mesh inserts one HTTP
+/// filter, and scopes its wasm filter to the metadata routes.
 #[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[kube(group = "networking.istio.io", version = "v1alpha3", kind = "EnvoyFilter", namespaced, schema = "disabled")]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EnvoyFilterSpec {
+    /// Patches of lower priority apply first (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+    /// Unset: every workload in the namespace (the mesh, in the root one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_selector: Option<EnvoyFilterSelector>,
     pub config_patches: Vec<ConfigPatch>,
+}
+
+/// EnvoyFilter's own selector (`labels`, not `matchLabels`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnvoyFilterSelector {
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -272,7 +285,26 @@ pub enum ApplyTo {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PatchMatch {
     pub context: PatchContext,
-    pub listener: ListenerMatch,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listener: Option<ListenerMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_configuration: Option<RouteConfigurationMatch>,
+}
+
+/// Matches a route configuration (by the port it serves) or one of its
+/// virtual hosts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteConfigurationMatch {
+    pub port_number: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost: Option<VirtualHostMatch>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VirtualHostMatch {
+    pub name: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -288,12 +320,15 @@ pub enum PatchContext {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ListenerMatch {
     pub port_number: u32,
-    pub filter_chain: FilterChainMatch,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter_chain: Option<FilterChainMatch>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FilterChainMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     pub filter: FilterMatch,
 }
 
@@ -301,7 +336,8 @@ pub struct FilterChainMatch {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FilterMatch {
     pub name: String,
-    pub sub_filter: SubFilterMatch,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub_filter: Option<SubFilterMatch>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

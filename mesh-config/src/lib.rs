@@ -10,6 +10,7 @@
 //! - [`metadata`]: the metadata service as the mesh sees it (service
 //!   names, authorities, the fail-closed answer, the guard), shared by the
 //!   rendering and the bootstraps.
+//! - [`version`]: the Istio releases a rendering targets and what each accepts.
 //! - [`oci`]: the filter as a reproducible OCI image WasmPlugin pulls.
 //! - [`envoy`]: Envoy bootstraps shaped as Istio shapes the app's and the
 //!   broker's sidecars, for running both on one machine (tests, `just demo`).
@@ -20,3 +21,4 @@ pub mod istio;
 pub mod metadata;
 pub mod oci;
 pub mod render;
+pub mod version;

@@ -18,6 +18,7 @@ use mesh_config::envoy::{AppSidecar, BrokerRoute, BrokerSidecar, CertificateFile
 use mesh_config::istio::FailStrategy;
 use mesh_config::oci::OciImage;
 use mesh_config::render::{self, Options};
+use mesh_config::version::IstioVersion;
 
 #[derive(Debug, Parser)]
 #[command(name = "mesh-config", version, about = "Renders imds-mesh's deployment and local sidecar bootstraps")]
@@ -88,9 +89,14 @@ struct RenderArgs {
     /// IMDSv2 enforcement: optional (IMDSv1 and IMDSv2) or required.
     #[arg(long, value_enum, default_value_t = Tokens::Optional)]
     http_tokens: Tokens,
-    /// The WasmPlugin failStrategy: reload (Istio 1.27+) or close.
-    #[arg(long, value_enum, default_value_t = OnFailure::Reload)]
-    fail_strategy: OnFailure,
+    /// The Istio release to render for (1.24 to 1.32): what its API server
+    /// accepts and the names its sidecars use.
+    #[arg(long, default_value_t = Options::default().istio_version)]
+    istio_version: IstioVersion,
+    /// The WasmPlugin failStrategy: reload (Istio 1.27+) or close; by
+    /// default the best the release has.
+    #[arg(long, value_enum)]
+    fail_strategy: Option<OnFailure>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -255,7 +261,7 @@ fn options(args: RenderArgs) -> Result<Options, String> {
     if !matches!(scheme, Some("oci" | "https" | "http" | "file")) {
         return Err(format!("--wasm-url {:?}: must start with oci://, https://, http:// or file://", args.wasm_url));
     }
-    Ok(Options {
+    let options = Options {
         namespace: args.namespace,
         root_namespace: args.root_namespace,
         broker_image: args.broker_image,
@@ -270,11 +276,14 @@ fn options(args: RenderArgs) -> Result<Options, String> {
             Tokens::Optional => HttpTokens::Optional,
             Tokens::Required => HttpTokens::Required,
         },
-        fail_strategy: match args.fail_strategy {
+        istio_version: args.istio_version,
+        fail_strategy: args.fail_strategy.map(|f| match f {
             OnFailure::Reload => FailStrategy::FailReload,
             OnFailure::Close => FailStrategy::FailClose,
-        },
-    })
+        }),
+    };
+    options.check()?;
+    Ok(options)
 }
 
 fn app(args: AppArgs) -> Result<AppSidecar, String> {

@@ -70,3 +70,67 @@ pub fn guard() -> Value {
 
 /// The guard's filter name.
 pub const GUARD: &str = "imds-mesh.deny-instance-metadata";
+
+/// Per-route filter config switching a filter off (`FilterConfig{disabled:
+/// true}`): on the port-80 route configuration of enabled pods it keeps
+/// their ordinary HTTP out of the wasm VM.
+pub fn filter_disabled() -> Value {
+    json!({ "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": true })
+}
+
+/// The name of the filter chain every sidecar's port-80 listener gets for
+/// connections to a metadata address.
+pub const METADATA_CHAIN: &str = "imds-mesh-metadata";
+
+/// The filter chain for connections to a metadata address, chosen by their
+/// original destination before any protocol detection: an HTTP connection
+/// manager whose only route answers the fail-closed 404. Without it, such
+/// a connection would share the port-80 chains, and one the HTTP inspector
+/// did not take for HTTP would go through Istio's TCP passthrough to the
+/// node's IMDS. On enabled pods the filter runs first in this chain.
+pub fn metadata_filter_chain() -> Value {
+    let prefix_ranges: Vec<Value> =
+        METADATA_ADDRESSES.iter().map(|a| json!({ "address_prefix": a.ip, "prefix_len": a.prefix_len })).collect();
+    let fail_closed = json!({
+        "match": { "prefix": "/" },
+        "direct_response": { "status": 404, "body": { "inline_string": FAIL_CLOSED_BODY } },
+    });
+    json!({
+        "name": METADATA_CHAIN,
+        "filter_chain_match": { "prefix_ranges": prefix_ranges },
+        "filters": [{
+            "name": HTTP_CONNECTION_MANAGER,
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": METADATA_CHAIN,
+                "route_config": {
+                    "name": METADATA_CHAIN,
+                    "virtual_hosts": [{ "name": "instance-metadata", "domains": ["*"], "routes": [fail_closed] }],
+                },
+                "http_filters": [{
+                    "name": "envoy.filters.http.router",
+                    "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" },
+                }],
+            },
+        }],
+    })
+}
+
+/// The network filter name of Envoy's HTTP connection manager.
+pub const HTTP_CONNECTION_MANAGER: &str = "envoy.filters.network.http_connection_manager";
+
+/// A reference to the WasmPlugin's filter by its ECDS name, as Istio
+/// writes one into the chains it builds (its types: the wasm filter, or the
+/// RBAC deny Istio sends instead when a `FAIL_CLOSE` module cannot load).
+pub fn discovered_filter(name: &str) -> Value {
+    json!({
+        "name": name,
+        "config_discovery": {
+            "config_source": { "ads": {}, "initial_fetch_timeout": "0s", "resource_api_version": "V3" },
+            "type_urls": [
+                "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+            ],
+        },
+    })
+}

@@ -30,10 +30,11 @@ use crate::istio::{
     WorkloadSelector,
 };
 use crate::istio::{
-    ApplyTo, ConfigPatch, EnvoyFilter, EnvoyFilterSpec, FilterChainMatch, FilterMatch, ListenerMatch, Patch,
-    PatchContext, PatchMatch, PatchOperation, SubFilterMatch,
+    ApplyTo, ConfigPatch, EnvoyFilter, EnvoyFilterSelector, EnvoyFilterSpec, FilterChainMatch, FilterMatch,
+    ListenerMatch, Patch, PatchContext, PatchMatch, PatchOperation, RouteConfigurationMatch, SubFilterMatch,
 };
 use crate::metadata::{self, METADATA_SERVICES, MetadataService};
+use crate::version::IstioVersion;
 
 /// The broker's name: ServiceAccount, Deployment, Service, labels.
 pub const BROKER: &str = "token-broker";
@@ -41,6 +42,8 @@ pub const BROKER: &str = "token-broker";
 pub const BROKER_PORT: u16 = 8080;
 /// The broker's admin port (`/healthz`, `/readyz`, `/metrics`).
 pub const ADMIN_PORT: u16 = 9090;
+/// The WasmPlugin's name.
+pub const WASM_PLUGIN: &str = "imds-mesh";
 /// The query parameter the broker's load balancing hashes on.
 pub const HASH_PARAMETER: &str = "role_arn";
 
@@ -78,8 +81,11 @@ pub struct Options {
     pub wasm_sha256: Option<String>,
     /// The filter's IMDSv2 enforcement.
     pub http_tokens: HttpTokens,
-    /// `FAIL_RELOAD` needs Istio 1.27; `FAIL_CLOSE` for older releases.
-    pub fail_strategy: FailStrategy,
+    /// The Istio release the objects are for.
+    pub istio_version: IstioVersion,
+    /// The WasmPlugin `failStrategy`; `None`: the best the release has
+    /// (`FAIL_RELOAD` from 1.27, `FAIL_CLOSE` before).
+    pub fail_strategy: Option<FailStrategy>,
 }
 
 impl Default for Options {
@@ -97,12 +103,45 @@ impl Default for Options {
             wasm_url: format!("oci://ghcr.io/imds-mesh/imds-filter:{version}"),
             wasm_sha256: None,
             http_tokens: HttpTokens::Optional,
-            fail_strategy: FailStrategy::FailReload,
+            istio_version: IstioVersion::NEWEST,
+            fail_strategy: None,
         }
     }
 }
 
 impl Options {
+    /// Refuses a combination the target Istio release cannot take.
+    pub fn check(&self) -> Result<(), String> {
+        if self.fail_strategy == Some(FailStrategy::FailReload) && !self.istio_version.has_fail_reload() {
+            return Err(format!(
+                "failStrategy FAIL_RELOAD needs Istio {} or later; Istio {} has only FAIL_CLOSE and FAIL_OPEN",
+                IstioVersion::FAIL_RELOAD,
+                self.istio_version
+            ));
+        }
+        if self.fail_strategy == Some(FailStrategy::FailOpen) {
+            return Err(
+                "failStrategy FAIL_OPEN would let metadata requests through to the node when the filter fails".into()
+            );
+        }
+        Ok(())
+    }
+
+    /// The WasmPlugin `failStrategy` this rendering uses.
+    pub fn fail_strategy(&self) -> FailStrategy {
+        self.fail_strategy.unwrap_or(if self.istio_version.has_fail_reload() {
+            FailStrategy::FailReload
+        } else {
+            FailStrategy::FailClose
+        })
+    }
+
+    /// The name Istio gives the filter in the sidecar's HTTP connection
+    /// manager (the key of per-route filter config).
+    pub fn wasm_filter_name(&self) -> String {
+        self.istio_version.wasm_filter_name(&self.root_namespace, WASM_PLUGIN)
+    }
+
     /// The broker's in-cluster host name.
     pub fn broker_host(&self) -> String {
         format!("{BROKER}.{}.svc.cluster.local", self.namespace)
@@ -183,6 +222,8 @@ pub fn render(options: &Options) -> Vec<Object> {
         Object::ServiceEntry(service_entry(options, &METADATA_SERVICES[1])),
         Object::VirtualService(fail_closed_route(options)),
         Object::EnvoyFilter(metadata_guard(options)),
+        Object::EnvoyFilter(metadata_chain(options)),
+        Object::EnvoyFilter(filter_on_metadata_chain(options)),
         Object::WasmPlugin(wasm_plugin(options)),
     ]
 }
@@ -546,18 +587,106 @@ fn metadata_guard(options: &Options) -> EnvoyFilter {
                 apply_to: ApplyTo::HttpFilter,
                 target: PatchMatch {
                     context: PatchContext::SidecarOutbound,
-                    listener: ListenerMatch {
+                    listener: Some(ListenerMatch {
                         port_number: u32::from(METADATA_PORT),
-                        filter_chain: FilterChainMatch {
+                        filter_chain: Some(FilterChainMatch {
+                            name: None,
                             filter: FilterMatch {
-                                name: "envoy.filters.network.http_connection_manager".to_owned(),
-                                sub_filter: SubFilterMatch { name: "envoy.filters.http.router".to_owned() },
+                                name: metadata::HTTP_CONNECTION_MANAGER.to_owned(),
+                                sub_filter: Some(SubFilterMatch { name: "envoy.filters.http.router".to_owned() }),
                             },
-                        },
-                    },
+                        }),
+                    }),
+                    route_configuration: None,
                 },
                 patch: Patch { operation: PatchOperation::InsertBefore, value: metadata::guard() },
             }],
+            workload_selector: None,
+            priority: None,
+        },
+    }
+}
+
+/// Fail closed by destination, below HTTP: every sidecar's port-80
+/// listener gets a filter chain of its own for connections to a metadata
+/// address ([`metadata::metadata_filter_chain`]), answered 404 unless the
+/// filter answers first.
+fn metadata_chain(options: &Options) -> EnvoyFilter {
+    EnvoyFilter {
+        metadata: meta("instance-metadata-chain", &options.root_namespace),
+        spec: EnvoyFilterSpec {
+            priority: None,
+            workload_selector: None,
+            // A listener MERGE, not a FILTER_CHAIN ADD: Istio appends added
+            // chains after every other patch, so none (the guard, the
+            // filter below) would reach it; a merged chain is patched like
+            // Istio's own.
+            config_patches: vec![ConfigPatch {
+                apply_to: ApplyTo::Listener,
+                target: PatchMatch {
+                    context: PatchContext::SidecarOutbound,
+                    listener: Some(ListenerMatch { port_number: u32::from(METADATA_PORT), filter_chain: None }),
+                    route_configuration: None,
+                },
+                patch: Patch {
+                    operation: PatchOperation::Merge,
+                    value: serde_json::json!({ "filter_chains": [metadata::metadata_filter_chain()] }),
+                },
+            }],
+        },
+    }
+}
+
+/// On enabled pods the filter runs in the metadata chain only: first in
+/// that chain, and switched off for the port-80 route configuration the
+/// WasmPlugin's own placement serves, so the pod's other port-80 HTTP
+/// never enters the wasm VM. (Switching it off there and on again for the
+/// metadata virtual hosts cannot be written: the "on" value,
+/// `FilterConfig{config: {}}`, is an `Any` without `@type`, which Istio's
+/// EnvoyFilter validation refuses.)
+fn filter_on_metadata_chain(options: &Options) -> EnvoyFilter {
+    let filter = options.wasm_filter_name();
+    let port_number = u32::from(METADATA_PORT);
+    EnvoyFilter {
+        metadata: meta("imds-mesh-metadata-only", &options.root_namespace),
+        spec: EnvoyFilterSpec {
+            priority: None,
+            workload_selector: Some(EnvoyFilterSelector { labels: labels(&[(ENABLE_LABEL, ENABLED_VALUE)]) }),
+            config_patches: vec![
+                ConfigPatch {
+                    apply_to: ApplyTo::HttpFilter,
+                    target: PatchMatch {
+                        context: PatchContext::SidecarOutbound,
+                        listener: Some(ListenerMatch {
+                            port_number,
+                            filter_chain: Some(FilterChainMatch {
+                                name: Some(metadata::METADATA_CHAIN.to_owned()),
+                                filter: FilterMatch {
+                                    name: metadata::HTTP_CONNECTION_MANAGER.to_owned(),
+                                    sub_filter: None,
+                                },
+                            }),
+                        }),
+                        route_configuration: None,
+                    },
+                    patch: Patch {
+                        operation: PatchOperation::InsertFirst,
+                        value: metadata::discovered_filter(&filter),
+                    },
+                },
+                ConfigPatch {
+                    apply_to: ApplyTo::RouteConfiguration,
+                    target: PatchMatch {
+                        context: PatchContext::SidecarOutbound,
+                        listener: None,
+                        route_configuration: Some(RouteConfigurationMatch { port_number, vhost: None }),
+                    },
+                    patch: Patch {
+                        operation: PatchOperation::Merge,
+                        value: serde_json::json!({ "typed_per_filter_config": { filter: metadata::filter_disabled() } }),
+                    },
+                },
+            ],
         },
     }
 }
@@ -573,7 +702,7 @@ fn wasm_plugin(options: &Options) -> WasmPlugin {
     // Unset options (`role_arn`, `pod_name`) are left out, not sent as null.
     plugin_config.retain(|_, value| !value.is_null());
     WasmPlugin {
-        metadata: meta("imds-mesh", &options.root_namespace),
+        metadata: meta(WASM_PLUGIN, &options.root_namespace),
         spec: WasmPluginSpec {
             selector: WorkloadSelector { match_labels: labels(&[(ENABLE_LABEL, ENABLED_VALUE)]) },
             url: options.wasm_url.clone(),
@@ -583,7 +712,7 @@ fn wasm_plugin(options: &Options) -> WasmPlugin {
             plugin_name: "imds-mesh".to_owned(),
             phase: PluginPhase::Authn,
             priority: 1000,
-            fail_strategy: options.fail_strategy,
+            fail_strategy: options.fail_strategy(),
             plugin_type: PluginType::Http,
             traffic: vec![TrafficSelector {
                 mode: WorkloadMode::Client,
@@ -608,7 +737,7 @@ mod tests {
                 http_tokens: HttpTokens::Required,
                 namespace_policy_annotation: Some("imds-mesh.io/permitted-roles".into()),
                 wasm_sha256: Some("ab".repeat(32)),
-                fail_strategy: FailStrategy::FailClose,
+                istio_version: "1.24".parse().unwrap(),
                 ..Options::default()
             },
         ]

@@ -12,13 +12,40 @@ fn deploy_dir() -> PathBuf {
 }
 
 fn render(args: &[&str]) -> String {
+    try_render(args).unwrap_or_else(|stderr| panic!("{stderr}"))
+}
+
+/// `mesh-config render ARGS`: its output, or what it said when it refused.
+fn try_render(args: &[&str]) -> Result<String, String> {
     let output = Command::new(env!("CARGO_BIN_EXE_mesh-config"))
         .arg("render")
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("run mesh-config: {e}"));
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8(output.stdout).unwrap_or_else(|e| panic!("{e}"))
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    Ok(String::from_utf8(output.stdout).unwrap_or_else(|e| panic!("{e}")))
+}
+
+#[test]
+fn the_rendering_follows_the_istio_release() {
+    let old = render(&["--istio-version", "1.26"]);
+    assert!(old.contains("failStrategy: FAIL_CLOSE") && !old.contains("FAIL_RELOAD"), "{old}");
+    assert!(old.contains("extensions.istio.io/wasmplugin/istio-system.imds-mesh:"), "{old}");
+    let new = render(&["--istio-version", "1.31.2"]);
+    assert!(new.contains("failStrategy: FAIL_RELOAD"), "{new}");
+    assert!(new.contains("extensions.istio.io/trafficextension/istio-system.imds-mesh~istio-translated-wasmplugin:"));
+}
+
+#[test]
+fn an_option_the_istio_release_cannot_take_is_refused_with_the_reason() {
+    let refused = try_render(&["--istio-version", "1.26", "--fail-strategy", "reload"]).unwrap_err();
+    assert!(refused.contains("FAIL_RELOAD needs Istio 1.27 or later"), "{refused}");
+    for version in ["1.23", "2.1", "latest"] {
+        let refused = try_render(&["--istio-version", version]).unwrap_err();
+        assert!(refused.contains("--istio-version"), "{refused}");
+    }
 }
 
 #[test]
