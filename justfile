@@ -82,5 +82,6 @@ bench-broker: setup
     cargo run --release -p integration --bin bench-broker
 
 # Filter throughput and latency against Envoy baselines (not a test).
-bench-filter: setup build
-    IMDS_MESH_VENV="{{venv}}" IMDS_MESH_WASM="{{wasm}}" cargo run -p integration --bin bench-filter
+bench-filter: setup build istio-xds
+    IMDS_MESH_VENV="{{venv}}" IMDS_MESH_WASM="{{wasm}}" IMDS_MESH_ISTIO_XDS="{{target}}/imds-mesh/istio-xds" \
+        cargo run -p integration --bin bench-filter

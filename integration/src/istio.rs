@@ -41,13 +41,16 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use k8s_openapi::api::core::v1::Pod;
+use imds_filter::config::METADATA_PORT;
+use k8s_openapi::api::core::v1::Pod as KubePod;
+use mesh_config::metadata::METADATA_SERVICES;
 use mesh_config::render::{self, Object, Options};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::paths;
+use crate::envoy::Ports;
 use crate::pki::WorkloadFiles;
+use crate::{Envoy, Pod, Upstream, kube_api, paths};
 
 /// The Istio release whose translation `istio-xds` runs (its module's
 /// `VERSION`).
@@ -76,8 +79,36 @@ impl Cluster {
         self
     }
 
+    /// The rendering of `options` with the harness's pods: [`Pod::enabled`]
+    /// at [`APP_IP`], [`plain_pod`] at [`PLAIN_IP`], and `brokers` broker
+    /// replicas at [`broker_ip`]s.
+    pub fn harness(options: &Options, brokers: usize) -> Self {
+        let ips: Vec<String> = (0..brokers).map(broker_ip).collect();
+        Self::rendered(options)
+            .object(kube_api::namespace("default"))
+            .object(kube_api::namespace(&options.root_namespace))
+            .app_pod(&Pod::enabled(), APP_IP)
+            .app_pod(&plain_pod(), PLAIN_IP)
+            .broker_pods(&ips.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    /// Adds the pod behind an app sidecar (its labels and annotations as
+    /// the sidecar's node metadata has them), running at `ip`.
+    pub fn app_pod(self, pod: &Pod, ip: &str) -> Self {
+        let mut object = KubePod::default();
+        object.metadata.name = Some(pod.name.clone());
+        object.metadata.namespace = Some(pod.namespace.clone());
+        object.metadata.labels = Some(pod.labels.clone());
+        object.metadata.annotations = Some(pod.annotations.clone());
+        object.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+            service_account_name: Some(pod.service_account.clone()),
+            ..Default::default()
+        });
+        self.pod(object, ip)
+    }
+
     /// Adds `pod`, running at `ip`.
-    pub fn pod(self, mut pod: Pod, ip: &str) -> Self {
+    pub fn pod(self, mut pod: KubePod, ip: &str) -> Self {
         let status = pod.status.get_or_insert_default();
         status.phase = Some("Running".into());
         status.pod_ip = Some(ip.into());
@@ -108,7 +139,7 @@ impl Cluster {
             let mut metadata = template.metadata.clone().unwrap_or_default();
             metadata.name = Some(name.clone());
             metadata.namespace = Some(options.clone());
-            let pod = Pod { metadata, spec: template.spec.clone(), ..Pod::default() };
+            let pod = KubePod { metadata, spec: template.spec.clone(), ..KubePod::default() };
             self = self.pod(pod, ip);
             endpoints.push(json!({
                 "addresses": [ip],
@@ -214,6 +245,81 @@ const METADATA_IPV4: &str = imds_filter::config::METADATA_ADDRESSES[0].ip;
 /// The name of the broker's `i`th pod.
 pub fn broker_pod_name(i: usize) -> String {
     format!("{}-{i}", render::BROKER)
+}
+
+// ---------------------------------------------------------------------------
+// The harness's pods on Istio's output
+
+/// The enabled pod's address in [`Cluster::harness`]. Pod addresses are
+/// never dialled: every endpoint a test serves is rewritten to loopback.
+pub const APP_IP: &str = "10.244.1.10";
+/// The plain pod's address in [`Cluster::harness`].
+pub const PLAIN_IP: &str = "10.244.1.11";
+
+/// The `i`th broker pod's address.
+pub fn broker_ip(i: usize) -> String {
+    format!("10.244.2.{}", 10 + i)
+}
+
+/// A pod without the label, beside [`Pod::enabled`].
+pub fn plain_pod() -> Pod {
+    Pod { name: "plain-5c8d7f9b4-q7w2e".into(), ..Pod::plain() }
+}
+
+/// `namespace/name`, as [`Cluster::generate`] takes a pod.
+pub fn proxy_of(pod: &Pod) -> String {
+    format!("{}/{}", pod.namespace, pod.name)
+}
+
+/// The `i`th broker pod, as [`Cluster::generate`] takes it.
+pub fn broker_proxy(options: &Options, i: usize) -> String {
+    format!("{}/{}", options.namespace, broker_pod_name(i))
+}
+
+/// An app pod's sidecar running Istio's output: port 80 on `envoy.addr`
+/// for other destinations and on `metadata`, standing for the metadata
+/// service; what would reach the node's IMDS lands on `node_imds`, other
+/// passthrough on `upstream`.
+pub struct AppSidecar {
+    pub envoy: Envoy,
+    pub metadata: SocketAddr,
+    pub node_imds: Upstream,
+    pub upstream: Upstream,
+}
+
+impl AppSidecar {
+    /// Starts `xds` with the workload certificate `certificates` and the
+    /// broker pods' endpoints (`ip:port`) served at the given addresses.
+    pub async fn start(
+        xds: &SidecarXds,
+        certificates: &WorkloadFiles,
+        brokers: &[(String, SocketAddr)],
+        workers: u32,
+    ) -> Self {
+        let (node_imds, upstream) = (Upstream::start().await, Upstream::start().await);
+        let (outbound, metadata) = (loopback_port(METADATA_PORT), loopback_port(METADATA_PORT));
+        let admin = SocketAddr::from(([127, 0, 0, 1], Ports::free(false).admin));
+        let mut rewrites = METADATA_SERVICES
+            .iter()
+            .fold(Rewrites::new(admin), |r, s| {
+                r.original_destination(&format!("outbound|{METADATA_PORT}||{}", s.host), node_imds.addr())
+            })
+            .original_destination("PassthroughCluster", upstream.addr())
+            .listener("0.0.0.0_80", outbound)
+            .metadata_at("0.0.0.0_80", metadata)
+            .certificates(certificates)
+            .wasm(&paths::filter_wasm());
+        for (endpoint, address) in brokers {
+            rewrites = rewrites.endpoint(endpoint, *address);
+        }
+        let envoy = Envoy::start_bootstrap(&xds.bootstrap(&rewrites), outbound, admin, workers).await;
+        Self { envoy, metadata, node_imds, upstream }
+    }
+
+    /// Panics if anything reached the node's IMDS.
+    pub fn assert_node_untouched(&self) {
+        assert_eq!(self.node_imds.connections(), 0, "a connection reached the node's IMDS");
+    }
 }
 
 /// What istiod sends one sidecar.

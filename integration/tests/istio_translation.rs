@@ -6,72 +6,35 @@
 
 use std::net::SocketAddr;
 
-use imds_filter::config::{METADATA_ADDRESSES, METADATA_PORT};
+use imds_filter::config::METADATA_ADDRESSES;
 use integration::clients::SdkClient;
 use integration::envoy::Ports;
-use integration::istio::{self, Cluster, Rewrites, SidecarXds};
+use integration::istio::{self, AppSidecar, Cluster, Rewrites, SidecarXds, proxy_of};
 use integration::kube_api::{self, KubeApi};
-use integration::pki::{Mesh, WorkloadFiles};
-use integration::{Envoy, Pod, ROLE_ARN, RealBroker, Req, Sts, Upstream, paths, wait};
-use mesh_config::metadata::{self, METADATA_SERVICES};
+use integration::pki::Mesh;
+use integration::{Envoy, Pod, ROLE_ARN, RealBroker, Req, Sts, wait};
+use mesh_config::metadata;
 use mesh_config::render::{BROKER_PORT, Options};
 
-const APP_IP: &str = "10.244.1.10";
-const PLAIN_IP: &str = "10.244.1.11";
-const BROKER_IP: &str = "10.244.2.10";
 const CREDENTIALS: &str = "/latest/meta-data/iam/security-credentials/";
 /// Istio's name for the WasmPlugin's filter (master since April 2026).
 const FILTER: &str = "extensions.istio.io/trafficextension/istio-system.imds-mesh~istio-translated-wasmplugin";
-/// The clusters Istio makes of the metadata ServiceEntries, where a request
-/// nothing answered would go: the node's own IMDS.
-fn node_imds_clusters() -> impl Iterator<Item = String> {
-    METADATA_SERVICES.iter().map(|s| format!("outbound|{METADATA_PORT}||{}", s.host))
-}
-
-/// Every original-destination cluster a port-80 request can reach: the
-/// metadata services to `node_imds`, the rest to `upstream`.
-fn original_destinations(rewrites: Rewrites, node_imds: &Upstream, upstream: &Upstream) -> Rewrites {
-    node_imds_clusters()
-        .fold(rewrites, |r, cluster| r.original_destination(&cluster, node_imds.addr()))
-        .original_destination("PassthroughCluster", upstream.addr())
-}
-
-fn enabled() -> Pod {
-    Pod::enabled()
-}
-
-fn plain() -> Pod {
-    Pod { name: "plain-5c8d7f9b4-q7w2e".into(), ..Pod::plain() }
-}
-
-fn proxy(pod: &Pod) -> String {
-    format!("{}/{}", pod.namespace, pod.name)
-}
 
 fn broker_proxy() -> String {
-    format!("{}/{}", Options::default().namespace, istio::broker_pod_name(0))
+    istio::broker_proxy(&Options::default(), 0)
 }
 
-/// The default rendering with an enabled pod, a plain pod and one broker.
+/// The default rendering with the harness's enabled pod, plain pod and one
+/// broker.
 fn cluster() -> Cluster {
-    let kube_pod = |pod: &Pod| {
-        let mut object = kube_api::enabled_pod(&pod.namespace, &pod.name, &pod.service_account, ROLE_ARN);
-        object.metadata.labels = Some(pod.labels.clone());
-        object.metadata.annotations = Some(pod.annotations.clone());
-        object
-    };
-    Cluster::rendered(&Options::default())
-        .object(kube_api::namespace("default"))
-        .object(kube_api::namespace("istio-system"))
-        .pod(kube_pod(&enabled()), APP_IP)
-        .pod(kube_pod(&plain()), PLAIN_IP)
-        .broker_pods(&[BROKER_IP])
+    Cluster::harness(&Options::default(), 1)
 }
 
 fn generate() -> (SidecarXds, SidecarXds, SidecarXds) {
-    let mut xds = cluster().generate(&[&proxy(&enabled()), &proxy(&plain()), &broker_proxy()]);
+    let (app, plain) = (proxy_of(&Pod::enabled()), proxy_of(&istio::plain_pod()));
+    let mut xds = cluster().generate(&[&app, &plain, &broker_proxy()]);
     let mut take = |name: &str| xds.remove(name).unwrap_or_else(|| panic!("no config for {name}"));
-    (take(&proxy(&enabled())), take(&proxy(&plain())), take(&broker_proxy()))
+    (take(&app), take(&plain), take(&broker_proxy()))
 }
 
 #[test]
@@ -103,7 +66,7 @@ fn istio_runs_the_filter_first_in_the_metadata_chain_of_enabled_pods_only() {
     }
     assert_eq!(
         app.endpoint_addresses(&Options::default().plugin_config().broker_cluster),
-        [format!("{BROKER_IP}:{BROKER_PORT}")]
+        [format!("{}:{BROKER_PORT}", istio::broker_ip(0))]
     );
 }
 
@@ -153,44 +116,10 @@ fn listening(port: u16) -> (SocketAddr, SocketAddr) {
     (istio::loopback_port(port), SocketAddr::from(([127, 0, 0, 1], Ports::free(false).admin)))
 }
 
-/// An app pod's sidecar on Istio's output: port 80 on `outbound` for
-/// other destinations and on its own loopback address standing for the
-/// metadata service (`metadata`), the broker at `broker`.
-struct AppSidecar {
-    envoy: Envoy,
-    metadata: SocketAddr,
-    node_imds: Upstream,
-    upstream: Upstream,
-}
-
-async fn app_sidecar(xds: &SidecarXds, certificates: &WorkloadFiles, broker: Option<SocketAddr>) -> AppSidecar {
-    let (node_imds, upstream) = (Upstream::start().await, Upstream::start().await);
-    let ((outbound, admin), metadata) = (listening(80), istio::loopback_port(80));
-    let mut rewrites = original_destinations(Rewrites::new(admin), &node_imds, &upstream)
-        .listener("0.0.0.0_80", outbound)
-        .metadata_at("0.0.0.0_80", metadata)
-        .certificates(certificates)
-        .wasm(&paths::filter_wasm());
-    if let Some(broker) = broker {
-        rewrites = rewrites.endpoint(&format!("{BROKER_IP}:{BROKER_PORT}"), broker);
-    }
-    // One worker: a flush of the filter's counters then covers every
-    // request sent before it.
-    let envoy = Envoy::start_bootstrap(&xds.bootstrap(&rewrites), outbound, admin, 1).await;
-    AppSidecar { envoy, metadata, node_imds, upstream }
-}
-
-impl AppSidecar {
-    /// Nothing reached the node's IMDS.
-    fn assert_node_untouched(&self) {
-        assert_eq!(self.node_imds.connections(), 0, "a connection reached the node's IMDS");
-    }
-}
-
 #[tokio::test]
 async fn boto3_gets_sts_credentials_on_the_sidecars_istio_generates() {
     let (api, sts) = (KubeApi::start().await, Sts::start().await);
-    let pod = enabled();
+    let pod = Pod::enabled();
     api.add_pod(kube_api::enabled_pod(&pod.namespace, &pod.name, &pod.service_account, ROLE_ARN));
     let mesh = Mesh::new(&pod.namespace, &pod.service_account);
     let broker = RealBroker::builder(&api, sts.endpoint()).xfcc().start().await;
@@ -202,7 +131,10 @@ async fn boto3_gets_sts_credentials_on_the_sidecars_istio_generates() {
         .original_destination(&format!("inbound|{BROKER_PORT}||"), broker.addr)
         .certificates(&mesh.broker);
     let _broker_sidecar = Envoy::start_bootstrap(&broker_xds.bootstrap(&rewrites), inbound, admin, 1).await;
-    let app = app_sidecar(&app_xds, &mesh.app, Some(inbound)).await;
+    let broker_endpoint = format!("{}:{BROKER_PORT}", istio::broker_ip(0));
+    // One worker: a flush of the filter's counters then covers every
+    // request sent before it.
+    let app = AppSidecar::start(&app_xds, &mesh.app, &[(broker_endpoint, inbound)], 1).await;
 
     // Other port-80 traffic passes through, and never enters the filter.
     let elsewhere = Req::get("/index.html").host("example.com").send(app.envoy.addr).await;
@@ -222,9 +154,9 @@ async fn boto3_gets_sts_credentials_on_the_sidecars_istio_generates() {
 #[tokio::test]
 async fn a_pod_without_the_label_never_reaches_the_nodes_imds() {
     let (_, plain_xds, _) = generate();
-    let pod = plain();
+    let pod = istio::plain_pod();
     let mesh = Mesh::new(&pod.namespace, &pod.service_account);
-    let sidecar = app_sidecar(&plain_xds, &mesh.app, None).await;
+    let sidecar = AppSidecar::start(&plain_xds, &mesh.app, &[], 1).await;
 
     // By name, to any address: the fail-closed route.
     for authority in metadata::authorities() {
@@ -249,9 +181,9 @@ async fn a_pod_without_the_label_never_reaches_the_nodes_imds() {
 #[tokio::test]
 async fn a_spoofed_host_to_the_metadata_address_never_leaves_an_enabled_pods_sidecar() {
     let (app_xds, _, _) = generate();
-    let pod = enabled();
+    let pod = Pod::enabled();
     let mesh = Mesh::new(&pod.namespace, &pod.service_account);
-    let sidecar = app_sidecar(&app_xds, &mesh.app, None).await;
+    let sidecar = AppSidecar::start(&app_xds, &mesh.app, &[], 1).await;
     // In a pod the filter answers it (it recognises the destination,
     // `filter.rs` shows it in a network namespace); here the destination is
     // the loopback stand-in, so the guard in the metadata chain refuses it.

@@ -9,14 +9,20 @@
 //!   (`Host: 169.254.169.254`) from its warm cache, the same body bytes as a.
 //! - c: `Host: app.example.com` through the filter to the upstream.
 //! - d: the same on the listener without the filter, the baseline for c.
+//! - e: the same on the sidecar Istio generates from the rendering for an
+//!   enabled pod (`integration::istio`), where the filter runs on the
+//!   metadata chain only and is switched off on the port-80 routes.
+//! - f: the same on the sidecar Istio generates for a pod without the
+//!   label (no filter), the baseline for e. e and f are two more Envoys, each
+//!   with the same worker count.
 //!
 //! Reading the output: one line per round with req/s and p99 per case, then
 //! the median per case over the rounds, then the targets. A ratio is taken
 //! within each round, between a case and its baseline run right next to it,
 //! and the median of those per-round ratios is held against the target:
-//! `b/a` >= 0.90 (the filter's local answer vs Envoy's own), `c/d` >= 0.97
-//! (what the filter costs traffic it only looks at), and the .wasm against
-//! 250 KB. PASS/MISS are information, not a verdict: the exit code is 0
+//! `b/a` >= 0.90 (the filter's local answer vs Envoy's own), `c/d` and
+//! `e/f` >= 0.97 (what the filter costs traffic it only looks at, on every
+//! route and as deployed), and the .wasm against 250 KB. PASS/MISS are information, not a verdict: the exit code is 0
 //! whenever the benchmark ran. Absolute figures depend on the machine and its
 //! neighbours; compare ratios, and read the per-round spread before trusting
 //! a near miss. Last, the filter's own cache-hit counter shows that b was
@@ -32,7 +38,10 @@ use std::time::Duration;
 
 use imds_filter::credentials::Credential;
 use integration::bench::{self, Options, Sample, WARM_UP_SECS, WRK_THREADS, Wrk, load_average, nproc};
-use integration::{CREDENTIALS_PATH, Envoy, HOUR, Req, Scripted, ScriptedBroker, Upstream, paths, upstream, wait};
+use integration::istio::{self, AppSidecar, Cluster};
+use integration::pki::Mesh;
+use integration::{CREDENTIALS_PATH, Envoy, HOUR, Pod, Req, Scripted, ScriptedBroker, Upstream, paths, upstream, wait};
+use mesh_config::render;
 
 /// The `.wasm` size target: 250 KB, read as 250,000 bytes (the stricter of
 /// KB and KiB).
@@ -50,6 +59,8 @@ const A: usize = 0;
 const B: usize = 1;
 const C: usize = 2;
 const D: usize = 3;
+const E: usize = 4;
+const F: usize = 5;
 
 /// One load to measure.
 struct Case {
@@ -82,7 +93,10 @@ async fn main() -> ExitCode {
 struct Bench {
     broker: ScriptedBroker,
     envoy: Envoy,
-    cases: [Case; 4],
+    /// Istio's generated sidecars of an enabled and a plain pod (e, f).
+    _generated: [AppSidecar; 2],
+    _mesh: Mesh,
+    cases: [Case; 6],
     wrk: Wrk,
     /// The credential JSON served in cases a and b.
     body: Vec<u8>,
@@ -105,14 +119,14 @@ async fn run(options: Options) -> Result<(), String> {
         load.connections, load.secs
     );
     println!(
-        "  rounds       {}: a b c d, then d c b a, and so on; {WARM_UP_SECS}s unmeasured warm-up per case first",
+        "  rounds       {}: a b c d e f, then f e d c b a, and so on; {WARM_UP_SECS}s unmeasured warm-up per case first",
         options.rounds
     );
     println!("  nproc        {}", nproc().await);
     println!("  load avg     {} (before)", load_average());
     println!("  filter       {} ({wasm_size} bytes)", wasm.display());
     println!(
-        "  bodies       a, b: {} bytes of credential JSON; c, d: {} bytes",
+        "  bodies       a, b: {} bytes of credential JSON; c, d, e, f: {} bytes",
         bench.body.len(),
         upstream::BODY.len()
     );
@@ -162,12 +176,27 @@ impl Bench {
             .start()
             .await;
         let direct = envoy.direct_addr.ok_or("the harness started Envoy without the direct_response listener")?;
+        let (generated, mesh) = istio_sidecars(workers).await;
         let case = |key, what, addr, host, path| Case { key, what, addr, host, path };
         let cases = [
             case("a", "direct_response, no filter", direct, IMDS_HOST, CREDENTIALS_PATH),
             case("b", "filter, IMDS credentials from cache", envoy.addr, IMDS_HOST, CREDENTIALS_PATH),
             case("c", "filter, passthrough to upstream", envoy.addr, PASSTHROUGH_HOST, PASSTHROUGH_PATH),
             case("d", "no filter, passthrough to upstream", envoy.plain_addr, PASSTHROUGH_HOST, PASSTHROUGH_PATH),
+            case(
+                "e",
+                "Istio's sidecar, enabled pod, passthrough",
+                generated[0].envoy.addr,
+                PASSTHROUGH_HOST,
+                PASSTHROUGH_PATH,
+            ),
+            case(
+                "f",
+                "Istio's sidecar, plain pod, passthrough",
+                generated[1].envoy.addr,
+                PASSTHROUGH_HOST,
+                PASSTHROUGH_PATH,
+            ),
         ];
         wait::until("the filter to serve the credential", || async {
             (envoy.imds(Req::get(CREDENTIALS_PATH)).await.status == 200).then_some(())
@@ -188,7 +217,7 @@ impl Bench {
             }
         }
         let wrk = Wrk::new()?;
-        Ok(Self { broker, envoy, cases, wrk, body, _upstream: upstream })
+        Ok(Self { broker, envoy, _generated: generated, _mesh: mesh, cases, wrk, body, _upstream: upstream })
     }
 
     /// Runs wrk once against `case`.
@@ -199,20 +228,38 @@ impl Bench {
     }
 }
 
+/// Istio's generated sidecars for the default rendering's enabled pod and
+/// a plain pod (their own upstreams; no broker behind them).
+async fn istio_sidecars(workers: u32) -> ([AppSidecar; 2], Mesh) {
+    let (enabled, plain) = (Pod::enabled(), istio::plain_pod());
+    let (enabled_id, plain_id) = (istio::proxy_of(&enabled), istio::proxy_of(&plain));
+    let mut xds = Cluster::harness(&render::Options::default(), 1).generate(&[&enabled_id, &plain_id]);
+    let mut take = |id: &str| xds.remove(id).unwrap_or_else(|| panic!("istiod sent nothing for {id}"));
+    let (enabled_xds, plain_xds) = (take(&enabled_id), take(&plain_id));
+    let mesh = Mesh::new(&enabled.namespace, &enabled.service_account);
+    let generated = [
+        AppSidecar::start(&enabled_xds, &mesh.app, &[], workers).await,
+        AppSidecar::start(&plain_xds, &mesh.app, &[], workers).await,
+    ];
+    (generated, mesh)
+}
+
 /// The order of the cases in `round`: forward, then backward (ABBA). Each
-/// case stays next to its baseline (a-b, c-d), so a per-round ratio compares
-/// runs seconds apart, and within a pair each goes first in half the rounds.
-fn schedule(round: usize) -> [usize; 4] {
-    if round.is_multiple_of(2) { [A, B, C, D] } else { [D, C, B, A] }
+/// case stays next to its baseline (a-b, c-d, e-f), so a per-round ratio
+/// compares runs seconds apart, and within a pair each goes first in half
+/// the rounds.
+fn schedule(round: usize) -> [usize; 6] {
+    if round.is_multiple_of(2) { [A, B, C, D, E, F] } else { [F, E, D, C, B, A] }
 }
 
 /// The targets: per-round paired ratios (median, spread) and the .wasm size.
-fn print_targets(samples: &[Vec<Sample>; 4], wasm_size: u64) {
+fn print_targets(samples: &[Vec<Sample>; 6], wasm_size: u64) {
     let ratios = |x: usize, base: usize, of: fn(&Sample) -> f64| bench::ratios(samples, x, base, of);
     bench::print_targets_heading();
     for (what, x, base, target) in [
         ("b/a req/s (local answer vs Envoy's own)", B, A, LOCAL_ANSWER_TARGET),
         ("c/d req/s (passthrough, filter vs none)", C, D, PASSTHROUGH_TARGET),
+        ("e/f req/s (passthrough on Istio's output)", E, F, PASSTHROUGH_TARGET),
     ] {
         bench::print_ratio_target(what, ratios(x, base, |s| s.rps), target);
     }
@@ -225,7 +272,12 @@ fn print_targets(samples: &[Vec<Sample>; 4], wasm_size: u64) {
     );
     let p99_b = bench::median(ratios(B, A, |s| s.p99_us).into_iter());
     let p99_c = bench::median(ratios(C, D, |s| s.p99_us).into_iter());
-    println!("{:<42} {:>9}", "p99 b/a, c/d (no target; lower is better)", format!("{p99_b:.2}, {p99_c:.2}"));
+    let p99_e = bench::median(ratios(E, F, |s| s.p99_us).into_iter());
+    println!(
+        "{:<42} {:>9}",
+        "p99 b/a, c/d, e/f (no target; lower is better)",
+        format!("{p99_b:.2}, {p99_c:.2}, {p99_e:.2}")
+    );
     println!();
 }
 
@@ -264,6 +316,7 @@ mod tests {
         for round in 0..4 {
             assert_eq!(at(round, A).abs_diff(at(round, B)), 1, "round {round}");
             assert_eq!(at(round, C).abs_diff(at(round, D)), 1, "round {round}");
+            assert_eq!(at(round, E).abs_diff(at(round, F)), 1, "round {round}");
             assert_ne!(at(round, A) < at(round, B), at(round + 1, A) < at(round + 1, B), "round {round}");
             assert_ne!(at(round, C) < at(round, D), at(round + 1, C) < at(round + 1, D), "round {round}");
         }
