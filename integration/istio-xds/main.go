@@ -261,14 +261,20 @@ func generate(t test.Failer, s *xds.FakeDiscoveryServer, pod *corev1.Pod, meshCo
 		}
 		return out
 	}
-	clusters := fetch(v3.ClusterType, nil)
-	endpoints := fetch(v3.EndpointType, namesWhere(clusters, `"type":"EDS"`, "name"))
-	listeners := fetch(v3.ListenerType, nil)
-	routes := fetch(v3.RouteType, fieldValues(listeners, "route_config_name"))
-	var extensions []json.RawMessage
-	if names := discoveredFilters(listeners); len(names) > 0 {
-		extensions = fetch(v3.ExtensionConfigurationType, names)
+	// Types named by resource are asked for only when something names
+	// one: an empty list would be a wildcard request, which istiod does not
+	// answer for these types.
+	named := func(typeURL string, names []string) []json.RawMessage {
+		if len(names) == 0 {
+			return []json.RawMessage{}
+		}
+		return fetch(typeURL, names)
 	}
+	clusters := fetch(v3.ClusterType, nil)
+	endpoints := named(v3.EndpointType, namesWhere(clusters, `"type":"EDS"`, "name"))
+	listeners := fetch(v3.ListenerType, nil)
+	routes := named(v3.RouteType, fieldValues(listeners, "route_config_name"))
+	extensions := named(v3.ExtensionConfigurationType, discoveredFilters(listeners))
 	metadata, err := json.Marshal(bootstrapMeta)
 	if err != nil {
 		return nil, err

@@ -110,6 +110,51 @@ fn the_brokers_sidecar_appends_the_callers_xfcc_element_whatever_the_mesh_defaul
     }
 }
 
+#[test]
+fn under_registry_only_the_broker_still_reaches_sts() {
+    let (host, port, _) = Options::default().sts_endpoint();
+    let sts_cluster = format!("outbound|{port}||{host}");
+    let app_id = proxy_of(&Pod::enabled());
+    let mut xds = cluster().mesh("outboundTrafficPolicy: {mode: REGISTRY_ONLY}").generate(&[&broker_proxy(), &app_id]);
+    let (broker, app) = (xds.remove(&broker_proxy()).unwrap(), xds.remove(&app_id).unwrap());
+    assert!(broker.cluster(&sts_cluster).is_some(), "the broker's sidecar has no cluster for STS");
+    // TLS to the STS host goes to that cluster, not to the black hole.
+    let listener = broker.listener(&format!("0.0.0.0_{port}")).unwrap_or_else(|| panic!("no listener for port {port}"));
+    let to_sts = listener["filter_chains"].as_array().into_iter().flatten().any(|chain| {
+        chain["filter_chain_match"]["server_names"].as_array().is_some_and(|names| names.iter().any(|n| n == &host))
+            && chain["filters"][0]["typed_config"]["cluster"] == sts_cluster.as_str()
+    });
+    assert!(to_sts, "{listener}");
+    // Only the broker's namespace sees it.
+    assert!(app.cluster(&sts_cluster).is_none());
+}
+
+#[test]
+fn a_namespace_sidecar_must_import_the_metadata_services_and_the_broker() {
+    let options = Options::default();
+    let sidecar = |hosts: &[String]| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default, namespace: default}}\n\
+             spec:\n  egress:\n  - hosts: {hosts:?}\n"
+        )
+    };
+    let app_id = proxy_of(&Pod::enabled());
+    let broker_cluster = options.plugin_config().broker_cluster;
+
+    // Its own namespace only: no port-80 HTTP listener for the metadata
+    // address (the traffic would leave as TCP), and no broker cluster.
+    let narrow = cluster().config(&sidecar(&["./*".to_owned()])).generate(&[&app_id]).remove(&app_id).unwrap();
+    assert!(narrow.listener("0.0.0.0_80").is_none());
+    assert!(narrow.cluster(&broker_cluster).is_none());
+
+    // With what `sidecar_egress_hosts` names, the filter is back in place.
+    let hosts: Vec<String> = ["./*".to_owned()].into_iter().chain(options.sidecar_egress_hosts()).collect();
+    let imported = cluster().config(&sidecar(&hosts)).generate(&[&app_id]).remove(&app_id).unwrap();
+    let filters = imported.http_filters("0.0.0.0_80", Some(metadata::METADATA_CHAIN));
+    assert_eq!(filters.first().map(String::as_str), Some(FILTER), "{filters:?}");
+    assert!(imported.cluster(&broker_cluster).is_some());
+}
+
 /// Where one sidecar listens: `port` (80 outbound, 8080 inbound) on a
 /// loopback address of its own, and its admin.
 fn listening(port: u16) -> (SocketAddr, SocketAddr) {

@@ -123,6 +123,7 @@ pub struct PortSelector {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceEntrySpec {
     pub hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<String>,
     pub ports: Vec<ServicePort>,
     pub location: Location,

@@ -79,6 +79,11 @@ struct RenderArgs {
     /// Enable the broker's namespace policy with this Namespace annotation.
     #[arg(long)]
     namespace_policy_annotation: Option<String>,
+    /// Render, in this namespace, a NetworkPolicy that denies enabled pods
+    /// egress to the metadata addresses (repeatable): the backstop for
+    /// traffic the mesh does not capture.
+    #[arg(long = "network-policy-namespace")]
+    network_policy_namespaces: Vec<String>,
     /// Where sidecars pull the filter: oci://host/repo:tag, or https://.../imds_filter.wasm.
     #[arg(long, default_value_t = Options::default().wasm_url)]
     wasm_url: String,
@@ -270,6 +275,7 @@ fn options(args: RenderArgs) -> Result<Options, String> {
         sts_region: args.sts_region,
         sts_endpoint_url: args.sts_endpoint_url,
         namespace_policy_annotation: args.namespace_policy_annotation,
+        network_policy_namespaces: args.network_policy_namespaces,
         wasm_url: args.wasm_url,
         wasm_sha256: args.wasm_sha256,
         http_tokens: match args.http_tokens {

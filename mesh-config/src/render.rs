@@ -14,6 +14,9 @@ use k8s_openapi::api::core::v1::{
     PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext,
     Service, ServiceAccount, ServicePort, ServiceSpec, TopologySpreadConstraint,
 };
+use k8s_openapi::api::networking::v1::{
+    IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyPeer, NetworkPolicySpec,
+};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -75,6 +78,10 @@ pub struct Options {
     pub sts_endpoint_url: Option<String>,
     /// Enables the broker's namespace policy with this Namespace annotation.
     pub namespace_policy_annotation: Option<String>,
+    /// Namespaces that get a NetworkPolicy denying enabled pods egress to
+    /// the metadata addresses (the backstop for what the mesh cannot
+    /// capture).
+    pub network_policy_namespaces: Vec<String>,
     /// Where sidecars pull the filter: `oci://...`, `https://...`.
     pub wasm_url: String,
     /// The WasmPlugin `sha256` (OCI: manifest digest; HTTP: module digest).
@@ -100,6 +107,7 @@ impl Default for Options {
             sts_region: "us-east-1".to_owned(),
             sts_endpoint_url: None,
             namespace_policy_annotation: None,
+            network_policy_namespaces: Vec::new(),
             wasm_url: format!("oci://ghcr.io/imds-mesh/imds-filter:{version}"),
             wasm_sha256: None,
             http_tokens: HttpTokens::Optional,
@@ -140,6 +148,38 @@ impl Options {
     /// manager (the key of per-route filter config).
     pub fn wasm_filter_name(&self) -> String {
         self.istio_version.wasm_filter_name(&self.root_namespace, WASM_PLUGIN)
+    }
+
+    /// The STS endpoint the broker calls: host, port and whether over TLS.
+    pub fn sts_endpoint(&self) -> (String, u16, bool) {
+        let Some(url) = &self.sts_endpoint_url else {
+            return (format!("sts.{}.amazonaws.com", self.sts_region), 443, true);
+        };
+        let (tls, rest) = match url.split_once("://") {
+            Some(("http", rest)) => (false, rest),
+            Some((_, rest)) => (true, rest),
+            None => (true, url.as_str()),
+        };
+        let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+        let default_port = if tls { 443 } else { 80 };
+        match authority.rsplit_once(':') {
+            Some((host, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+                (host.to_owned(), port.parse().unwrap_or(default_port), tls)
+            }
+            _ => (authority.to_owned(), default_port, tls),
+        }
+    }
+
+    /// What a namespace's own `Sidecar` resource must import (its
+    /// `egress.hosts`) for imds-mesh to work there: the metadata services
+    /// (without them the sidecar has no port-80 HTTP listener for the
+    /// metadata address, and the traffic leaves as TCP) and the broker.
+    pub fn sidecar_egress_hosts(&self) -> Vec<String> {
+        METADATA_SERVICES
+            .iter()
+            .map(|s| format!("{}/{}", self.root_namespace, s.host))
+            .chain([format!("{}/{}", self.namespace, self.broker_host())])
+            .collect()
     }
 
     /// The broker's in-cluster host name.
@@ -184,6 +224,7 @@ pub enum Object {
     VirtualService(VirtualService),
     EnvoyFilter(EnvoyFilter),
     WasmPlugin(WasmPlugin),
+    NetworkPolicy(NetworkPolicy),
 }
 
 impl Object {
@@ -218,6 +259,7 @@ pub fn render(options: &Options) -> Vec<Object> {
         Object::PeerAuthentication(peer_authentication(options)),
         Object::AuthorizationPolicy(authorization_policy(options)),
         Object::DestinationRule(destination_rule(options)),
+        Object::ServiceEntry(sts_service_entry(options)),
         Object::ServiceEntry(service_entry(options, &METADATA_SERVICES[0])),
         Object::ServiceEntry(service_entry(options, &METADATA_SERVICES[1])),
         Object::VirtualService(fail_closed_route(options)),
@@ -226,6 +268,9 @@ pub fn render(options: &Options) -> Vec<Object> {
         Object::EnvoyFilter(filter_on_metadata_chain(options)),
         Object::WasmPlugin(wasm_plugin(options)),
     ]
+    .into_iter()
+    .chain(options.network_policy_namespaces.iter().map(|ns| Object::NetworkPolicy(metadata_egress_policy(ns))))
+    .collect()
 }
 
 /// Multi-document YAML, one document per object.
@@ -531,6 +576,60 @@ fn destination_rule(options: &Options) -> DestinationRule {
     }
 }
 
+/// STS as a mesh service the broker's sidecar knows, so the broker reaches
+/// it when the mesh's `outboundTrafficPolicy` is `REGISTRY_ONLY` (there an
+/// unknown destination is a black hole). Visible to the broker's namespace
+/// only.
+fn sts_service_entry(options: &Options) -> ServiceEntry {
+    let (host, port, tls) = options.sts_endpoint();
+    let (protocol, name) = if tls { ("TLS", "tls") } else { ("HTTP", "http") };
+    ServiceEntry {
+        metadata: meta("aws-sts", &options.namespace),
+        spec: ServiceEntrySpec {
+            hosts: vec![host],
+            addresses: Vec::new(),
+            ports: vec![MeshPort { number: u32::from(port), protocol: protocol.to_owned(), name: name.to_owned() }],
+            location: Location::MeshExternal,
+            resolution: Resolution::Dns,
+            export_to: vec![".".to_owned()],
+        },
+    }
+}
+
+/// The backstop for what the mesh cannot capture (UID 1337, capture
+/// exclusions, a pod whose sidecar is gone): enabled pods in `namespace`
+/// may send anything anywhere except to the metadata addresses. Their
+/// sidecar answers those locally and never connects there, so the policy
+/// costs nothing while the mesh works. Enforced by the cluster's CNI.
+fn metadata_egress_policy(namespace: &str) -> NetworkPolicy {
+    let everything_but = |all: &str, prefix_len: u8| {
+        let except = imds_filter::config::METADATA_ADDRESSES
+            .iter()
+            .filter(|a| a.prefix_len == prefix_len)
+            .map(|a| format!("{}/{}", a.ip, a.prefix_len))
+            .collect();
+        NetworkPolicyPeer {
+            ip_block: Some(IPBlock { cidr: all.to_owned(), except: Some(except) }),
+            ..NetworkPolicyPeer::default()
+        }
+    };
+    NetworkPolicy {
+        metadata: meta("imds-mesh-deny-node-metadata", namespace),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(labels(&[(ENABLE_LABEL, ENABLED_VALUE)])),
+                ..LabelSelector::default()
+            }),
+            policy_types: Some(vec!["Egress".to_owned()]),
+            egress: Some(vec![NetworkPolicyEgressRule {
+                to: Some(vec![everything_but("0.0.0.0/0", 32), everything_but("::/0", 128)]),
+                ..NetworkPolicyEgressRule::default()
+            }]),
+            ..NetworkPolicySpec::default()
+        }),
+    }
+}
+
 /// A metadata address as an HTTP service on port 80, so its traffic lands
 /// on the sidecar's HTTP listener where the filter runs. One object per
 /// address (see [`MetadataService::host`]).
@@ -801,6 +900,51 @@ mod tests {
         assert!(serde_saphyr::from_str::<WasmPlugin>(&typo).is_err(), "an unknown field was accepted");
         let bad_value = plugin.replace("FAIL_RELOAD", "FAIL_SOMETIMES");
         assert!(serde_saphyr::from_str::<WasmPlugin>(&bad_value).is_err(), "an unknown enum value was accepted");
+    }
+
+    #[test]
+    fn the_sts_service_entry_names_the_endpoint_the_broker_calls() {
+        let endpoint = |url: Option<&str>| {
+            Options { sts_endpoint_url: url.map(str::to_owned), ..Options::default() }.sts_endpoint()
+        };
+        assert_eq!(endpoint(None), ("sts.us-east-1.amazonaws.com".to_owned(), 443, true));
+        assert_eq!(
+            endpoint(Some("https://vpce-1.sts.eu-west-1.vpce.amazonaws.com/")),
+            ("vpce-1.sts.eu-west-1.vpce.amazonaws.com".to_owned(), 443, true)
+        );
+        assert_eq!(endpoint(Some("http://sts.local:4566")), ("sts.local".to_owned(), 4566, false));
+        assert_eq!(endpoint(Some("https://[fd00::1]:8443/x")), ("[fd00::1]".to_owned(), 8443, true));
+    }
+
+    #[test]
+    fn the_network_policy_denies_only_the_metadata_addresses_to_enabled_pods() {
+        let options =
+            Options { network_policy_namespaces: vec!["team-a".into(), "team-b".into()], ..Options::default() };
+        let policies: Vec<NetworkPolicy> = render(&options)
+            .into_iter()
+            .filter_map(|o| match o {
+                Object::NetworkPolicy(p) => Some(p),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            policies.iter().map(|p| p.metadata.namespace.clone().unwrap()).collect::<Vec<_>>(),
+            ["team-a", "team-b"]
+        );
+        let spec = policies[0].spec.clone().unwrap();
+        assert_eq!(spec.pod_selector.unwrap().match_labels.unwrap()[ENABLE_LABEL], ENABLED_VALUE);
+        let blocks: Vec<IPBlock> =
+            spec.egress.unwrap()[0].to.clone().unwrap().into_iter().filter_map(|peer| peer.ip_block).collect();
+        let as_pairs: Vec<(String, Vec<String>)> =
+            blocks.into_iter().map(|b| (b.cidr, b.except.unwrap_or_default())).collect();
+        assert_eq!(
+            as_pairs,
+            [
+                ("0.0.0.0/0".to_owned(), vec!["169.254.169.254/32".to_owned()]),
+                ("::/0".to_owned(), vec!["fd00:ec2::254/128".to_owned()]),
+            ]
+        );
+        assert!(!render(&Options::default()).iter().any(|o| matches!(o, Object::NetworkPolicy(_))));
     }
 
     #[test]

@@ -82,9 +82,20 @@ fn validate(yaml: &str, version: &str) -> Result<String, String> {
 
 #[test]
 fn every_kubernetes_object_is_valid_for_1_24_and_1_33() {
-    for args in [&[][..], &["--namespace-policy-annotation", "imds-mesh.io/permitted-roles", "--replicas", "3"][..]] {
+    let options: [&[&str]; 2] = [
+        &[],
+        &[
+            "--namespace-policy-annotation",
+            "imds-mesh.io/permitted-roles",
+            "--replicas",
+            "3",
+            "--network-policy-namespace",
+            "team-a",
+        ],
+    ];
+    for args in options {
         let core = core_documents(&render(args));
-        let kinds = [
+        let mut kinds = vec![
             "namespace",
             "serviceaccount",
             "clusterrole",
@@ -93,9 +104,12 @@ fn every_kubernetes_object_is_valid_for_1_24_and_1_33() {
             "deployment",
             "poddisruptionbudget",
         ];
+        if !args.is_empty() {
+            kinds.push("networkpolicy");
+        }
         for version in ["1.24.0", "1.33.0"] {
             let report = validate(&core, version).unwrap_or_else(|report| panic!("{version}: {report}"));
-            for kind in kinds {
+            for kind in &kinds {
                 assert!(
                     report.contains(&format!("passed for resource {kind}/")),
                     "{version}: {kind} not validated:\n{report}"
