@@ -23,6 +23,27 @@ pub fn request_path(role: &RoleArn, pod: &str) -> String {
     )
 }
 
+/// `:authority` of the credential request for `role`: a name for the role
+/// under the broker's own (`r-<16 hex digits of SHA-256(role ARN)>.<broker
+/// authority>`). Envoy hashes a wasm `httpCall` on its `:authority` (it has
+/// no route, so no route hash policy applies; Envoy's
+/// `source/extensions/common/wasm/context.cc`): with the broker cluster's
+/// ring hash, every sidecar's fetches for one role reach one replica, and
+/// roles spread over the replicas. The broker's sidecar accepts any host.
+pub fn request_authority(role: &RoleArn, broker_authority: &str) -> String {
+    use sha2::{Digest, Sha256};
+    use std::fmt::Write;
+    let digest = Sha256::digest(role.as_str().as_bytes());
+    let mut authority = String::with_capacity(19 + broker_authority.len());
+    authority.push_str("r-");
+    for byte in &digest[..8] {
+        let _ = write!(authority, "{byte:02x}");
+    }
+    authority.push('.');
+    authority.push_str(broker_authority);
+    authority
+}
+
 /// The broker's answer, as the host reports it.
 #[derive(Debug, Clone, Copy)]
 pub struct Answer<'a> {
@@ -89,6 +110,19 @@ mod tests {
 
     fn answer(status: u32, body: &[u8]) -> FetchResult {
         read_answer(Answer { status: Some(status), retry_after: Some(b"7"), body })
+    }
+
+    #[test]
+    fn each_role_has_an_authority_of_its_own_under_the_brokers() {
+        let role = |arn: &str| RoleArn::parse(arn).unwrap();
+        let broker = "token-broker.imds-mesh.svc.cluster.local";
+        let app = request_authority(&role("arn:aws:iam::123456789012:role/app"), broker);
+        assert!(app.starts_with("r-") && app.ends_with(&format!(".{broker}")), "{app}");
+        assert_eq!(app.len(), "r-".len() + 16 + 1 + broker.len());
+        assert!(app[2..18].bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()), "{app}");
+        // Stable for a role, different across roles.
+        assert_eq!(app, request_authority(&role("arn:aws:iam::123456789012:role/app"), broker));
+        assert_ne!(app, request_authority(&role("arn:aws:iam::123456789012:role/other"), broker));
     }
 
     #[test]

@@ -59,6 +59,8 @@ pub enum Reply<'a> {
 #[derive(Debug, PartialEq, Eq)]
 pub struct FetchRequest {
     pub path: String,
+    /// The role's name under the broker's ([`broker::request_authority`]).
+    pub authority: String,
     pub timeout_ms: u64,
 }
 
@@ -139,10 +141,11 @@ impl Responder {
         let served = self.served.as_mut()?;
         served.cache.sync(store);
         let timeout_ms = self.config.broker_timeout_ms;
-        served
-            .cache
-            .begin_fetch(now_ms, timeout_ms, store)
-            .then(|| FetchRequest { path: broker::request_path(&served.role, &served.pod), timeout_ms })
+        served.cache.begin_fetch(now_ms, timeout_ms, store).then(|| FetchRequest {
+            path: broker::request_path(&served.role, &served.pod),
+            authority: broker::request_authority(&served.role, &self.config.broker_authority),
+            timeout_ms,
+        })
     }
 
     /// Records the broker's answer to the fetch [`tick`](Self::tick) started.

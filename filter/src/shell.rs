@@ -18,7 +18,7 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Metr
 use crate::broker::Answer;
 use crate::cache::SharedStore;
 use crate::config::{self, Config, Enablement, PodMetadata};
-use crate::imds::{self, Reply, Responder, Response};
+use crate::imds::{self, FetchRequest, Reply, Responder, Response};
 use crate::metrics;
 use crate::token::KEY_LEN;
 
@@ -196,7 +196,7 @@ impl RootContext for Root {
         if self.fetch_in_flight.is_none() {
             let request = worker.borrow_mut().responder.tick(now, &HostStore);
             if let Some(request) = request {
-                self.dispatch(&worker, &request.path, request.timeout_ms);
+                self.dispatch(&worker, &request);
             }
         }
         self.answer_waiters();
@@ -219,18 +219,16 @@ impl RootContext for Root {
 }
 
 impl Root {
-    fn dispatch(&mut self, worker: &Rc<RefCell<Worker>>, path: &str, timeout_ms: u64) {
-        let (cluster, authority) = {
-            let w = worker.borrow();
-            (w.responder.config().broker_cluster.clone(), w.responder.config().broker_authority.clone())
-        };
+    fn dispatch(&mut self, worker: &Rc<RefCell<Worker>>, request: &FetchRequest) {
+        let cluster = worker.borrow().responder.config().broker_cluster.clone();
         let headers = vec![
             (":method", "GET"),
-            (":path", path),
-            (":authority", authority.as_str()),
+            (":path", request.path.as_str()),
+            (":authority", request.authority.as_str()),
             ("accept", "application/json"),
         ];
-        match hostcalls::dispatch_http_call(&cluster, headers, None, vec![], Duration::from_millis(timeout_ms)) {
+        let timeout = Duration::from_millis(request.timeout_ms);
+        match hostcalls::dispatch_http_call(&cluster, headers, None, vec![], timeout) {
             Ok(token) => self.fetch_in_flight = Some(token),
             Err(status) => {
                 log::warn!("imds-mesh: cannot call broker cluster {cluster}: {status:?}");

@@ -119,10 +119,11 @@ async fn the_broker_is_asked_for_the_annotated_role_on_behalf_of_the_pod() {
         call.query,
         "role_arn=arn%3Aaws%3Aiam%3A%3A123456789012%3Arole%2Fteam%2Fdata-reader&pod=app-7d9f8b6c5-x2x4q"
     );
-    assert_eq!(
-        call.headers.get("host").and_then(|h| h.to_str().ok()),
-        Some("token-broker.imds-mesh.svc.cluster.local")
-    );
+    // A name of the role's own under the broker's, for per-role affinity.
+    let role = imds_filter::arn::RoleArn::parse(role).unwrap();
+    let authority = imds_filter::broker::request_authority(&role, "token-broker.imds-mesh.svc.cluster.local");
+    assert!(authority.ends_with(".token-broker.imds-mesh.svc.cluster.local"));
+    assert_eq!(call.headers.get("host").and_then(|h| h.to_str().ok()), Some(authority.as_str()));
 }
 
 // --- 2c: IMDSv2 tokens -------------------------------------------------------

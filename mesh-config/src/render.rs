@@ -558,8 +558,12 @@ fn authorization_policy(options: &Options) -> AuthorizationPolicy {
     }
 }
 
-/// Each role's requests land on one replica (a ring hashed on the role), so
-/// STS sees one exchange per role and key, not one per replica; mesh mTLS.
+/// Makes the broker cluster a hash ring, so each role's fetches land on one
+/// replica and STS sees one exchange per role and key, not one per replica;
+/// mesh mTLS. The filter's wasm `httpCall`s use no route, so Envoy hashes
+/// them on their `:authority`, which the filter derives from the role
+/// (`imds_filter::broker::request_authority`); the query-parameter policy
+/// here is what routed callers of the broker hash on.
 fn destination_rule(options: &Options) -> DestinationRule {
     DestinationRule {
         metadata: meta(BROKER, &options.namespace),
