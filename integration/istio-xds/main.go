@@ -11,7 +11,10 @@
 //	    --kube cluster.yaml --proxy NAMESPACE/POD [--proxy ...]
 //
 // --config: Istio objects (other kinds are skipped); each is validated as
-// istiod's admission webhook validates it. --kube: Namespaces, Pods,
+// istiod's admission webhook validates it. With --crds FILE it generates
+// nothing and instead checks the --config objects against those CRDs (an
+// Istio release's istio.io/api kubernetes/customresourcedefinitions.gen.yaml)
+// as a Kubernetes API server would (schema.go). --kube: Namespaces, Pods,
 // Services, EndpointSlices. Each --proxy names a pod in --kube: its
 // sidecar's node id and metadata are built from the pod as Istio's injector
 // and agent build them.
@@ -63,6 +66,7 @@ func main() {
 	flag.Var(&kubes, "kube", "Kubernetes objects, multi-document YAML (repeatable)")
 	flag.Var(&proxies, "proxy", "NAMESPACE/POD whose sidecar config to print (repeatable)")
 	outFile := flag.String("out", "", "where to write the JSON (default: standard output)")
+	crdFile := flag.String("crds", "", "instead of generating: check the --config objects against these CRDs, as an API server would")
 	flag.Parse()
 	// Istio's own log goes to stderr, so the JSON alone is on the output.
 	logOptions := istiolog.DefaultOptions()
@@ -71,6 +75,20 @@ func main() {
 	if err := istiolog.Configure(logOptions); err != nil {
 		fmt.Fprintln(os.Stderr, "istio-xds: log:", err)
 		os.Exit(1)
+	}
+	if *crdFile != "" {
+		text, err := concat(configs)
+		if err == nil {
+			var problems []string
+			if problems, err = checkAgainstCRDs(*crdFile, text); err == nil && len(problems) > 0 {
+				err = fmt.Errorf("the API server would refuse:\n%s", strings.Join(problems, "\n"))
+			}
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "istio-xds:", err)
+			os.Exit(1)
+		}
+		return
 	}
 	if err := run(*meshFile, configs, kubes, proxies, *outFile); err != nil {
 		fmt.Fprintln(os.Stderr, "istio-xds:", err)

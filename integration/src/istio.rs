@@ -239,6 +239,31 @@ impl Cluster {
     }
 }
 
+/// The istio.io/api releases whose CRDs `just istio-xds` puts beside the
+/// generator: those of the oldest and the newest Istio `mesh-config`
+/// renders for.
+pub const SCHEMA_RELEASES: [&str; 2] = ["1.24.2", "1.32.0"];
+
+/// Checks the custom resources in `yaml` against Istio `release`'s CRDs
+/// (one of [`SCHEMA_RELEASES`]) as a Kubernetes API server with them
+/// installed would: served version, OpenAPI schema, CEL rules, no unknown
+/// fields. `Err` holds one line per refusal.
+pub fn check_against_crds(yaml: &str, release: &str) -> Result<(), String> {
+    let crds = paths::istio_xds().with_file_name("istio-crds").join(format!("{release}.yaml"));
+    assert!(crds.exists(), "{} is missing: run `just istio-xds`", crds.display());
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let objects = dir.path().join("objects.yaml");
+    std::fs::write(&objects, yaml).map_err(|e| e.to_string())?;
+    let output = Command::new(paths::istio_xds())
+        .arg("--crds")
+        .arg(&crds)
+        .arg("--config")
+        .arg(&objects)
+        .output()
+        .map_err(|e| format!("run istio-xds: {e}"))?;
+    if output.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&output.stderr).into_owned()) }
+}
+
 /// The metadata service's IPv4 address, as Istio's output carries it.
 const METADATA_IPV4: &str = imds_filter::config::METADATA_ADDRESSES[0].ip;
 
