@@ -72,9 +72,11 @@ wasm-image: build
 push-wasm-image ref *flags: wasm-image
     "{{venv}}/bin/python" scripts/oci.py push "{{target}}/imds-mesh/oci" "{{ref}}" {{flags}}
 
-# Rewrite the committed default rendering (mesh-config/deploy/imds-mesh.yaml).
-render:
-    cargo run --quiet -p mesh-config -- render > mesh-config/deploy/imds-mesh.yaml
+# Rewrite the committed default rendering (mesh-config/deploy/imds-mesh.yaml),
+# its WasmPlugin pinned to the image of the filter built from this tree.
+render: build
+    digest=$(cargo run --quiet -p mesh-config -- oci-image --wasm "{{wasm}}" --out "{{target}}/imds-mesh/oci"); \
+        cargo run --quiet -p mesh-config -- render --wasm-sha256 "${digest#sha256:}" > mesh-config/deploy/imds-mesh.yaml
 
 # Token broker: cached-hit req/s and p99 against /healthz on the same server,
 # and single flight on a cold start (not a test).

@@ -91,6 +91,10 @@ struct RenderArgs {
     /// https:// the module's (64 hex digits, no prefix).
     #[arg(long, value_parser = sha256_hex)]
     wasm_sha256: Option<String>,
+    /// Render an oci:// or http(s):// module without --wasm-sha256: every
+    /// sidecar then runs whatever the tag or URL serves when it pulls.
+    #[arg(long)]
+    allow_unpinned_wasm: bool,
     /// IMDSv2 enforcement: optional (IMDSv1 and IMDSv2) or required.
     #[arg(long, value_enum, default_value_t = Tokens::Optional)]
     http_tokens: Tokens,
@@ -265,6 +269,13 @@ fn options(args: RenderArgs) -> Result<Options, String> {
     let scheme = args.wasm_url.split_once("://").map(|(scheme, _)| scheme);
     if !matches!(scheme, Some("oci" | "https" | "http" | "file")) {
         return Err(format!("--wasm-url {:?}: must start with oci://, https://, http:// or file://", args.wasm_url));
+    }
+    if args.wasm_sha256.is_none() && scheme != Some("file") && !args.allow_unpinned_wasm {
+        return Err(format!(
+            "--wasm-url {}: pin the module with --wasm-sha256 (the digest `just wasm-image` prints), or pass \
+             --allow-unpinned-wasm",
+            args.wasm_url
+        ));
     }
     let options = Options {
         namespace: args.namespace,

@@ -11,8 +11,13 @@ fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
 }
 
+/// `mesh-config render ARGS`, unpinned unless ARGS pin the module.
 fn render(args: &[&str]) -> String {
-    try_render(args).unwrap_or_else(|stderr| panic!("{stderr}"))
+    let mut args = args.to_vec();
+    if !args.contains(&"--wasm-sha256") {
+        args.push("--allow-unpinned-wasm");
+    }
+    try_render(&args).unwrap_or_else(|stderr| panic!("{stderr}"))
 }
 
 /// `mesh-config render ARGS`: its output, or what it said when it refused.
@@ -39,8 +44,17 @@ fn the_rendering_follows_the_istio_release() {
 }
 
 #[test]
+fn a_remote_module_must_be_pinned() {
+    let refused = try_render(&[]).unwrap_err();
+    assert!(refused.contains("pin the module with --wasm-sha256"), "{refused}");
+    assert!(try_render(&["--allow-unpinned-wasm"]).is_ok());
+    assert!(try_render(&["--wasm-url", "file:///var/lib/imds-mesh/imds_filter.wasm"]).is_ok());
+}
+
+#[test]
 fn an_option_the_istio_release_cannot_take_is_refused_with_the_reason() {
-    let refused = try_render(&["--istio-version", "1.26", "--fail-strategy", "reload"]).unwrap_err();
+    let refused =
+        try_render(&["--allow-unpinned-wasm", "--istio-version", "1.26", "--fail-strategy", "reload"]).unwrap_err();
     assert!(refused.contains("FAIL_RELOAD needs Istio 1.27 or later"), "{refused}");
     for version in ["1.23", "2.1", "latest"] {
         let refused = try_render(&["--istio-version", version]).unwrap_err();
@@ -48,11 +62,28 @@ fn an_option_the_istio_release_cannot_take_is_refused_with_the_reason() {
     }
 }
 
+/// The digest of the filter's image built from this tree (`just build`),
+/// without `sha256:`.
+fn built_image_digest() -> String {
+    let wasm = std::fs::read(paths::filter_wasm()).unwrap_or_else(|e| panic!("{e}"));
+    let image = mesh_config::oci::OciImage::build(&wasm, env!("CARGO_PKG_VERSION")).unwrap_or_else(|e| panic!("{e}"));
+    image.digest().trim_start_matches("sha256:").to_owned()
+}
+
+/// The default rendering, pinned to the filter built from this tree.
+fn render_default() -> String {
+    render(&["--wasm-sha256", &built_image_digest()])
+}
+
 #[test]
-fn the_committed_rendering_is_current() {
+fn the_committed_rendering_is_current_and_pins_the_filter_built_from_this_tree() {
     let path = deploy_dir().join("imds-mesh.yaml");
     let committed = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert!(committed == render(&[]), "{} is stale: run `just render` and commit the result", path.display());
+    assert!(
+        committed.contains(&format!("sha256: {}", built_image_digest())),
+        "the committed WasmPlugin is not pinned to this tree's filter: run `just render`"
+    );
+    assert!(committed == render_default(), "{} is stale: run `just render` and commit the result", path.display());
     let kustomization = std::fs::read_to_string(deploy_dir().join("kustomization.yaml")).unwrap_or_default();
     assert!(kustomization.contains("- imds-mesh.yaml"), "{kustomization}");
 }
