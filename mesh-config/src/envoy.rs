@@ -5,9 +5,13 @@
 //! caller's URI, forwarded to the broker on loopback).
 //!
 //! Istio delivers these over xDS with certificates from SDS; here they are
-//! static resources with certificate files, with the same names, filters and
-//! settings where they matter to imds-mesh. The integration harness and
-//! `just demo` start Envoy on them; `envoy --mode validate` accepts each.
+//! small static bootstraps with certificate files, with the same names and
+//! settings where the filter's behaviour depends on them, for running the
+//! filter and the broker outside a mesh. They are not Istio's shape: the
+//! filter runs on every port-80 route here, and there is no metadata filter
+//! chain. What Istio really generates from the rendering is what
+//! `integration/tests/istio_translation.rs` runs. The filter's own tests and
+//! `just demo` start Envoy on these; `envoy --mode validate` accepts each.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
