@@ -29,11 +29,12 @@ build:
     @ls -l "{{wasm}}" | awk '{print "filter: " $5 " bytes, " $9}'
 
 # imds-mesh end to end on this machine: Kubernetes API, STS, the broker and
-# both Envoy sidecars, and an unmodified boto3 app getting its role.
-demo: setup build
+# both Envoy sidecars on what Istio's own generator makes of the rendering,
+# and an unmodified boto3 app getting its role.
+demo: setup build istio-xds
     cargo build --quiet -p token-broker
     IMDS_MESH_VENV="{{venv}}" IMDS_MESH_WASM="{{wasm}}" IMDS_MESH_BROKER_BIN="{{target}}/debug/token-broker" \
-        cargo run --quiet -p integration --bin demo
+        IMDS_MESH_ISTIO_XDS="{{target}}/imds-mesh/istio-xds" cargo run --quiet -p integration --bin demo
 
 # Run every test this machine can run: lint, unit (native and wasm32), integration.
 test: setup build lint test-unit test-wasm test-integration

@@ -7,30 +7,36 @@
 //! - a Kubernetes API endpoint (the harness's: real REST paths and JSON,
 //!   RS256 service-account tokens) holding one enabled pod;
 //! - AWS STS (PyPI `moto`);
-//! - the `token-broker` binary in `xfcc` mode, behind its own Envoy sidecar
-//!   (inbound mTLS, XFCC `APPEND_FORWARD`), as `mesh-config envoy broker`
-//!   renders it;
-//! - the pod's Envoy sidecar with the filter, as `mesh-config envoy app`
-//!   renders it.
+//! - Istio's own xDS generator (`integration/istio-xds`) translating the
+//!   default rendering (`mesh-config render`) for the pod's sidecar and the
+//!   broker's, as istiod would send it to them;
+//! - the `token-broker` binary in `xfcc` mode, behind its Envoy sidecar
+//!   running that output (inbound mTLS, XFCC `APPEND_FORWARD`);
+//! - the pod's Envoy sidecar running that output, with the filter on the
+//!   metadata chain. Without iptables, the app reaches it as an HTTP proxy,
+//!   on a loopback address standing for 169.254.169.254
+//!   (`integration::istio` lists every rewrite of Istio's output).
 //!
 //! Then it runs an unmodified boto3 app "in the pod": boto3 finds the
 //! metadata service, gets the pod's role credentials, and STS names the
 //! assumed role. Last, another workload asks the broker for the pod's role
 //! and is refused. Everything stops when the demo ends.
 //!
-//! Usage: `just demo` (builds the filter and the broker first), or
-//! `cargo run -p integration --bin demo` with `IMDS_MESH_BROKER_BIN`
-//! pointing at a built `token-broker`.
+//! Usage: `just demo` (builds the filter, the broker and `istio-xds`
+//! first), or `cargo run -p integration --bin demo` with
+//! `IMDS_MESH_BROKER_BIN` pointing at a built `token-broker`.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitCode, Stdio};
 
 use integration::clients::SdkClient;
+use integration::envoy::Ports;
+use integration::istio::{self, AppSidecar, Cluster, Rewrites};
 use integration::kube_api::{self, KubeApi};
 use integration::pki::{self, MeshCa};
 use integration::{CREDENTIALS_PATH, Envoy, Pod, ROLE_ARN, Req, Sts, paths, process, wait};
-
-const BROKER_ID: &str = "spiffe://cluster.local/ns/imds-mesh/sa/token-broker";
+use mesh_config::metadata::METADATA_CHAIN;
+use mesh_config::render::{BROKER_PORT, Options};
 
 fn main() -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -74,9 +80,10 @@ async fn demo() -> Result<(), String> {
     step("Mesh identities: a CA and SPIFFE certificates (standing in for Istio's)");
     let ca = MeshCa::new("imds-mesh demo mesh");
     let app_id = pki::spiffe_id(&pod.namespace, &pod.service_account);
-    let broker_certs = ca.workload(&[BROKER_ID]).write(dir.path(), "broker");
+    let broker_id = pki::broker_id();
+    let broker_certs = ca.workload(&[&broker_id]).write(dir.path(), "broker");
     let app_certs = ca.workload(&[&app_id]).write(dir.path(), "app");
-    show("broker", BROKER_ID);
+    show("broker", &broker_id);
     show("app pod", &app_id);
 
     step("Kubernetes API with the app pod, opted in as on GKE");
@@ -91,41 +98,57 @@ async fn demo() -> Result<(), String> {
     let sts = Sts::start().await;
     show("endpoint", sts.endpoint());
 
+    step("Istio's own translation of the rendering (its xDS generator, as istiod)");
+    let options = Options::default();
+    let (app_proxy, broker_proxy) = (istio::proxy_of(&pod), istio::broker_proxy(&options, 0));
+    let mut xds = Cluster::harness(&options, 1).try_generate(&[&app_proxy, &broker_proxy])?;
+    let app_xds = xds.remove(&app_proxy).ok_or("istiod sent nothing for the app pod")?;
+    let broker_xds = xds.remove(&broker_proxy).ok_or("istiod sent nothing for the broker pod")?;
+    let chain = app_xds.http_filters("0.0.0.0_80", Some(METADATA_CHAIN));
+    show("app sidecar", format!("{} listeners, {} clusters", app_xds.listeners.len(), app_xds.clusters.len()));
+    show("metadata chain filters", chain.join(", "));
+
     step("token-broker (xfcc mode) behind its sidecar");
     let (broker_addr, admin_addr) = (free_addr()?, free_addr()?);
     let mut broker = start_broker(&api, &sts, broker_addr, admin_addr, dir.path())?;
     let log = dir.path().join("token-broker.log");
     process::until_answering(&mut broker.0, "token-broker", &log, admin_addr, "/readyz").await;
-    let broker_sidecar = Envoy::broker_sidecar(broker_addr, &broker_certs).await;
+    let (inbound, sidecar_admin) = (istio::loopback_port(BROKER_PORT), loopback_admin());
+    let rewrites = Rewrites::new(sidecar_admin)
+        .inbound(inbound)
+        .original_destination(&format!("inbound|{BROKER_PORT}||"), broker_addr)
+        .certificates(&broker_certs);
+    let broker_sidecar = Envoy::start_bootstrap(&broker_xds.bootstrap(&rewrites), inbound, sidecar_admin, 1).await;
     show("broker", format!("{broker_addr} (ready: pod watch synced)"));
     show("broker sidecar (mTLS)", broker_sidecar.addr);
 
     step("The app pod's sidecar, with the filter");
-    let app = Envoy::sidecar()
-        .pod(pod.clone())
-        .broker_mtls(broker_sidecar.addr, &app_certs, BROKER_ID)
-        .sdk_endpoint()
-        .start()
-        .await;
-    show("metadata endpoint", app.endpoint());
+    let endpoint = (format!("{}:{BROKER_PORT}", istio::broker_ip(0)), inbound);
+    let app = AppSidecar::start(&app_xds, &app_certs, &[endpoint], 1).await;
+    show("169.254.169.254 stands at", app.metadata);
 
     step("IMDSv2, by hand");
-    let token = app.imds(Req::token("21600")).await;
+    let token = Req::token("21600").send(app.metadata).await;
     if token.status != 200 {
         return Err(format!("PUT /latest/api/token answered {}", token.status));
     }
     let token = token.body_text();
-    let roles = app
-        .imds(Req::get("/latest/meta-data/iam/security-credentials/").header("x-aws-ec2-metadata-token", &token))
+    let roles = Req::get("/latest/meta-data/iam/security-credentials/")
+        .header("x-aws-ec2-metadata-token", &token)
+        .send(app.metadata)
         .await;
     show("PUT /latest/api/token", format!("200, a {}-byte token", token.len()));
     show("GET .../security-credentials/", format!("{} {}", roles.status, roles.body_text()));
     let instance_id =
-        app.imds(Req::get("/latest/meta-data/instance-id").header("x-aws-ec2-metadata-token", &token)).await;
+        Req::get("/latest/meta-data/instance-id").header("x-aws-ec2-metadata-token", &token).send(app.metadata).await;
     show("GET .../instance-id", format!("{} (only credentials are served)", instance_id.status));
 
     step("An unmodified boto3 app in the pod");
-    let whoami = SdkClient::python("whoami.py", &app)
+    let whoami = SdkClient::python("whoami.py", &app.envoy)
+        .through_sidecar(app.metadata)
+        // STS (moto, on loopback) directly, not through the sidecar.
+        .env("NO_PROXY", "127.0.0.1")
+        .env("no_proxy", "127.0.0.1")
         .env("AWS_ENDPOINT_URL_STS", &sts.endpoint())
         .env("AWS_DEFAULT_REGION", "us-east-1")
         .run()
@@ -165,16 +188,31 @@ async fn demo() -> Result<(), String> {
         show("broker", line);
     }
     // The filter flushes its counters once a second.
-    app.wait_for_stat("imds_mesh.requests.credentials.2xx", 1).await;
-    let stats = app.stats().await;
+    app.envoy.wait_for_stat("imds_mesh.requests.credentials.2xx", 1).await;
+    let stats = app.envoy.stats().await;
     for (name, value) in stats.iter().filter(|(name, value)| **value > 0 && name.contains("requests.")) {
         show("app sidecar", format!("{name} {value}"));
     }
-    let credentials = app.imds(Req::get(CREDENTIALS_PATH)).await;
+    let elsewhere = Req::get("/").host("example.com").send(app.envoy.addr).await;
+    show("other port-80 traffic", format!("{} (passed through)", elsewhere.status));
+    let credentials = Req::get(CREDENTIALS_PATH).send(app.metadata).await;
     show("IMDSv1 credentials", format!("{} (served from the sidecar's cache)", credentials.status));
+    // One worker: the flush that counts this request counts the passthrough.
+    app.envoy.wait_for_stat("imds_mesh.requests.credentials.2xx", 2).await;
+    let passed_on = app.envoy.stats().await.get("imds_mesh.passed_on").copied();
+    if passed_on != Some(0) {
+        return Err(format!("the filter saw ordinary port-80 traffic: imds_mesh.passed_on {passed_on:?}"));
+    }
+    show("requests the filter passed on", "0 (it runs on the metadata chain only)");
+    app.assert_node_untouched();
+    show("node's IMDS", "never reached");
 
     println!("\nimds-mesh demo: OK. Everything it started is stopping now.");
     Ok(())
+}
+
+fn loopback_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], Ports::free(false).admin))
 }
 
 fn free_addr() -> Result<SocketAddr, String> {
@@ -191,7 +229,7 @@ fn start_broker(
     let binary = paths::broker_binary();
     let log = std::fs::File::create(dir.join("token-broker.log")).map_err(|e| e.to_string())?;
     let child = Command::new(&binary)
-        .args(["--identity-mode", "xfcc", "--own-spiffe-id", BROKER_ID])
+        .args(["--identity-mode", "xfcc", "--own-spiffe-id", &pki::broker_id()])
         .args(["--kube-api-url", &api.url(), "--sts-region", "us-east-1", "--sts-endpoint-url", &sts.endpoint()])
         .args([
             "--listen",
