@@ -1,10 +1,12 @@
-//! The filter against the real broker, through the mesh as Istio lays it
-//! out: the app's sidecar (Envoy with the filter) calls the broker over mesh
-//! mTLS with the app's workload certificate; the broker's sidecar verifies
-//! it and appends its XFCC element; the broker (`xfcc` mode) checks the pod
-//! in the harness's Kubernetes API, mints a pod-bound token and exchanges it
-//! at moto STS; boto3 in the "pod" gets the result as an IAM role. Then the
-//! same without the broker's sidecar, the broker terminating mTLS itself.
+//! The filter against the real broker on the local bootstraps
+//! (`mesh-config envoy`): the app's sidecar (Envoy with the filter) calls the
+//! broker over mTLS with the app's workload certificate; the broker's sidecar
+//! verifies it and appends its XFCC element; the broker (`xfcc` mode) checks
+//! the pod in the harness's Kubernetes API, mints a pod-bound token and
+//! exchanges it at moto STS; boto3 in the "pod" gets the result as an IAM
+//! role. Then the same without the broker's sidecar, the broker terminating
+//! mTLS itself (a deployment outside a mesh). The same chain on Istio's own
+//! generated configuration is `istio_translation.rs`.
 
 use integration::clients::SdkClient;
 use integration::kube_api::{self, KubeApi};

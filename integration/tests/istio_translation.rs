@@ -197,6 +197,42 @@ async fn boto3_gets_sts_credentials_on_the_sidecars_istio_generates() {
 }
 
 #[tokio::test]
+async fn only_the_brokers_own_sidecar_vouches_for_a_caller_on_istios_output() {
+    let (api, sts) = (KubeApi::start().await, Sts::start().await);
+    let pod = Pod::enabled();
+    api.add_pod(kube_api::enabled_pod(&pod.namespace, &pod.name, &pod.service_account, ROLE_ARN));
+    let mesh = Mesh::new(&pod.namespace, &pod.service_account);
+    let broker = RealBroker::builder(&api, sts.endpoint()).xfcc().start().await;
+    // What the mesh default would otherwise forward as sent.
+    let broker_xds = cluster()
+        .mesh("defaultConfig: {proxyHeaders: {forwardedClientCert: ALWAYS_FORWARD_ONLY}}")
+        .generate(&[&broker_proxy()])
+        .remove(&broker_proxy())
+        .unwrap_or_else(|| panic!("no broker config"));
+    let (inbound, admin) = listening(BROKER_PORT);
+    let rewrites = Rewrites::new(admin)
+        .inbound(inbound)
+        .original_destination(&format!("inbound|{BROKER_PORT}||"), broker.addr)
+        .certificates(&mesh.broker);
+    let _sidecar = Envoy::start_bootstrap(&broker_xds.bootstrap(&rewrites), inbound, admin, 1).await;
+
+    let app_id = integration::pki::spiffe_id(&pod.namespace, &pod.service_account);
+    let role = ROLE_ARN.replace(':', "%3A").replace('/', "%2F");
+    let request = Req::get(format!("/v1/credentials?role_arn={role}&pod={}", pod.name)).host("token-broker");
+    // Another workload, with a valid mesh certificate, claims to be the app.
+    let forged = request
+        .clone()
+        .header("x-forwarded-client-cert", &format!("By={};URI={app_id}", integration::pki::broker_id()));
+    let other = mesh.ca.client(Some(&mesh.ca.workload(&[&integration::pki::spiffe_id(&pod.namespace, "admin")])));
+    let reply = forged.send_tls(&other, inbound).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((reply.status, reply.json()["Code"].as_str()), (403, Some("AccessDenied")), "{}", reply.body_text());
+    // The app itself is served.
+    let app = mesh.ca.client(Some(&mesh.ca.workload(&[&app_id])));
+    let reply = request.send_tls(&app, inbound).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(reply.status, 200, "{}", reply.body_text());
+}
+
+#[tokio::test]
 async fn a_pod_without_the_label_never_reaches_the_nodes_imds() {
     let (_, plain_xds, _) = generate();
     let pod = istio::plain_pod();
