@@ -301,6 +301,23 @@ pub fn broker_proxy(options: &Options, i: usize) -> String {
     format!("{}/{}", options.namespace, broker_pod_name(i))
 }
 
+/// The broker pod's sidecar running Istio's output `xds`: its inbound
+/// listener at `inbound` (port 8080 on a loopback address of its own,
+/// [`loopback_port`]), forwarding to the broker at `broker`.
+pub async fn start_broker_sidecar(
+    xds: &SidecarXds,
+    inbound: SocketAddr,
+    broker: SocketAddr,
+    certificates: &WorkloadFiles,
+) -> Envoy {
+    let admin = SocketAddr::from(([127, 0, 0, 1], Ports::free(false).admin));
+    let rewrites = Rewrites::new(admin)
+        .inbound(inbound)
+        .original_destination(&format!("inbound|{}||", render::BROKER_PORT), broker)
+        .certificates(certificates);
+    Envoy::start_bootstrap(&xds.bootstrap(&rewrites), inbound, admin, 1).await
+}
+
 /// An app pod's sidecar running Istio's output: port 80 on `envoy.addr`
 /// for other destinations and on `metadata`, standing for the metadata
 /// service; what would reach the node's IMDS lands on `node_imds`, other

@@ -14,8 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use imds_filter::config::ROLE_ANNOTATION;
-use integration::envoy::Ports;
-use integration::istio::{self, AppSidecar, Cluster, Rewrites, SidecarXds};
+use integration::istio::{self, AppSidecar, Cluster, SidecarXds};
 use integration::kube_api::{self, KubeApi};
 use integration::pki::{self, MeshCa, WorkloadFiles};
 use integration::{Envoy, Pod, RealBroker, Req, Sts, kube_api::namespace, wait};
@@ -141,13 +140,8 @@ async fn each_role_lives_on_one_replica_and_a_lost_replica_moves_only_its_roles(
         }
         let broker = RealBroker::builder(&api, sts.endpoint()).xfcc().start().await;
         let address = replica_address(i);
-        let admin = SocketAddr::from(([127, 0, 0, 1], Ports::free(false).admin));
-        let rewrites = Rewrites::new(admin)
-            .inbound(address)
-            .original_destination(&format!("inbound|{BROKER_PORT}||"), broker.addr)
-            .certificates(&broker_files);
         let generated = xds.remove(id).unwrap_or_else(|| panic!("no config for {id}"));
-        let sidecar = Envoy::start_bootstrap(&generated.bootstrap(&rewrites), address, admin, 1).await;
+        let sidecar = istio::start_broker_sidecar(&generated, address, broker.addr, &broker_files).await;
         replicas.push(Replica { api, _broker: broker, _sidecar: sidecar, address });
     }
     let endpoints: Vec<(String, SocketAddr)> =

@@ -4,15 +4,12 @@
 //! here run what istiod would send them, with only the rewrites
 //! `integration::istio` lists.
 
-use std::net::SocketAddr;
-
 use imds_filter::config::METADATA_ADDRESSES;
 use integration::clients::SdkClient;
-use integration::envoy::Ports;
-use integration::istio::{self, AppSidecar, Cluster, Rewrites, SidecarXds, proxy_of};
+use integration::istio::{self, AppSidecar, Cluster, SidecarXds, proxy_of};
 use integration::kube_api::{self, KubeApi};
 use integration::pki::Mesh;
-use integration::{Envoy, Pod, ROLE_ARN, RealBroker, Req, Sts, wait};
+use integration::{Pod, ROLE_ARN, RealBroker, Req, Sts, wait};
 use mesh_config::metadata;
 use mesh_config::render::{BROKER_PORT, Options};
 
@@ -155,12 +152,6 @@ fn a_namespace_sidecar_must_import_the_metadata_services_and_the_broker() {
     assert!(imported.cluster(&broker_cluster).is_some());
 }
 
-/// Where one sidecar listens: `port` (80 outbound, 8080 inbound) on a
-/// loopback address of its own, and its admin.
-fn listening(port: u16) -> (SocketAddr, SocketAddr) {
-    (istio::loopback_port(port), SocketAddr::from(([127, 0, 0, 1], Ports::free(false).admin)))
-}
-
 #[tokio::test]
 async fn boto3_gets_sts_credentials_on_the_sidecars_istio_generates() {
     let (api, sts) = (KubeApi::start().await, Sts::start().await);
@@ -170,12 +161,8 @@ async fn boto3_gets_sts_credentials_on_the_sidecars_istio_generates() {
     let broker = RealBroker::builder(&api, sts.endpoint()).xfcc().start().await;
     let (app_xds, _, broker_xds) = generate();
 
-    let (inbound, admin) = listening(BROKER_PORT);
-    let rewrites = Rewrites::new(admin)
-        .inbound(inbound)
-        .original_destination(&format!("inbound|{BROKER_PORT}||"), broker.addr)
-        .certificates(&mesh.broker);
-    let _broker_sidecar = Envoy::start_bootstrap(&broker_xds.bootstrap(&rewrites), inbound, admin, 1).await;
+    let inbound = istio::loopback_port(BROKER_PORT);
+    let _broker_sidecar = istio::start_broker_sidecar(&broker_xds, inbound, broker.addr, &mesh.broker).await;
     let broker_endpoint = format!("{}:{BROKER_PORT}", istio::broker_ip(0));
     // One worker: a flush of the filter's counters then covers every
     // request sent before it.
@@ -209,12 +196,8 @@ async fn only_the_brokers_own_sidecar_vouches_for_a_caller_on_istios_output() {
         .generate(&[&broker_proxy()])
         .remove(&broker_proxy())
         .unwrap_or_else(|| panic!("no broker config"));
-    let (inbound, admin) = listening(BROKER_PORT);
-    let rewrites = Rewrites::new(admin)
-        .inbound(inbound)
-        .original_destination(&format!("inbound|{BROKER_PORT}||"), broker.addr)
-        .certificates(&mesh.broker);
-    let _sidecar = Envoy::start_bootstrap(&broker_xds.bootstrap(&rewrites), inbound, admin, 1).await;
+    let inbound = istio::loopback_port(BROKER_PORT);
+    let _sidecar = istio::start_broker_sidecar(&broker_xds, inbound, broker.addr, &mesh.broker).await;
 
     let app_id = integration::pki::spiffe_id(&pod.namespace, &pod.service_account);
     let role = ROLE_ARN.replace(':', "%3A").replace('/', "%2F");

@@ -30,11 +30,10 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, ExitCode, Stdio};
 
 use integration::clients::SdkClient;
-use integration::envoy::Ports;
-use integration::istio::{self, AppSidecar, Cluster, Rewrites};
+use integration::istio::{self, AppSidecar, Cluster};
 use integration::kube_api::{self, KubeApi};
 use integration::pki::{self, MeshCa};
-use integration::{CREDENTIALS_PATH, Envoy, Pod, ROLE_ARN, Req, Sts, paths, process, wait};
+use integration::{CREDENTIALS_PATH, Pod, ROLE_ARN, Req, Sts, paths, process, wait};
 use mesh_config::metadata::METADATA_CHAIN;
 use mesh_config::render::{BROKER_PORT, Options};
 
@@ -113,12 +112,8 @@ async fn demo() -> Result<(), String> {
     let mut broker = start_broker(&api, &sts, broker_addr, admin_addr, dir.path())?;
     let log = dir.path().join("token-broker.log");
     process::until_answering(&mut broker.0, "token-broker", &log, admin_addr, "/readyz").await;
-    let (inbound, sidecar_admin) = (istio::loopback_port(BROKER_PORT), loopback_admin());
-    let rewrites = Rewrites::new(sidecar_admin)
-        .inbound(inbound)
-        .original_destination(&format!("inbound|{BROKER_PORT}||"), broker_addr)
-        .certificates(&broker_certs);
-    let broker_sidecar = Envoy::start_bootstrap(&broker_xds.bootstrap(&rewrites), inbound, sidecar_admin, 1).await;
+    let inbound = istio::loopback_port(BROKER_PORT);
+    let broker_sidecar = istio::start_broker_sidecar(&broker_xds, inbound, broker_addr, &broker_certs).await;
     show("broker", format!("{broker_addr} (ready: pod watch synced)"));
     show("broker sidecar (mTLS)", broker_sidecar.addr);
 
@@ -209,10 +204,6 @@ async fn demo() -> Result<(), String> {
 
     println!("\nimds-mesh demo: OK. Everything it started is stopping now.");
     Ok(())
-}
-
-fn loopback_admin() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], Ports::free(false).admin))
 }
 
 fn free_addr() -> Result<SocketAddr, String> {
