@@ -152,13 +152,28 @@ fn a_namespace_sidecar_must_import_the_metadata_services_and_the_broker() {
     assert!(imported.cluster(&broker_cluster).is_some());
 }
 
-#[tokio::test]
-async fn boto3_gets_sts_credentials_on_the_sidecars_istio_generates() {
+/// What stands behind the enabled pod's sidecar: the Kubernetes API with
+/// the pod, moto STS, the mesh's certificates and the broker in `xfcc` mode.
+struct Backend {
+    api: KubeApi,
+    pod: Pod,
+    mesh: Mesh,
+    broker: RealBroker,
+    _sts: Sts,
+}
+
+async fn backend() -> Backend {
     let (api, sts) = (KubeApi::start().await, Sts::start().await);
     let pod = Pod::enabled();
     api.add_pod(kube_api::enabled_pod(&pod.namespace, &pod.name, &pod.service_account, ROLE_ARN));
     let mesh = Mesh::new(&pod.namespace, &pod.service_account);
     let broker = RealBroker::builder(&api, sts.endpoint()).xfcc().start().await;
+    Backend { api, pod, mesh, broker, _sts: sts }
+}
+
+#[tokio::test]
+async fn boto3_gets_sts_credentials_on_the_sidecars_istio_generates() {
+    let Backend { api, mesh, broker, .. } = backend().await;
     let (app_xds, _, broker_xds) = generate();
 
     let inbound = istio::loopback_port(BROKER_PORT);
@@ -185,11 +200,7 @@ async fn boto3_gets_sts_credentials_on_the_sidecars_istio_generates() {
 
 #[tokio::test]
 async fn only_the_brokers_own_sidecar_vouches_for_a_caller_on_istios_output() {
-    let (api, sts) = (KubeApi::start().await, Sts::start().await);
-    let pod = Pod::enabled();
-    api.add_pod(kube_api::enabled_pod(&pod.namespace, &pod.name, &pod.service_account, ROLE_ARN));
-    let mesh = Mesh::new(&pod.namespace, &pod.service_account);
-    let broker = RealBroker::builder(&api, sts.endpoint()).xfcc().start().await;
+    let Backend { pod, mesh, broker, .. } = backend().await;
     // What the mesh default would otherwise forward as sent.
     let broker_xds = cluster()
         .mesh("defaultConfig: {proxyHeaders: {forwardedClientCert: ALWAYS_FORWARD_ONLY}}")
