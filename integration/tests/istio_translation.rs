@@ -173,7 +173,7 @@ async fn backend() -> Backend {
 
 #[tokio::test]
 async fn boto3_gets_sts_credentials_on_the_sidecars_istio_generates() {
-    let Backend { api, mesh, broker, .. } = backend().await;
+    let Backend { api, mesh, broker, _sts, pod: _pod } = backend().await;
     let (app_xds, _, broker_xds) = generate();
 
     let inbound = istio::loopback_port(BROKER_PORT);
@@ -200,7 +200,7 @@ async fn boto3_gets_sts_credentials_on_the_sidecars_istio_generates() {
 
 #[tokio::test]
 async fn only_the_brokers_own_sidecar_vouches_for_a_caller_on_istios_output() {
-    let Backend { pod, mesh, broker, .. } = backend().await;
+    let Backend { pod, mesh, broker, _sts, api: _api } = backend().await;
     // What the mesh default would otherwise forward as sent.
     let broker_xds = cluster()
         .mesh("defaultConfig: {proxyHeaders: {forwardedClientCert: ALWAYS_FORWARD_ONLY}}")
