@@ -1,8 +1,8 @@
 //! Istio's own translation as the judge of what `mesh-config` renders.
 //!
 //! [`Cluster`] is what istiod would see: the rendered objects, the pods and
-//! EndpointSlices a test adds, extra Istio config (a namespace `Sidecar`, a
-//! conflicting `ServiceEntry`) and the mesh config. [`Cluster::generate`]
+//! EndpointSlices a test adds, extra Istio config (a namespace `Sidecar`)
+//! and the mesh config. [`Cluster::generate`]
 //! runs `istio-xds` (`integration/istio-xds`: Istio's xDS server, fed those
 //! objects, with each sidecar connected over ADS under its real node id and
 //! metadata) and returns what istiod sends each sidecar ([`SidecarXds`]).
@@ -53,8 +53,15 @@ use crate::pki::WorkloadFiles;
 use crate::{Envoy, Pod, Upstream, kube_api, paths};
 
 /// The Istio release whose translation `istio-xds` runs (its module's
-/// `VERSION`).
+/// `VERSION`; `integration/istio-xds/go.mod` pins the module).
 pub const ISTIO_VERSION: &str = "1.31";
+
+/// The default rendering, for the release whose translation `istio-xds`
+/// runs.
+pub fn translated_options() -> Options {
+    let version = ISTIO_VERSION.parse().unwrap_or_else(|e| panic!("{e}"));
+    Options { istio_version: version, ..Options::default() }
+}
 
 /// What istiod would see: rendered objects, the test's pods and endpoint
 /// slices, extra Istio config and the mesh config.
@@ -356,6 +363,17 @@ impl AppSidecar {
         }
         let envoy = Envoy::start_bootstrap(&xds.bootstrap(&rewrites), outbound, admin, workers).await;
         Self { envoy, metadata, node_imds, upstream }
+    }
+
+    /// Waits until the filter serves `role`'s credentials (its start-up
+    /// fetch is done), so an SDK's first request, which gives IMDS about a
+    /// second, does not depend on how fast the broker and STS are.
+    pub async fn wait_for_credentials(&self, role: &str) {
+        let request = crate::Req::get(format!("/latest/meta-data/iam/security-credentials/{role}"));
+        crate::wait::until(&format!("the sidecar to serve {role}'s credentials"), || async {
+            (request.clone().send(self.metadata).await.status == 200).then_some(())
+        })
+        .await;
     }
 
     /// Panics if anything reached the node's IMDS.

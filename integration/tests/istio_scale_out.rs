@@ -17,8 +17,8 @@ use imds_filter::config::ROLE_ANNOTATION;
 use integration::istio::{self, AppSidecar, Cluster, SidecarXds};
 use integration::kube_api::{self, KubeApi};
 use integration::pki::{self, MeshCa, WorkloadFiles};
-use integration::{Envoy, Pod, RealBroker, Req, Sts, kube_api::namespace, wait};
-use mesh_config::render::{BROKER_PORT, Options};
+use integration::{Envoy, Pod, RealBroker, Sts, kube_api::namespace};
+use mesh_config::render::BROKER_PORT;
 
 const ROLES: usize = 8;
 /// Roles 0..4 have two pods each, the others one: twelve pods.
@@ -80,7 +80,7 @@ impl Replica {
 /// The default rendering with the pods and the broker replicas at
 /// `broker_ips`.
 fn cluster(broker_ips: &[String]) -> Cluster {
-    let options = Options::default();
+    let options = istio::translated_options();
     pods()
         .iter()
         .enumerate()
@@ -99,13 +99,7 @@ async fn fetch_everywhere(
     for (role, pod) in pods() {
         let generated = xds.remove(&istio::proxy_of(&pod)).unwrap_or_else(|| panic!("no config for {}", pod.name));
         let sidecar = AppSidecar::start(&generated, &certificates[&service_account(role)], brokers, 1).await;
-        // The first answer may wait for the sidecar's first fetch.
-        let path = format!("/latest/meta-data/iam/security-credentials/role-{role}");
-        let request = Req::get(path).host("169.254.169.254");
-        wait::until(&format!("{} to get its credentials", pod.name), || async {
-            (request.clone().send(sidecar.metadata).await.status == 200).then_some(())
-        })
-        .await;
+        sidecar.wait_for_credentials(&format!("role-{role}")).await;
         served += 1;
     }
     served
@@ -126,7 +120,7 @@ async fn each_role_lives_on_one_replica_and_a_lost_replica_moves_only_its_roles(
         .collect();
 
     let broker_ips: Vec<String> = (0..REPLICAS).map(istio::broker_ip).collect();
-    let options = Options::default();
+    let options = istio::translated_options();
     let all_pods: Vec<String> = pods().iter().map(|(_, pod)| istio::proxy_of(pod)).collect();
     let broker_ids: Vec<String> = (0..REPLICAS).map(|i| istio::broker_proxy(&options, i)).collect();
     let wanted: Vec<&str> = all_pods.iter().chain(&broker_ids).map(String::as_str).collect();

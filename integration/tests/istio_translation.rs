@@ -11,20 +11,20 @@ use integration::kube_api::{self, KubeApi};
 use integration::pki::Mesh;
 use integration::{Pod, ROLE_ARN, RealBroker, Req, Sts, wait};
 use mesh_config::metadata;
-use mesh_config::render::{BROKER_PORT, Options};
+use mesh_config::render::BROKER_PORT;
 
 const CREDENTIALS: &str = "/latest/meta-data/iam/security-credentials/";
 /// Istio's name for the WasmPlugin's filter (master since April 2026).
 const FILTER: &str = "extensions.istio.io/trafficextension/istio-system.imds-mesh~istio-translated-wasmplugin";
 
 fn broker_proxy() -> String {
-    istio::broker_proxy(&Options::default(), 0)
+    istio::broker_proxy(&istio::translated_options(), 0)
 }
 
 /// The default rendering with the harness's enabled pod, plain pod and one
 /// broker.
 fn cluster() -> Cluster {
-    Cluster::harness(&Options::default(), 1)
+    Cluster::harness(&istio::translated_options(), 1)
 }
 
 fn generate() -> (SidecarXds, SidecarXds, SidecarXds) {
@@ -41,6 +41,9 @@ fn istio_runs_the_filter_first_in_the_metadata_chain_of_enabled_pods_only() {
     let listener = "0.0.0.0_80";
     let filters = app.http_filters(listener, chain);
     assert_eq!(filters.first().map(String::as_str), Some(FILTER), "{filters:?}");
+    // The name mesh-config uses for this release (in the per-route switch
+    // and the metadata chain) is the one Istio gave the filter.
+    assert_eq!(istio::translated_options().wasm_filter_name(), FILTER);
     // The WasmPlugin also places it in Istio's own port-80 chain; the
     // route configuration there switches it off.
     let disabled = &app.route("80").unwrap_or_else(|| panic!("no route 80"))["typed_per_filter_config"][FILTER];
@@ -62,7 +65,7 @@ fn istio_runs_the_filter_first_in_the_metadata_chain_of_enabled_pods_only() {
         }
     }
     assert_eq!(
-        app.endpoint_addresses(&Options::default().plugin_config().broker_cluster),
+        app.endpoint_addresses(&istio::translated_options().plugin_config().broker_cluster),
         [format!("{}:{BROKER_PORT}", istio::broker_ip(0))]
     );
 }
@@ -109,7 +112,7 @@ fn the_brokers_sidecar_appends_the_callers_xfcc_element_whatever_the_mesh_defaul
 
 #[test]
 fn under_registry_only_the_broker_still_reaches_sts() {
-    let (host, port, _) = Options::default().sts_endpoint();
+    let (host, port, _) = istio::translated_options().sts_endpoint();
     let sts_cluster = format!("outbound|{port}||{host}");
     let app_id = proxy_of(&Pod::enabled());
     let mut xds = cluster().mesh("outboundTrafficPolicy: {mode: REGISTRY_ONLY}").generate(&[&broker_proxy(), &app_id]);
@@ -128,7 +131,7 @@ fn under_registry_only_the_broker_still_reaches_sts() {
 
 #[test]
 fn a_namespace_sidecar_must_import_the_metadata_services_and_the_broker() {
-    let options = Options::default();
+    let options = istio::translated_options();
     let sidecar = |hosts: &[String]| {
         format!(
             "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default, namespace: default}}\n\
@@ -187,12 +190,13 @@ async fn boto3_gets_sts_credentials_on_the_sidecars_istio_generates() {
     let elsewhere = Req::get("/index.html").host("example.com").send(app.envoy.addr).await;
     assert_eq!((elsewhere.status, app.upstream.requests().len()), (200, 1));
 
+    app.wait_for_credentials(integration::ROLE_NAME).await;
     let credentials = SdkClient::python("boto3_credentials.py", &app.envoy).through_sidecar(app.metadata).run().await;
     assert_eq!(credentials["method"], "iam-role");
     assert!(credentials["access_key"].as_str().is_some_and(|k| k.starts_with("ASIA")), "not from STS: {credentials}");
     assert_eq!(api.token_request_count(), 1);
 
-    app.envoy.wait_for_stat("imds_mesh.requests.credentials.2xx", 1).await;
+    app.envoy.wait_for_stat("imds_mesh.requests.credentials.2xx", 2).await;
     let passed_on = app.envoy.stats().await.get("imds_mesh.passed_on").copied();
     assert_eq!(passed_on, Some(0), "passthrough entered the wasm VM");
     app.assert_node_untouched();

@@ -41,7 +41,6 @@ use integration::bench::{self, Options, Sample, WARM_UP_SECS, WRK_THREADS, Wrk, 
 use integration::istio::{self, AppSidecar, Cluster};
 use integration::pki::Mesh;
 use integration::{CREDENTIALS_PATH, Envoy, HOUR, Pod, Req, Scripted, ScriptedBroker, Upstream, paths, upstream, wait};
-use mesh_config::render;
 
 /// The `.wasm` size target: 250 KB, read as 250,000 bytes (the stricter of
 /// KB and KiB).
@@ -233,7 +232,7 @@ impl Bench {
 async fn istio_sidecars(workers: u32) -> ([AppSidecar; 2], Mesh) {
     let (enabled, plain) = (Pod::enabled(), istio::plain_pod());
     let (enabled_id, plain_id) = (istio::proxy_of(&enabled), istio::proxy_of(&plain));
-    let mut xds = Cluster::harness(&render::Options::default(), 1).generate(&[&enabled_id, &plain_id]);
+    let mut xds = Cluster::harness(&istio::translated_options(), 1).generate(&[&enabled_id, &plain_id]);
     let mut take = |id: &str| xds.remove(id).unwrap_or_else(|| panic!("istiod sent nothing for {id}"));
     let (enabled_xds, plain_xds) = (take(&enabled_id), take(&plain_id));
     let mesh = Mesh::new(&enabled.namespace, &enabled.service_account);

@@ -35,7 +35,7 @@ use integration::kube_api::{self, KubeApi};
 use integration::pki::{self, MeshCa};
 use integration::{CREDENTIALS_PATH, Pod, ROLE_ARN, Req, Sts, paths, process, wait};
 use mesh_config::metadata::METADATA_CHAIN;
-use mesh_config::render::{BROKER_PORT, Options};
+use mesh_config::render::BROKER_PORT;
 
 fn main() -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -98,7 +98,7 @@ async fn demo() -> Result<(), String> {
     show("endpoint", sts.endpoint());
 
     step("Istio's own translation of the rendering (its xDS generator, as istiod)");
-    let options = Options::default();
+    let options = istio::translated_options();
     let (app_proxy, broker_proxy) = (istio::proxy_of(&pod), istio::broker_proxy(&options, 0));
     let mut xds = Cluster::harness(&options, 1).try_generate(&[&app_proxy, &broker_proxy])?;
     let app_xds = xds.remove(&app_proxy).ok_or("istiod sent nothing for the app pod")?;
@@ -137,6 +137,10 @@ async fn demo() -> Result<(), String> {
     let instance_id =
         Req::get("/latest/meta-data/instance-id").header("x-aws-ec2-metadata-token", &token).send(app.metadata).await;
     show("GET .../instance-id", format!("{} (only credentials are served)", instance_id.status));
+
+    // The sidecar fetched the pod's credentials when it started; boto3
+    // gives IMDS about a second, so wait until they are there.
+    app.wait_for_credentials(integration::ROLE_NAME).await;
 
     step("An unmodified boto3 app in the pod");
     let whoami = SdkClient::python("whoami.py", &app.envoy)
@@ -193,7 +197,7 @@ async fn demo() -> Result<(), String> {
     let credentials = Req::get(CREDENTIALS_PATH).send(app.metadata).await;
     show("IMDSv1 credentials", format!("{} (served from the sidecar's cache)", credentials.status));
     // One worker: the flush that counts this request counts the passthrough.
-    app.envoy.wait_for_stat("imds_mesh.requests.credentials.2xx", 2).await;
+    app.envoy.wait_for_stat("imds_mesh.requests.credentials.2xx", 3).await;
     let passed_on = app.envoy.stats().await.get("imds_mesh.passed_on").copied();
     if passed_on != Some(0) {
         return Err(format!("the filter saw ordinary port-80 traffic: imds_mesh.passed_on {passed_on:?}"));
