@@ -184,14 +184,14 @@ impl Bench {
             case("d", "no filter, passthrough to upstream", envoy.plain_addr, PASSTHROUGH_HOST, PASSTHROUGH_PATH),
             case(
                 "e",
-                "Istio's sidecar, enabled pod, passthrough",
+                "Istio output, enabled pod, passthrough",
                 generated[0].envoy.addr,
                 PASSTHROUGH_HOST,
                 PASSTHROUGH_PATH,
             ),
             case(
                 "f",
-                "Istio's sidecar, plain pod, passthrough",
+                "Istio output, plain pod, passthrough",
                 generated[1].envoy.addr,
                 PASSTHROUGH_HOST,
                 PASSTHROUGH_PATH,
