@@ -50,9 +50,15 @@ test-wasm:
 
 # Every crate's tests/ (real Envoy, STS, clients, Istio's own xDS
 # generator, the binaries' command lines).
-test-integration: build istio-xds
+test-integration: build istio-xds kube-apiserver
     IMDS_MESH_VENV="{{venv}}" IMDS_MESH_WASM="{{wasm}}" IMDS_MESH_BROKER_BIN="{{target}}/debug/token-broker" \
         IMDS_MESH_ISTIO_XDS="{{target}}/imds-mesh/istio-xds" cargo test --workspace --test '*'
+
+# A real Kubernetes API server and etcd (integration/kube-apiserver, Go test
+# tooling, pinned k8s.io/kubernetes and go.etcd.io/etcd/server/v3) built into
+# target/imds-mesh; module downloads and build cache under the target dir.
+kube-apiserver:
+    scripts/build-kube-apiserver.sh "{{target}}"
 
 # Istio's own xDS generator (integration/istio-xds, Go test tooling); module
 # downloads and build cache under the target dir.

@@ -26,6 +26,7 @@
 //! - [`sts`]: AWS STS from PyPI `moto`, in server mode.
 //! - [`scripted_sts`]: an STS that throttles, denies or hangs on cue.
 //! - [`kube_api`]: a Kubernetes API endpoint (pods, namespaces, TokenRequest, events).
+//! - [`kube_cluster`]: a real Kubernetes API server (etcd, kube-apiserver) on loopback.
 //! - [`http`]: a raw HTTP/1.1 client, able to send what real clients would not.
 //! - [`istio`]: Istio's own translation of the rendered objects, run as a sidecar's bootstrap.
 //! - [`netns`]: network namespaces, for tests that need the metadata address itself.
@@ -43,6 +44,7 @@ pub mod envoy;
 pub mod http;
 pub mod istio;
 pub mod kube_api;
+pub mod kube_cluster;
 pub mod netns;
 pub mod paths;
 pub mod pki;

@@ -51,3 +51,11 @@ pub fn istio_xds() -> PathBuf {
     assert!(binary.exists(), "{} is missing: run `just istio-xds`", binary.display());
     binary
 }
+
+/// A binary `just` builds into `target/imds-mesh` (`etcd`,
+/// `kube-apiserver`: `just kube-apiserver`).
+pub fn target_binary(name: &str) -> PathBuf {
+    let binary = target_dir().join("imds-mesh").join(name);
+    assert!(binary.exists(), "{} is missing: run `just kube-apiserver`", binary.display());
+    binary
+}

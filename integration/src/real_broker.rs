@@ -43,7 +43,7 @@ impl Drop for RealBroker {
 /// otherwise.
 #[derive(Debug)]
 pub struct RealBrokerBuilder {
-    api_url: String,
+    kube: kube::Config,
     sts_endpoint: String,
     config: AppConfig,
     mtls: Option<(MtlsFiles, Duration)>,
@@ -53,8 +53,15 @@ impl RealBroker {
     /// A broker over `api` and the STS at `sts_endpoint`, to configure and
     /// start.
     pub fn builder(api: &KubeApi, sts_endpoint: String) -> RealBrokerBuilder {
+        let url = api.url().parse().unwrap_or_else(|e| panic!("{e}"));
+        Self::with_kube(kube::Config::new(url), sts_endpoint)
+    }
+
+    /// A broker whose Kubernetes client uses `kube` (a real API server, as
+    /// some service account), to configure and start.
+    pub fn with_kube(kube: kube::Config, sts_endpoint: String) -> RealBrokerBuilder {
         RealBrokerBuilder {
-            api_url: api.url(),
+            kube,
             sts_endpoint,
             config: AppConfig::new(IdentityMode::InsecureDev { trust_domain: TRUST_DOMAIN.into() }),
             mtls: None,
@@ -94,8 +101,7 @@ impl RealBrokerBuilder {
 
     /// Starts the broker without waiting for its pod watch to sync.
     pub async fn start_unsynced(self) -> RealBroker {
-        let url = self.api_url.parse().unwrap_or_else(|e| panic!("{e}"));
-        let client = token_broker::kube::client(kube::Config::new(url)).unwrap_or_else(|e| panic!("kube client: {e}"));
+        let client = token_broker::kube::client(self.kube).unwrap_or_else(|e| panic!("kube client: {e}"));
         let sts = StsClient::new(StsConfig {
             endpoint_url: Some(self.sts_endpoint),
             operation_timeout: Duration::from_secs(5),

@@ -1,0 +1,271 @@
+//! A real Kubernetes API server on loopback: etcd and `kube-apiserver`, both
+//! built from their Go modules by `just kube-apiserver`
+//! (`integration/kube-apiserver`). RBAC is on; the server signs
+//! service-account tokens with a key of its own; the harness acts as an
+//! admin (`system:masters`, a static token). There is no kubelet: a pod is
+//! created through the API and its status (`podIP`, `Ready`) patched in.
+//!
+//! ```no_run
+//! # async fn story() {
+//! use integration::kube_cluster::KubeCluster;
+//! let cluster = KubeCluster::start().await;
+//! let admin = cluster.admin();
+//! # }
+//! ```
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use serde_json::json;
+use tempfile::TempDir;
+
+use crate::{paths, wait};
+
+/// The issuer and default audience of the tokens the server signs.
+pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
+/// etcd and the API server; both stopped on drop.
+pub struct KubeCluster {
+    etcd: Child,
+    apiserver: Child,
+    dir: Option<TempDir>,
+    /// `https://127.0.0.1:<port>`.
+    pub url: String,
+    admin_token: String,
+    ca: Vec<Vec<u8>>,
+}
+
+impl KubeCluster {
+    /// Starts etcd, then the API server, and waits until it is ready.
+    pub async fn start() -> Self {
+        let dir = tempfile::Builder::new().prefix("imds-mesh-kube-").tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let [client, peer, secure] = free_ports();
+        let etcd = spawn(
+            &paths::target_binary("etcd"),
+            &[
+                "--name=default".into(),
+                format!("--data-dir={}", dir.path().join("etcd").display()),
+                format!("--listen-client-urls=http://127.0.0.1:{client}"),
+                format!("--advertise-client-urls=http://127.0.0.1:{client}"),
+                format!("--listen-peer-urls=http://127.0.0.1:{peer}"),
+                format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"),
+                format!("--initial-cluster=default=http://127.0.0.1:{peer}"),
+                "--log-level=warn".into(),
+            ],
+            &dir.path().join("etcd.log"),
+        );
+        // The service-account signing key (ES256) and its public half.
+        let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+        let (signing_key, public_key) = (dir.path().join("sa.key"), dir.path().join("sa.pub"));
+        write(&signing_key, &key.serialize_pem());
+        write(&public_key, &key.public_key_pem());
+        let admin_token = hex_token();
+        let tokens = dir.path().join("tokens.csv");
+        write(&tokens, &format!("{admin_token},admin,admin,\"system:masters\"\n"));
+        let apiserver = spawn(
+            &paths::target_binary("kube-apiserver"),
+            &[
+                format!("--etcd-servers=http://127.0.0.1:{client}"),
+                "--bind-address=127.0.0.1".into(),
+                "--advertise-address=127.0.0.1".into(),
+                format!("--secure-port={secure}"),
+                format!("--cert-dir={}", dir.path().join("certs").display()),
+                format!("--service-account-issuer={ISSUER}"),
+                format!("--service-account-key-file={}", public_key.display()),
+                format!("--service-account-signing-key-file={}", signing_key.display()),
+                "--authorization-mode=RBAC".into(),
+                format!("--token-auth-file={}", tokens.display()),
+                "--service-cluster-ip-range=10.96.0.0/16".into(),
+                // The `kubernetes` Service's endpoint would be the loopback
+                // address, which the API refuses for an endpoint.
+                "--endpoint-reconciler-type=none".into(),
+                "--profiling=false".into(),
+            ],
+            &dir.path().join("kube-apiserver.log"),
+        );
+        let mut cluster = Self {
+            etcd,
+            apiserver,
+            dir: Some(dir),
+            url: format!("https://127.0.0.1:{secure}"),
+            admin_token,
+            ca: Vec::new(),
+        };
+        cluster.await_ready().await;
+        cluster
+    }
+
+    /// Waits for the serving certificate, then for `/readyz`.
+    async fn await_ready(&mut self) {
+        let certificate = self.dir().join("certs/apiserver.crt");
+        let log = self.dir().join("kube-apiserver.log");
+        let ca = wait::until("the API server's serving certificate", || {
+            let exited = self.apiserver.try_wait().ok().flatten();
+            assert!(exited.is_none(), "kube-apiserver exited: {}", std::fs::read_to_string(&log).unwrap_or_default());
+            let certificates: Vec<Vec<u8>> = CertificateDer::pem_file_iter(&certificate)
+                .map(|certs| certs.filter_map(Result::ok).map(|c| c.to_vec()).collect())
+                .unwrap_or_default();
+            async move { (certificates.len() == 2).then_some(certificates) }
+        })
+        .await;
+        self.ca = ca;
+        let client = self.admin();
+        wait::until("the API server to be ready", || {
+            let client = client.clone();
+            async move {
+                let request = http::Request::get("/readyz").body(Vec::new()).ok()?;
+                client.request_text(request).await.ok().filter(|body| body == "ok")
+            }
+        })
+        .await;
+    }
+
+    fn dir(&self) -> &Path {
+        self.dir.as_ref().map_or_else(|| Path::new("."), TempDir::path)
+    }
+
+    /// A client configuration presenting `token`, trusting the server.
+    pub fn config(&self, token: &str) -> kube::Config {
+        let mut config = kube::Config::new(self.url.parse().unwrap_or_else(|e| panic!("{e}")));
+        config.root_cert = Some(self.ca.clone());
+        let bearer = format!("Bearer {token}").parse().unwrap_or_else(|e| panic!("{e}"));
+        config.headers.push((http::header::AUTHORIZATION, bearer));
+        config
+    }
+
+    /// The cluster admin.
+    pub fn admin(&self) -> kube::Client {
+        kube::Client::try_from(self.config(&self.admin_token)).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Creates namespace `name` (if absent).
+    pub async fn namespace(&self, name: &str) {
+        let namespace: Namespace = serde_json::from_value(json!({ "metadata": { "name": name } })).unwrap_or_default();
+        let _ = Api::<Namespace>::all(self.admin()).create(&PostParams::default(), &namespace).await;
+    }
+
+    /// Creates service account `namespace/name` (and its namespace).
+    pub async fn service_account(&self, namespace: &str, name: &str) {
+        self.namespace(namespace).await;
+        let account: ServiceAccount =
+            serde_json::from_value(json!({ "metadata": { "name": name } })).unwrap_or_default();
+        let _ =
+            Api::<ServiceAccount>::namespaced(self.admin(), namespace).create(&PostParams::default(), &account).await;
+    }
+
+    /// Creates `pod` (its namespace and service account first, a container
+    /// added if it has none) and patches in what a kubelet would report:
+    /// running at `ip`, ready. Returns the pod as the server has it.
+    pub async fn create_pod(&self, mut pod: Pod, ip: &str) -> Pod {
+        let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let spec = pod.spec.get_or_insert_default();
+        let account = spec.service_account_name.clone().unwrap_or_else(|| "default".into());
+        if spec.containers.is_empty() {
+            spec.containers =
+                vec![serde_json::from_value(json!({ "name": "app", "image": "app" })).unwrap_or_default()];
+        }
+        self.service_account(&namespace, &account).await;
+        let pods = Api::<Pod>::namespaced(self.admin(), &namespace);
+        let created = pods.create(&PostParams::default(), &pod).await.unwrap_or_else(|e| panic!("create pod: {e}"));
+        let name = created.metadata.name.clone().unwrap_or_default();
+        let status = json!({ "status": {
+            "phase": "Running",
+            "podIP": ip,
+            "podIPs": [{ "ip": ip }],
+            "conditions": [{ "type": "Ready", "status": "True" }],
+        }});
+        pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .unwrap_or_else(|e| panic!("patch pod status: {e}"))
+    }
+
+    /// A token for service account `namespace/name`, minted by the server
+    /// (TokenRequest, its default audience): how a pod of that account
+    /// talks to the API.
+    pub async fn token(&self, namespace: &str, name: &str) -> String {
+        let request = TokenRequest {
+            spec: TokenRequestSpec { audiences: vec![ISSUER.into()], ..TokenRequestSpec::default() },
+            ..TokenRequest::default()
+        };
+        let accounts = Api::<ServiceAccount>::namespaced(self.admin(), namespace);
+        let issued = accounts
+            .create_token_request(name, &PostParams::default(), &request)
+            .await
+            .unwrap_or_else(|e| panic!("TokenRequest for {namespace}/{name}: {e}"));
+        issued.status.map(|s| s.token).unwrap_or_default()
+    }
+
+    /// Applies `objects` (as `kubectl apply --server-side` would) as admin.
+    pub async fn apply(&self, objects: &[serde_json::Value]) {
+        let client = self.admin();
+        let discovery = kube::Discovery::new(client.clone()).run().await.unwrap_or_else(|e| panic!("discovery: {e}"));
+        for object in objects {
+            let object: kube::api::DynamicObject =
+                serde_json::from_value(object.clone()).unwrap_or_else(|e| panic!("{e}: {object}"));
+            let types = object.types.clone().unwrap_or_else(|| panic!("no apiVersion/kind: {object:?}"));
+            let gvk = kube::api::GroupVersionKind::try_from(&types).unwrap_or_else(|e| panic!("{e}"));
+            let (resource, capabilities) =
+                discovery.resolve_gvk(&gvk).unwrap_or_else(|| panic!("unknown kind {gvk:?}"));
+            let api: Api<kube::api::DynamicObject> = match (capabilities.scope, object.metadata.namespace.as_deref()) {
+                (kube::discovery::Scope::Namespaced, Some(ns)) => Api::namespaced_with(client.clone(), ns, &resource),
+                _ => Api::all_with(client.clone(), &resource),
+            };
+            let name = object.metadata.name.clone().unwrap_or_default();
+            api.patch(&name, &PatchParams::apply("imds-mesh-harness").force(), &Patch::Apply(&object))
+                .await
+                .unwrap_or_else(|e| panic!("apply {gvk:?} {name}: {e}"));
+        }
+    }
+
+    /// The API server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir().join("kube-apiserver.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for KubeCluster {
+    fn drop(&mut self) {
+        let _ = self.apiserver.kill();
+        let _ = self.apiserver.wait();
+        crate::process::stop(&mut self.etcd, &mut self.dir, "kube-apiserver.log", "kube-apiserver");
+    }
+}
+
+fn spawn(binary: &PathBuf, args: &[String], log: &Path) -> Child {
+    let out = std::fs::File::create(log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+    let err = out.try_clone().unwrap_or_else(|e| panic!("{e}"));
+    Command::new(binary)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {}: {e} (run `just kube-apiserver`)", binary.display()))
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+/// Three free loopback ports.
+fn free_ports() -> [u16; 3] {
+    let sockets: Vec<TcpListener> =
+        (0..3).map(|_| TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"))).collect();
+    let port = |i: usize| sockets[i].local_addr().map(|a: SocketAddr| a.port()).unwrap_or_else(|e| panic!("{e}"));
+    [port(0), port(1), port(2)]
+}
+
+/// An unguessable token for the admin credential (a cluster on loopback
+/// that lives as long as one test).
+fn hex_token() -> String {
+    use std::hash::BuildHasher;
+    let seed = std::collections::hash_map::RandomState::new();
+    let (a, b) = (seed.hash_one(std::process::id()), seed.hash_one(std::time::SystemTime::now()));
+    format!("{a:016x}{b:016x}")
+}
