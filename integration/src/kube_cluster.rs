@@ -65,6 +65,10 @@ impl KubeCluster {
         let (signing_key, public_key) = (dir.path().join("sa.key"), dir.path().join("sa.pub"));
         write(&signing_key, &key.serialize_pem());
         write(&public_key, &key.public_key_pem());
+        // Every request, with its user and answer, for tests that need to
+        // know what the server refused.
+        let audit_policy = dir.path().join("audit-policy.yaml");
+        write(&audit_policy, "apiVersion: audit.k8s.io/v1\nkind: Policy\nrules:\n- level: Metadata\n");
         let admin_token = hex_token();
         let tokens = dir.path().join("tokens.csv");
         write(&tokens, &format!("{admin_token},admin,admin,\"system:masters\"\n"));
@@ -85,6 +89,9 @@ impl KubeCluster {
                 // The `kubernetes` Service's endpoint would be the loopback
                 // address, which the API refuses for an endpoint.
                 "--endpoint-reconciler-type=none".into(),
+                format!("--audit-policy-file={}", audit_policy.display()),
+                format!("--audit-log-path={}", dir.path().join("audit.log").display()),
+                "--audit-log-mode=blocking".into(),
                 "--profiling=false".into(),
             ],
             &dir.path().join("kube-apiserver.log"),
@@ -221,6 +228,29 @@ impl KubeCluster {
                 .await
                 .unwrap_or_else(|e| panic!("apply {gvk:?} {name}: {e}"));
         }
+    }
+
+    /// The server's audit log (every request, its user and its answer).
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir().join("audit.log")
+    }
+
+    /// What the server has refused (403) `user`, by its audit log: one
+    /// `"<verb> <resource>[/<subresource>]"` per refusal.
+    pub fn refusals(&self, user: &str) -> Vec<String> {
+        let log = std::fs::read_to_string(self.audit_log()).unwrap_or_default();
+        log.lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|event| event["user"]["username"] == user && event["responseStatus"]["code"] == 403)
+            .map(|event| {
+                let object = &event["objectRef"];
+                let resource = object["resource"].as_str().unwrap_or_default();
+                match object["subresource"].as_str() {
+                    Some(sub) => format!("{} {resource}/{sub}", event["verb"].as_str().unwrap_or_default()),
+                    None => format!("{} {resource}", event["verb"].as_str().unwrap_or_default()),
+                }
+            })
+            .collect()
     }
 
     /// The API server's log so far.
