@@ -224,6 +224,7 @@ impl Config {
     /// Whether an `:authority` is the metadata service's.
     #[inline]
     pub fn is_imds_authority(&self, authority: &[u8]) -> bool {
+        // `:80` is METADATA_PORT, as an authority spells it.
         let host = authority.strip_suffix(b":80").unwrap_or(authority);
         METADATA_ADDRESSES.iter().any(|a| a.authority.as_bytes() == host)
             || self.extra_hosts.iter().any(|h| h.as_bytes().eq_ignore_ascii_case(authority))

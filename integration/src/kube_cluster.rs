@@ -252,11 +252,6 @@ impl KubeCluster {
             })
             .collect()
     }
-
-    /// The API server's log so far.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir().join("kube-apiserver.log")).unwrap_or_default()
-    }
 }
 
 impl Drop for KubeCluster {

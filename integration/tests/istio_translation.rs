@@ -230,12 +230,17 @@ async fn only_the_brokers_own_sidecar_vouches_for_a_caller_on_istios_output() {
     assert_eq!(reply.status, 200, "{}", reply.body_text());
 }
 
+/// `pod`'s sidecar on `xds` with no broker behind it, and the mesh whose
+/// certificates it uses (keep it as long as the sidecar).
+async fn without_broker(xds: &SidecarXds, pod: &Pod) -> (AppSidecar, Mesh) {
+    let mesh = Mesh::new(&pod.namespace, &pod.service_account);
+    (AppSidecar::start(xds, &mesh.app, &[], 1).await, mesh)
+}
+
 #[tokio::test]
 async fn a_pod_without_the_label_never_reaches_the_nodes_imds() {
     let (_, plain_xds, _) = generate();
-    let pod = istio::plain_pod();
-    let mesh = Mesh::new(&pod.namespace, &pod.service_account);
-    let sidecar = AppSidecar::start(&plain_xds, &mesh.app, &[], 1).await;
+    let (sidecar, _mesh) = without_broker(&plain_xds, &istio::plain_pod()).await;
 
     // By name, to any address: the fail-closed route.
     for authority in metadata::authorities() {
@@ -260,9 +265,7 @@ async fn a_pod_without_the_label_never_reaches_the_nodes_imds() {
 #[tokio::test]
 async fn a_spoofed_host_to_the_metadata_address_never_leaves_an_enabled_pods_sidecar() {
     let (app_xds, _, _) = generate();
-    let pod = Pod::enabled();
-    let mesh = Mesh::new(&pod.namespace, &pod.service_account);
-    let sidecar = AppSidecar::start(&app_xds, &mesh.app, &[], 1).await;
+    let (sidecar, _mesh) = without_broker(&app_xds, &Pod::enabled()).await;
     // In a pod the filter answers it (it recognises the destination,
     // `filter.rs` shows it in a network namespace); here the destination is
     // the loopback stand-in, so the guard in the metadata chain refuses it.

@@ -292,20 +292,11 @@ pub struct PatchMatch {
     pub route_configuration: Option<RouteConfigurationMatch>,
 }
 
-/// Matches a route configuration (by the port it serves) or one of its
-/// virtual hosts.
+/// Matches a route configuration by the port it serves.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RouteConfigurationMatch {
     pub port_number: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vhost: Option<VirtualHostMatch>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct VirtualHostMatch {
-    pub name: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

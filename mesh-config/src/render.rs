@@ -782,7 +782,7 @@ fn filter_on_metadata_chain(options: &Options) -> EnvoyFilter {
                     target: PatchMatch {
                         context: PatchContext::SidecarOutbound,
                         listener: None,
-                        route_configuration: Some(RouteConfigurationMatch { port_number, vhost: None }),
+                        route_configuration: Some(RouteConfigurationMatch { port_number }),
                     },
                     patch: Patch {
                         operation: PatchOperation::Merge,
@@ -949,6 +949,19 @@ mod tests {
             ]
         );
         assert!(!render(&Options::default()).iter().any(|o| matches!(o, Object::NetworkPolicy(_))));
+    }
+
+    #[test]
+    fn a_fail_strategy_that_would_open_or_that_the_release_lacks_is_refused() {
+        let with = |version: &str, strategy| Options {
+            istio_version: version.parse().unwrap(),
+            fail_strategy: Some(strategy),
+            ..Options::default()
+        };
+        assert!(with("1.24", FailStrategy::FailOpen).check().unwrap_err().contains("FAIL_OPEN"));
+        assert!(with("1.26", FailStrategy::FailReload).check().unwrap_err().contains("needs Istio 1.27"));
+        assert_eq!(with("1.27", FailStrategy::FailReload).check(), Ok(()));
+        assert_eq!(with("1.26", FailStrategy::FailClose).check(), Ok(()));
     }
 
     #[test]
