@@ -19,6 +19,9 @@ use std::process::{Child, Command, Stdio};
 
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
+use mesh_config::render::{self, Object, Options};
+use token_broker::authz::{ENABLED_LABEL, ENABLED_VALUE, ROLE_ARN_ANNOTATION};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -30,15 +33,21 @@ use crate::{paths, wait};
 /// The issuer and default audience of the tokens the server signs.
 pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 
+/// The broker's user name at the API server, in the default rendering.
+pub const BROKER_USER: &str = "system:serviceaccount:imds-mesh:token-broker";
+
 /// etcd and the API server; both stopped on drop.
 pub struct KubeCluster {
     etcd: Child,
-    apiserver: Child,
+    apiserver: Option<Child>,
+    apiserver_args: Vec<String>,
     dir: Option<TempDir>,
     /// `https://127.0.0.1:<port>`.
     pub url: String,
     admin_token: String,
     ca: Vec<Vec<u8>>,
+    /// Pod IPs handed out by [`Self::add_pod`] so far.
+    pods_added: std::sync::atomic::AtomicU8,
 }
 
 impl KubeCluster {
@@ -66,15 +75,16 @@ impl KubeCluster {
         write(&signing_key, &key.serialize_pem());
         write(&public_key, &key.public_key_pem());
         // Every request, with its user and answer, for tests that need to
-        // know what the server refused.
+        // know what the server refused; TokenRequests with their spec
+        // (audiences, lifetime, bound pod; the token is in the response,
+        // which is not logged). TokenReviews carry a token in the request:
+        // metadata only.
         let audit_policy = dir.path().join("audit-policy.yaml");
-        write(&audit_policy, "apiVersion: audit.k8s.io/v1\nkind: Policy\nrules:\n- level: Metadata\n");
+        write(&audit_policy, AUDIT_POLICY);
         let admin_token = hex_token();
         let tokens = dir.path().join("tokens.csv");
         write(&tokens, &format!("{admin_token},admin,admin,\"system:masters\"\n"));
-        let apiserver = spawn(
-            &paths::target_binary("kube-apiserver"),
-            &[
+        let apiserver_args = vec![
                 format!("--etcd-servers=http://127.0.0.1:{client}"),
                 "--bind-address=127.0.0.1".into(),
                 "--advertise-address=127.0.0.1".into(),
@@ -93,19 +103,37 @@ impl KubeCluster {
                 format!("--audit-log-path={}", dir.path().join("audit.log").display()),
                 "--audit-log-mode=blocking".into(),
                 "--profiling=false".into(),
-            ],
-            &dir.path().join("kube-apiserver.log"),
-        );
+        ];
         let mut cluster = Self {
             etcd,
-            apiserver,
+            apiserver: None,
+            apiserver_args,
             dir: Some(dir),
             url: format!("https://127.0.0.1:{secure}"),
             admin_token,
             ca: Vec::new(),
+            pods_added: Default::default(),
         };
-        cluster.await_ready().await;
+        cluster.start_apiserver().await;
         cluster
+    }
+
+    /// Stops the API server (etcd keeps the data), as in a control-plane
+    /// outage: clients are refused connections until [`Self::start_apiserver`].
+    pub fn stop_apiserver(&mut self) {
+        if let Some(mut apiserver) = self.apiserver.take() {
+            let _ = apiserver.kill();
+            let _ = apiserver.wait();
+        }
+    }
+
+    /// Starts the API server (again), on the same port with the same keys,
+    /// and waits until it is ready.
+    pub async fn start_apiserver(&mut self) {
+        self.stop_apiserver();
+        let log = self.dir().join("kube-apiserver.log");
+        self.apiserver = Some(spawn(&paths::target_binary("kube-apiserver"), &self.apiserver_args, &log));
+        self.await_ready().await;
     }
 
     /// Waits for the serving certificate, then for `/readyz`.
@@ -113,7 +141,7 @@ impl KubeCluster {
         let certificate = self.dir().join("certs/apiserver.crt");
         let log = self.dir().join("kube-apiserver.log");
         let ca = wait::until("the API server's serving certificate", || {
-            let exited = self.apiserver.try_wait().ok().flatten();
+            let exited = self.apiserver.as_mut().and_then(|a| a.try_wait().ok().flatten());
             assert!(exited.is_none(), "kube-apiserver exited: {}", std::fs::read_to_string(&log).unwrap_or_default());
             let certificates: Vec<Vec<u8>> = CertificateDer::pem_file_iter(&certificate)
                 .map(|certs| certs.filter_map(Result::ok).map(|c| c.to_vec()).collect())
@@ -192,6 +220,65 @@ impl KubeCluster {
             .unwrap_or_else(|e| panic!("patch pod status: {e}"))
     }
 
+    /// [`Self::create_pod`] at the next free pod IP (`10.244.0.<n>`).
+    pub async fn add_pod(&self, pod: Pod) -> Pod {
+        let n = self.pods_added.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.create_pod(pod, &format!("10.244.0.{}", n.wrapping_add(10))).await
+    }
+
+    /// Deletes pod `namespace/name` at once (no grace period: there is no
+    /// kubelet to confirm it stopped).
+    pub async fn delete_pod(&self, namespace: &str, name: &str) {
+        let pods = Api::<Pod>::namespaced(self.admin(), namespace);
+        pods.delete(name, &kube::api::DeleteParams::default().grace_period(0))
+            .await
+            .unwrap_or_else(|e| panic!("delete pod {namespace}/{name}: {e}"));
+    }
+
+    /// The `events.k8s.io/v1` Events of `namespace`, oldest first.
+    pub async fn events(&self, namespace: &str) -> Vec<Event> {
+        let events = Api::<Event>::namespaced(self.admin(), namespace);
+        let mut list = events.list(&Default::default()).await.unwrap_or_else(|e| panic!("list events: {e}")).items;
+        list.sort_by(|a, b| a.metadata.creation_timestamp.cmp(&b.metadata.creation_timestamp));
+        list
+    }
+
+    /// A client configuration for the token broker: its rendered namespace,
+    /// service account, ClusterRole and ClusterRoleBinding applied (from
+    /// `options`), and a token of that service account.
+    pub async fn broker_config(&self, options: &Options) -> kube::Config {
+        self.apply(&broker_identity(options)).await;
+        let token = self.token(&options.namespace, mesh_config::render::BROKER).await;
+        self.config(&token)
+    }
+
+    /// The specs of the TokenRequests the server granted `user`, in order
+    /// (from its audit log).
+    pub fn token_requests(&self, user: &str) -> Vec<TokenRequestSpec> {
+        self.audit_events()
+            .filter(|event| event["user"]["username"] == user && event["responseStatus"]["code"] == 201)
+            .filter(|event| event["objectRef"]["subresource"] == "token")
+            .map(|event| {
+                serde_json::from_value::<TokenRequest>(event["requestObject"].clone())
+                    .unwrap_or_else(|e| panic!("{e}: {event}"))
+                    .spec
+            })
+            .collect()
+    }
+
+    /// The request URIs `user` sent, in order (from the audit log).
+    pub fn requests(&self, user: &str) -> Vec<String> {
+        self.audit_events()
+            .filter(|event| event["user"]["username"] == user)
+            .filter_map(|event| event["requestURI"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    fn audit_events(&self) -> impl Iterator<Item = serde_json::Value> {
+        let log = std::fs::read_to_string(self.audit_log()).unwrap_or_default();
+        log.lines().filter_map(|line| serde_json::from_str(line).ok()).collect::<Vec<_>>().into_iter()
+    }
+
     /// A token for service account `namespace/name`, minted by the server
     /// (TokenRequest, its default audience): how a pod of that account
     /// talks to the API.
@@ -238,9 +325,7 @@ impl KubeCluster {
     /// What the server has refused (403) `user`, by its audit log: one
     /// `"<verb> <resource>[/<subresource>]"` per refusal.
     pub fn refusals(&self, user: &str) -> Vec<String> {
-        let log = std::fs::read_to_string(self.audit_log()).unwrap_or_default();
-        log.lines()
-            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        self.audit_events()
             .filter(|event| event["user"]["username"] == user && event["responseStatus"]["code"] == 403)
             .map(|event| {
                 let object = &event["objectRef"];
@@ -256,14 +341,55 @@ impl KubeCluster {
 
 impl Drop for KubeCluster {
     fn drop(&mut self) {
-        let _ = self.apiserver.kill();
-        let _ = self.apiserver.wait();
+        self.stop_apiserver();
         crate::process::stop(&mut self.etcd, &mut self.dir, "kube-apiserver.log", "kube-apiserver");
     }
 }
 
+/// A pod `namespace/name` running as `service_account`, opted in (the
+/// enable label `True`) and annotated with `role_arn`.
+pub fn enabled_pod(namespace: &str, name: &str, service_account: &str, role_arn: &str) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": { ENABLED_LABEL: ENABLED_VALUE },
+            "annotations": { ROLE_ARN_ANNOTATION: role_arn },
+        },
+        "spec": { "serviceAccountName": service_account, "containers": [{ "name": "app", "image": "app" }] },
+    }))
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The rendered objects the broker's permissions come from: its namespace,
+/// service account, ClusterRole and ClusterRoleBinding.
+pub fn broker_identity(options: &Options) -> Vec<serde_json::Value> {
+    render::render(options)
+        .into_iter()
+        .filter(|o| {
+            matches!(
+                o,
+                Object::Namespace(_) | Object::ServiceAccount(_) | Object::ClusterRole(_) | Object::ClusterRoleBinding(_)
+            )
+        })
+        .map(|o| serde_json::to_value(o).unwrap_or_else(|e| panic!("{e}")))
+        .collect()
+}
+
+/// Request bodies of TokenRequests, metadata of everything else.
+const AUDIT_POLICY: &str = "\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Request
+  resources: [{ group: \"\", resources: [serviceaccounts/token] }]
+- level: Metadata
+";
+
 fn spawn(binary: &PathBuf, args: &[String], log: &Path) -> Child {
-    let out = std::fs::File::create(log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+    // Appended to, so a restarted server's log follows the first one's.
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
     let err = out.try_clone().unwrap_or_else(|e| panic!("{e}"));
     Command::new(binary)
         .args(args)

@@ -24,6 +24,7 @@
 //! - [`clients`]: real AWS SDK clients (Python, node) as child processes.
 //! - [`upstream`]: a plain HTTP upstream that records what reaches it.
 //! - [`sts`]: AWS STS from PyPI `moto`, in server mode.
+//! - [`sts_oidc`]: the web identity token checks AWS STS makes, in front of moto.
 //! - [`scripted_sts`]: an STS that throttles, denies or hangs on cue.
 //! - [`kube_api`]: a Kubernetes API endpoint (pods, namespaces, TokenRequest, events).
 //! - [`kube_cluster`]: a real Kubernetes API server (etcd, kube-apiserver) on loopback.
@@ -53,6 +54,7 @@ pub mod real_broker;
 pub mod registry;
 pub mod scripted_sts;
 pub mod sts;
+pub mod sts_oidc;
 pub mod upstream;
 pub mod wait;
 

@@ -1,7 +1,8 @@
 //! AWS STS from PyPI `moto` in server mode: the real STS query protocol and
 //! XML, on loopback. moto accepts unsigned requests and validates little
-//! (no trust policy, any token), so the broker's own checks are what tests
-//! exercise; what moto proves is that the wire format is right.
+//! (no trust policy, any token); [`Sts::trusting`] puts the token checks
+//! AWS makes in front of it ([`crate::sts_oidc`]), against a real API
+//! server's published keys.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -10,7 +11,9 @@ use std::process::{Child, Command, Stdio};
 use tempfile::TempDir;
 
 use crate::http::Req;
+use crate::kube_cluster::KubeCluster;
 use crate::paths;
+use crate::sts_oidc::{OidcFront, Seen};
 
 /// The STS API version every query-protocol request names.
 pub const STS_VERSION: &str = "2011-06-15";
@@ -21,6 +24,7 @@ pub struct Sts {
     child: Child,
     dir: Option<TempDir>,
     addr: SocketAddr,
+    front: Option<OidcFront>,
 }
 
 impl Sts {
@@ -40,26 +44,42 @@ impl Sts {
             .stderr(log_err)
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", moto.display()));
-        let mut sts = Self { child, dir: Some(dir), addr: SocketAddr::from(([127, 0, 0, 1], port)) };
+        let mut sts = Self { child, dir: Some(dir), addr: SocketAddr::from(([127, 0, 0, 1], port)), front: None };
         // moto's own API answers 200 once the WSGI app is up.
         let log = sts.log_path().unwrap_or_default();
         crate::process::until_answering(&mut sts.child, "moto (STS)", &log, sts.addr, "/moto-api/").await;
         sts
     }
 
-    /// `http://127.0.0.1:<port>`: the endpoint URL to give an STS client.
-    pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+    /// moto behind the checks AWS STS makes of a web identity token, with
+    /// `cluster` as the identity provider (its issuer and published keys).
+    pub async fn trusting(cluster: &KubeCluster) -> Self {
+        let mut sts = Self::start().await;
+        sts.front = Some(OidcFront::start(cluster.admin(), sts.addr).await);
+        sts
     }
 
+    /// `http://127.0.0.1:<port>`: the endpoint URL to give an STS client.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr())
+    }
+
+    /// Where STS clients connect: the token checks if any, else moto.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.front.as_ref().map_or(self.addr, OidcFront::addr)
+    }
+
+    /// The web identity tokens accepted and refused so far (none without
+    /// [`Self::trusting`]).
+    pub fn seen(&self) -> Seen {
+        self.front.as_ref().map(OidcFront::seen).unwrap_or_default()
     }
 
     /// Sends an unsigned `AssumeRoleWithWebIdentity` (query protocol, as
     /// the SDKs send it) and returns the raw reply.
     pub async fn assume_role_with_web_identity(&self, role_arn: &str, session_name: &str, token: &str) -> crate::Reply {
-        assume_role_with_web_identity(role_arn, session_name, token).host(&self.addr.to_string()).send(self.addr).await
+        let addr = self.addr();
+        assume_role_with_web_identity(role_arn, session_name, token).host(&addr.to_string()).send(addr).await
     }
 
     /// Everything moto has logged so far.

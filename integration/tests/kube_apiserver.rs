@@ -6,29 +6,13 @@
 //! audit log shows it refusing the broker that call, and the broker fails
 //! where it needs it. Together the rules suffice; each is needed.
 
-use integration::kube_api;
-use integration::kube_cluster::KubeCluster;
+use integration::kube_cluster::{self, BROKER_USER, KubeCluster};
 use integration::{ROLE_ARN, RealBroker, Req, Sts, wait};
-use mesh_config::render::{self, BROKER, Object, Options};
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::api::{Api, PostParams};
+use mesh_config::render::{BROKER, Options};
 use token_broker::server;
-
-/// The rendered objects the broker's permissions come from: its namespace,
-/// service account, ClusterRole and ClusterRoleBinding.
-fn broker_identity(options: &Options) -> Vec<serde_json::Value> {
-    render::render(options)
-        .into_iter()
-        .filter(|o| {
-            matches!(
-                o,
-                Object::Namespace(_)
-                    | Object::ServiceAccount(_)
-                    | Object::ClusterRole(_)
-                    | Object::ClusterRoleBinding(_)
-            )
-        })
-        .map(|o| serde_json::to_value(o).unwrap_or_else(|e| panic!("{e}")))
-        .collect()
-}
 
 /// A credential request for `pod` as the `insecure-dev` caller
 /// `default/<service_account>`.
@@ -44,16 +28,13 @@ fn request(pod: &str) -> Req {
     request_as("app", pod)
 }
 
-/// The broker's user name at the API server.
-const BROKER_USER: &str = "system:serviceaccount:imds-mesh:token-broker";
-
 /// A fresh cluster with the broker's rendered identity less `verb` on
 /// `resource`, an enabled pod `app-0`, and the broker on it as its own
 /// service account (not waiting for it to be ready).
 async fn broker_without(resource: &str, verb: &str, sts: &Sts) -> (KubeCluster, RealBroker) {
     let cluster = KubeCluster::start().await;
     let options = Options::default();
-    let mut objects = broker_identity(&options);
+    let mut objects = kube_cluster::broker_identity(&options);
     for object in &mut objects {
         let Some(rules) = object.get_mut("rules").and_then(|r| r.as_array_mut()) else { continue };
         for rule in rules.iter_mut() {
@@ -65,7 +46,7 @@ async fn broker_without(resource: &str, verb: &str, sts: &Sts) -> (KubeCluster, 
         rules.retain(|rule| rule["verbs"].as_array().is_some_and(|v| !v.is_empty()));
     }
     cluster.apply(&objects).await;
-    cluster.create_pod(kube_api::enabled_pod("default", "app-0", "app", ROLE_ARN), "10.244.1.10").await;
+    cluster.create_pod(kube_cluster::enabled_pod("default", "app-0", "app", ROLE_ARN), "10.244.1.10").await;
     let token = cluster.token(&options.namespace, BROKER).await;
     let broker = RealBroker::with_kube(cluster.config(&token), sts.endpoint()).start_unsynced().await;
     (cluster, broker)
@@ -127,21 +108,100 @@ async fn without_any_one_rendered_rbac_rule_the_broker_fails_where_it_needs_it()
 
 #[tokio::test]
 async fn the_broker_with_the_rendered_rbac_gets_sts_credentials_for_a_pod_of_the_api_server() {
-    let (cluster, sts) = (KubeCluster::start().await, Sts::start().await);
-    let options = Options::default();
-    cluster.apply(&broker_identity(&options)).await;
-    let pod = cluster.create_pod(kube_api::enabled_pod("default", "app-0", "app", ROLE_ARN), "10.244.1.10").await;
-    assert!(pod.metadata.uid.is_some());
+    let cluster = KubeCluster::start().await;
+    let sts = Sts::trusting(&cluster).await;
+    let pod = cluster.create_pod(kube_cluster::enabled_pod("default", "app-0", "app", ROLE_ARN), "10.244.1.10").await;
 
     // The broker as its own service account, with the rendered RBAC only.
-    let token = cluster.token(&options.namespace, BROKER).await;
-    let broker = RealBroker::with_kube(cluster.config(&token), sts.endpoint()).start().await;
+    let broker = RealBroker::with_kube(cluster.broker_config(&Options::default()).await, sts.endpoint()).start().await;
     let reply = request("app-0").send(broker.addr).await;
     assert_eq!(reply.status, 200, "{}", reply.body_text());
     assert!(reply.json()["AccessKeyId"].as_str().is_some_and(|k| k.starts_with("ASIA")), "{}", reply.body_text());
+    // STS verified what the API server signed: the pod's service account,
+    // audience sts.amazonaws.com, bound to that pod.
+    let seen = sts.seen();
+    assert_eq!(seen.refused, Vec::<String>::new());
+    let [claims] = &seen.accepted[..] else { panic!("{seen:?}") };
+    assert_eq!(claims["sub"], "system:serviceaccount:default:app");
+    assert_eq!(claims["aud"], serde_json::json!(["sts.amazonaws.com"]));
+    assert_eq!(claims["iss"], kube_cluster::ISSUER);
+    assert_eq!(claims["kubernetes.io"]["pod"]["uid"], serde_json::json!(pod.metadata.uid));
     // A pod the API server does not know.
     let reply = request("ghost").send(broker.addr).await;
     assert_eq!(reply.json()["Code"], "PodNotFound", "{}", reply.body_text());
     // The whole rendered RBAC: nothing the broker asked was refused.
     assert_eq!(cluster.refusals(BROKER_USER), Vec::<String>::new());
+}
+
+/// A token the API server signs for `default/app`, for `audience`, bound
+/// to `pod` if given.
+async fn minted(cluster: &KubeCluster, audience: &str, pod: Option<&k8s_openapi::api::core::v1::Pod>) -> String {
+    let bound_object_ref = pod.map(|pod| BoundObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: pod.metadata.name.clone(),
+        uid: pod.metadata.uid.clone(),
+    });
+    let request = TokenRequest {
+        spec: TokenRequestSpec { audiences: vec![audience.into()], bound_object_ref, ..TokenRequestSpec::default() },
+        ..TokenRequest::default()
+    };
+    let issued = Api::<ServiceAccount>::namespaced(cluster.admin(), "default")
+        .create_token_request("app", &PostParams::default(), &request)
+        .await
+        .unwrap_or_else(|e| panic!("TokenRequest: {e}"));
+    issued.status.map(|s| s.token).unwrap_or_default()
+}
+
+/// The STS error code and message of a refusal.
+#[track_caller]
+fn refusal(reply: integration::Reply) -> (String, String) {
+    assert_eq!(reply.status, 400, "{}", reply.body_text());
+    let body = reply.body_text();
+    let code = integration::sts::xml_element(&body, "Code").unwrap_or_default().to_owned();
+    let message = integration::sts::xml_element(&body, "Message").unwrap_or_default().to_owned();
+    (code, message)
+}
+
+#[tokio::test]
+async fn sts_refuses_a_token_of_another_audience_another_signer_no_pod_or_a_deleted_pod() {
+    let cluster = KubeCluster::start().await;
+    let sts = Sts::trusting(&cluster).await;
+    let pod = cluster.add_pod(kube_cluster::enabled_pod("default", "app-0", "app", ROLE_ARN)).await;
+    let sts = &sts;
+    let exchange = |token: String| async move { sts.assume_role_with_web_identity(ROLE_ARN, "s", &token).await };
+
+    // The token the broker would present is accepted.
+    let good = minted(&cluster, "sts.amazonaws.com", Some(&pod)).await;
+    assert_eq!(exchange(good).await.status, 200);
+
+    let (code, message) = refusal(exchange(minted(&cluster, "vault", Some(&pod)).await).await);
+    assert_eq!((code.as_str(), message.as_str()), ("InvalidIdentityToken", "Incorrect token audience"));
+
+    let (code, message) = refusal(exchange(minted(&cluster, "sts.amazonaws.com", None).await).await);
+    assert_eq!((code.as_str(), message.as_str()), ("InvalidIdentityToken", "the token is not bound to a pod"));
+
+    // Signed by another cluster's key: well-formed, valid claims, not ours.
+    let other = KubeCluster::start().await;
+    other.add_pod(kube_cluster::enabled_pod("default", "app-0", "app", ROLE_ARN)).await;
+    let foreign_pod = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(other.admin(), "default").get("app-0").await;
+    let foreign = minted(&other, "sts.amazonaws.com", foreign_pod.as_ref().ok()).await;
+    let (code, message) = refusal(exchange(foreign).await);
+    assert_eq!(code, "InvalidIdentityToken");
+    assert_eq!(message, "the token's key is not one the identity provider publishes");
+
+    // The pod is gone: the signature still verifies, the cluster no longer
+    // accepts the token (once its informers have seen the deletion; a token
+    // it has just accepted stays accepted for its 10 s authentication cache,
+    // so this one was never presented before).
+    let doomed = minted(&cluster, "sts.amazonaws.com", Some(&pod)).await;
+    cluster.delete_pod("default", "app-0").await;
+    let reply = wait::until("STS to refuse the deleted pod's token", || {
+        let doomed = doomed.clone();
+        async move { Some(exchange(doomed).await).filter(|reply| reply.status != 200) }
+    })
+    .await;
+    let (code, message) = refusal(reply);
+    assert_eq!(code, "InvalidIdentityToken");
+    assert!(message.starts_with("the cluster no longer accepts the token"), "{message}");
 }
