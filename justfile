@@ -31,7 +31,7 @@ build:
 # imds-mesh end to end on this machine: Kubernetes API, STS, the broker and
 # both Envoy sidecars on what Istio's own generator makes of the rendering,
 # and an unmodified boto3 app getting its role.
-demo: setup build istio-xds
+demo: setup build istio-xds kube-apiserver
     cargo build --quiet -p token-broker
     IMDS_MESH_VENV="{{venv}}" IMDS_MESH_WASM="{{wasm}}" IMDS_MESH_BROKER_BIN="{{target}}/debug/token-broker" \
         IMDS_MESH_ISTIO_XDS="{{target}}/imds-mesh/istio-xds" cargo run --quiet -p integration --bin demo

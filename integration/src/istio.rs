@@ -50,7 +50,7 @@ use serde_json::{Value, json};
 
 use crate::envoy::Ports;
 use crate::pki::WorkloadFiles;
-use crate::{Envoy, Pod, Upstream, kube_api, paths};
+use crate::{Envoy, Pod, Upstream, kube_cluster, paths};
 
 /// The Istio release whose translation `istio-xds` runs (its module's
 /// `VERSION`; `integration/istio-xds/go.mod` pins the module).
@@ -92,8 +92,8 @@ impl Cluster {
     pub fn harness(options: &Options, brokers: usize) -> Self {
         let ips: Vec<String> = (0..brokers).map(broker_ip).collect();
         Self::rendered(options)
-            .object(kube_api::namespace("default"))
-            .object(kube_api::namespace(&options.root_namespace))
+            .object(kube_cluster::namespace("default"))
+            .object(kube_cluster::namespace(&options.root_namespace))
             .app_pod(&Pod::enabled(), APP_IP)
             .app_pod(&plain_pod(), PLAIN_IP)
             .broker_pods(&ips.iter().map(String::as_str).collect::<Vec<_>>())
@@ -102,16 +102,7 @@ impl Cluster {
     /// Adds the pod behind an app sidecar (its labels and annotations as
     /// the sidecar's node metadata has them), running at `ip`.
     pub fn app_pod(self, pod: &Pod, ip: &str) -> Self {
-        let mut object = KubePod::default();
-        object.metadata.name = Some(pod.name.clone());
-        object.metadata.namespace = Some(pod.namespace.clone());
-        object.metadata.labels = Some(pod.labels.clone());
-        object.metadata.annotations = Some(pod.annotations.clone());
-        object.spec = Some(k8s_openapi::api::core::v1::PodSpec {
-            service_account_name: Some(pod.service_account.clone()),
-            ..Default::default()
-        });
-        self.pod(object, ip)
+        self.pod(kube_pod(pod), ip)
     }
 
     /// Adds `pod`, running at `ip`.
@@ -298,6 +289,21 @@ pub fn plain_pod() -> Pod {
     Pod { name: "plain-5c8d7f9b4-q7w2e".into(), ..Pod::plain() }
 }
 
+/// The Kubernetes pod behind a sidecar's [`Pod`]: its name, namespace,
+/// service account, labels and annotations.
+pub fn kube_pod(pod: &Pod) -> KubePod {
+    let mut object = KubePod::default();
+    object.metadata.name = Some(pod.name.clone());
+    object.metadata.namespace = Some(pod.namespace.clone());
+    object.metadata.labels = Some(pod.labels.clone());
+    object.metadata.annotations = Some(pod.annotations.clone());
+    object.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+        service_account_name: Some(pod.service_account.clone()),
+        ..Default::default()
+    });
+    object
+}
+
 /// `namespace/name`, as [`Cluster::generate`] takes a pod.
 pub fn proxy_of(pod: &Pod) -> String {
     format!("{}/{}", pod.namespace, pod.name)
@@ -345,8 +351,19 @@ impl AppSidecar {
         brokers: &[(String, SocketAddr)],
         workers: u32,
     ) -> Self {
+        Self::start_at(xds, certificates, brokers, workers, loopback_port(METADATA_PORT)).await
+    }
+
+    /// [`Self::start`], the metadata service standing at `metadata`.
+    pub async fn start_at(
+        xds: &SidecarXds,
+        certificates: &WorkloadFiles,
+        brokers: &[(String, SocketAddr)],
+        workers: u32,
+        metadata: SocketAddr,
+    ) -> Self {
         let (node_imds, upstream) = (Upstream::start().await, Upstream::start().await);
-        let (outbound, metadata) = (loopback_port(METADATA_PORT), loopback_port(METADATA_PORT));
+        let outbound = loopback_port(METADATA_PORT);
         let admin = SocketAddr::from(([127, 0, 0, 1], Ports::free(false).admin));
         let mut rewrites = METADATA_SERVICES
             .iter()

@@ -20,13 +20,13 @@ use std::process::{Child, Command, Stdio};
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
-use mesh_config::render::{self, Object, Options};
-use token_broker::authz::{ENABLED_LABEL, ENABLED_VALUE, ROLE_ARN_ANNOTATION};
 use kube::api::{Api, Patch, PatchParams, PostParams};
+use mesh_config::render::{self, Object, Options};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use serde_json::json;
 use tempfile::TempDir;
+use token_broker::authz::{ENABLED_LABEL, ENABLED_VALUE, ROLE_ARN_ANNOTATION};
 
 use crate::{paths, wait};
 
@@ -85,24 +85,24 @@ impl KubeCluster {
         let tokens = dir.path().join("tokens.csv");
         write(&tokens, &format!("{admin_token},admin,admin,\"system:masters\"\n"));
         let apiserver_args = vec![
-                format!("--etcd-servers=http://127.0.0.1:{client}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
-                format!("--secure-port={secure}"),
-                format!("--cert-dir={}", dir.path().join("certs").display()),
-                format!("--service-account-issuer={ISSUER}"),
-                format!("--service-account-key-file={}", public_key.display()),
-                format!("--service-account-signing-key-file={}", signing_key.display()),
-                "--authorization-mode=RBAC".into(),
-                format!("--token-auth-file={}", tokens.display()),
-                "--service-cluster-ip-range=10.96.0.0/16".into(),
-                // The `kubernetes` Service's endpoint would be the loopback
-                // address, which the API refuses for an endpoint.
-                "--endpoint-reconciler-type=none".into(),
-                format!("--audit-policy-file={}", audit_policy.display()),
-                format!("--audit-log-path={}", dir.path().join("audit.log").display()),
-                "--audit-log-mode=blocking".into(),
-                "--profiling=false".into(),
+            format!("--etcd-servers=http://127.0.0.1:{client}"),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--secure-port={secure}"),
+            format!("--cert-dir={}", dir.path().join("certs").display()),
+            format!("--service-account-issuer={ISSUER}"),
+            format!("--service-account-key-file={}", public_key.display()),
+            format!("--service-account-signing-key-file={}", signing_key.display()),
+            "--authorization-mode=RBAC".into(),
+            format!("--token-auth-file={}", tokens.display()),
+            "--service-cluster-ip-range=10.96.0.0/16".into(),
+            // The `kubernetes` Service's endpoint would be the loopback
+            // address, which the API refuses for an endpoint.
+            "--endpoint-reconciler-type=none".into(),
+            format!("--audit-policy-file={}", audit_policy.display()),
+            format!("--audit-log-path={}", dir.path().join("audit.log").display()),
+            "--audit-log-mode=blocking".into(),
+            "--profiling=false".into(),
         ];
         let mut cluster = Self {
             etcd,
@@ -174,6 +174,27 @@ impl KubeCluster {
         config
     }
 
+    /// A kubeconfig (JSON) for this server, presenting `token`.
+    pub fn kubeconfig(&self, token: &str) -> String {
+        use base64::Engine;
+        let ca = std::fs::read(self.dir().join("certs/apiserver.crt")).unwrap_or_default();
+        let ca = base64::engine::general_purpose::STANDARD.encode(ca);
+        json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{ "name": "imds-mesh", "cluster": { "server": self.url, "certificate-authority-data": ca } }],
+            "users": [{ "name": "imds-mesh", "user": { "token": token } }],
+            "contexts": [{ "name": "imds-mesh", "context": { "cluster": "imds-mesh", "user": "imds-mesh" } }],
+            "current-context": "imds-mesh",
+        })
+        .to_string()
+    }
+
+    /// The admin's token (`system:masters`).
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
+    }
+
     /// The cluster admin.
     pub fn admin(&self) -> kube::Client {
         kube::Client::try_from(self.config(&self.admin_token)).unwrap_or_else(|e| panic!("{e}"))
@@ -181,8 +202,7 @@ impl KubeCluster {
 
     /// Creates namespace `name` (if absent).
     pub async fn namespace(&self, name: &str) {
-        let namespace: Namespace = serde_json::from_value(json!({ "metadata": { "name": name } })).unwrap_or_default();
-        let _ = Api::<Namespace>::all(self.admin()).create(&PostParams::default(), &namespace).await;
+        let _ = Api::<Namespace>::all(self.admin()).create(&PostParams::default(), &namespace(name)).await;
     }
 
     /// Creates service account `namespace/name` (and its namespace).
@@ -346,6 +366,11 @@ impl Drop for KubeCluster {
     }
 }
 
+/// A namespace object named `name`.
+pub fn namespace(name: &str) -> Namespace {
+    serde_json::from_value(json!({ "metadata": { "name": name } })).unwrap_or_default()
+}
+
 /// A pod `namespace/name` running as `service_account`, opted in (the
 /// enable label `True`) and annotated with `role_arn`.
 pub fn enabled_pod(namespace: &str, name: &str, service_account: &str, role_arn: &str) -> Pod {
@@ -369,7 +394,10 @@ pub fn broker_identity(options: &Options) -> Vec<serde_json::Value> {
         .filter(|o| {
             matches!(
                 o,
-                Object::Namespace(_) | Object::ServiceAccount(_) | Object::ClusterRole(_) | Object::ClusterRoleBinding(_)
+                Object::Namespace(_)
+                    | Object::ServiceAccount(_)
+                    | Object::ClusterRole(_)
+                    | Object::ClusterRoleBinding(_)
             )
         })
         .map(|o| serde_json::to_value(o).unwrap_or_else(|e| panic!("{e}")))
@@ -389,7 +417,11 @@ rules:
 
 fn spawn(binary: &PathBuf, args: &[String], log: &Path) -> Child {
     // Appended to, so a restarted server's log follows the first one's.
-    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap_or_else(|e| panic!("{}: {e}", log.display()));
     let err = out.try_clone().unwrap_or_else(|e| panic!("{e}"));
     Command::new(binary)
         .args(args)

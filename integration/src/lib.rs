@@ -36,6 +36,7 @@
 //! - [`real_broker`]: the real token broker, in-process, in any identity mode.
 //! - [`process`]: readiness and teardown of child processes.
 //! - [`wait`]: polling for eventual states without timing assumptions.
+//! - [`stack`]: the whole local stack, as `just demo` and `just up` run it.
 //! - [`bench`]: what the `bench-*` binaries share: options, `wrk` runs, rounds and their figures.
 
 pub mod bench;
@@ -53,6 +54,7 @@ pub mod process;
 pub mod real_broker;
 pub mod registry;
 pub mod scripted_sts;
+pub mod stack;
 pub mod sts;
 pub mod sts_oidc;
 pub mod upstream;

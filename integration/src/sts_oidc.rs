@@ -106,9 +106,8 @@ async fn handle(State(shared): State<Arc<Shared>>, request: axum::extract::Reque
     let Ok(body) = axum::body::to_bytes(body, 1 << 20).await else {
         return (StatusCode::PAYLOAD_TOO_LARGE, "").into_response();
     };
-    let field = |name: &str| {
-        form_urlencoded::parse(&body).find(|(key, _)| key == name).map(|(_, value)| value.into_owned())
-    };
+    let field =
+        |name: &str| form_urlencoded::parse(&body).find(|(key, _)| key == name).map(|(_, value)| value.into_owned());
     if field("Action").as_deref() == Some("AssumeRoleWithWebIdentity") {
         let token = field("WebIdentityToken").unwrap_or_default();
         match shared.verify(&token).await {
@@ -208,7 +207,13 @@ impl IntoResponse for Refusal {
 
 /// Sends the request on to the STS at `upstream` unchanged and relays the
 /// answer.
-async fn forward(upstream: SocketAddr, method: &http::Method, path: &str, headers: &HeaderMap, body: Bytes) -> Response {
+async fn forward(
+    upstream: SocketAddr,
+    method: &http::Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Response {
     let mut request = Req::new(method.as_str(), path).host(&upstream.to_string());
     for (name, value) in headers {
         if !matches!(*name, header::HOST | header::CONTENT_LENGTH | header::CONNECTION | header::TRANSFER_ENCODING) {

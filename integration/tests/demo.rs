@@ -1,5 +1,6 @@
 //! `just demo` runs end to end: the demo binary exits 0 after boto3 in the
-//! "pod" got the pod's role from STS and another workload was refused.
+//! "pod" got the pod's role from STS and another workload was refused, the
+//! refusal read back from the API server as an Event on the pod.
 
 use std::process::Command;
 
@@ -10,5 +11,7 @@ fn the_demo_runs_end_to_end() {
     assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     assert!(stdout.contains("arn:aws:sts::123456789012:assumed-role/app/default.app"), "{stdout}");
     assert!(stdout.contains("403 AccessDenied"), "{stdout}");
+    assert!(stdout.contains("Event on the pod (API server)  Warning ImdsCredentialsDenied"), "{stdout}");
+    assert!(stdout.contains("tokens STS accepted / refused  1 / 0"), "{stdout}");
     assert!(stdout.contains("imds-mesh demo: OK"), "{stdout}");
 }

@@ -1,41 +1,27 @@
 //! `just demo`: imds-mesh end to end on this machine, on local defaults.
 //!
-//! It starts what a cluster would run, each piece real except the cluster
-//! itself:
-//! - a mesh CA and SPIFFE workload certificates (rcgen), standing in for
-//!   Istio's;
-//! - a Kubernetes API endpoint (the harness's: real REST paths and JSON,
-//!   RS256 service-account tokens) holding one enabled pod;
-//! - AWS STS (PyPI `moto`);
-//! - Istio's own xDS generator (`integration/istio-xds`) translating the
-//!   default rendering (`mesh-config render`) for the pod's sidecar and the
-//!   broker's, as istiod would send it to them;
-//! - the `token-broker` binary in `xfcc` mode, behind its Envoy sidecar
-//!   running that output (inbound mTLS, XFCC `APPEND_FORWARD`);
-//! - the pod's Envoy sidecar running that output, with the filter on the
-//!   metadata chain. Without iptables, the app reaches it as an HTTP proxy,
-//!   on a loopback address standing for 169.254.169.254
-//!   (`integration::istio` lists every rewrite of Istio's output).
+//! It starts the local stack ([`integration::stack`]), each piece real
+//! except the nodes: a real Kubernetes API server holding one opted-in pod,
+//! STS (moto) checking tokens against the API server's keys, Istio's own
+//! translation of the default rendering, the `token-broker` binary as its
+//! own service account behind its sidecar, and the pod's sidecar with the
+//! filter.
 //!
 //! Then it runs an unmodified boto3 app "in the pod": boto3 finds the
 //! metadata service, gets the pod's role credentials, and STS names the
-//! assumed role. Last, another workload asks the broker for the pod's role
-//! and is refused. Everything stops when the demo ends.
+//! assumed role. Last, another workload asks the broker for the pod's role,
+//! is refused, and the API server holds the Warning Event on the pod.
+//! Everything stops when the demo ends.
 //!
-//! Usage: `just demo` (builds the filter, the broker and `istio-xds`
-//! first), or `cargo run -p integration --bin demo` with
+//! Usage: `just demo` (builds the filter, the broker, `istio-xds` and the
+//! API server first), or `cargo run -p integration --bin demo` with
 //! `IMDS_MESH_BROKER_BIN` pointing at a built `token-broker`.
 
-use std::net::SocketAddr;
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::ExitCode;
 
 use integration::clients::SdkClient;
-use integration::istio::{self, AppSidecar, Cluster};
-use integration::kube_api::{self, KubeApi};
-use integration::pki::{self, MeshCa};
-use integration::{CREDENTIALS_PATH, Pod, ROLE_ARN, Req, Sts, paths, process, wait};
-use mesh_config::metadata::METADATA_CHAIN;
-use mesh_config::render::BROKER_PORT;
+use integration::stack::Stack;
+use integration::{CREDENTIALS_PATH, ROLE_ARN, Req, wait};
 
 fn main() -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -62,65 +48,16 @@ fn show(label: &str, value: impl std::fmt::Display) {
     println!("    {label:<30} {value}");
 }
 
-/// The broker process; killed when the demo ends.
-struct Broker(Child);
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 async fn demo() -> Result<(), String> {
     let dir = tempfile::Builder::new().prefix("imds-mesh-demo-").tempdir().map_err(|e| e.to_string())?;
-    let pod = Pod::enabled();
-
-    step("Mesh identities: a CA and SPIFFE certificates (standing in for Istio's)");
-    let ca = MeshCa::new("imds-mesh demo mesh");
-    let app_id = pki::spiffe_id(&pod.namespace, &pod.service_account);
-    let broker_id = pki::broker_id();
-    let broker_certs = ca.workload(&[&broker_id]).write(dir.path(), "broker");
-    let app_certs = ca.workload(&[&app_id]).write(dir.path(), "app");
-    show("broker", &broker_id);
-    show("app pod", &app_id);
-
-    step("Kubernetes API with the app pod, opted in as on GKE");
-    let api = KubeApi::start().await;
-    api.add_pod(kube_api::enabled_pod(&pod.namespace, &pod.name, &pod.service_account, ROLE_ARN));
-    show("API", api.url());
-    show("pod", format!("{}/{} (service account {})", pod.namespace, pod.name, pod.service_account));
-    show("label", "gkemulticloud.googleapis.com/aws-imds-emulator-enabled: \"True\"");
-    show("annotation", format!("gkemulticloud.googleapis.com/aws-imds-emulator-role-arn: {ROLE_ARN}"));
-
-    step("AWS STS (moto)");
-    let sts = Sts::start().await;
-    show("endpoint", sts.endpoint());
-
-    step("Istio's own translation of the rendering (its xDS generator, as istiod)");
-    let options = istio::translated_options();
-    let (app_proxy, broker_proxy) = (istio::proxy_of(&pod), istio::broker_proxy(&options, 0));
-    let mut xds = Cluster::harness(&options, 1).try_generate(&[&app_proxy, &broker_proxy])?;
-    let app_xds = xds.remove(&app_proxy).ok_or("istiod sent nothing for the app pod")?;
-    let broker_xds = xds.remove(&broker_proxy).ok_or("istiod sent nothing for the broker pod")?;
-    let chain = app_xds.http_filters("0.0.0.0_80", Some(METADATA_CHAIN));
-    show("app sidecar", format!("{} listeners, {} clusters", app_xds.listeners.len(), app_xds.clusters.len()));
-    show("metadata chain filters", chain.join(", "));
-
-    step("token-broker (xfcc mode) behind its sidecar");
-    let (broker_addr, admin_addr) = (free_addr()?, free_addr()?);
-    let mut broker = start_broker(&api, &sts, broker_addr, admin_addr, dir.path())?;
-    let log = dir.path().join("token-broker.log");
-    process::until_answering(&mut broker.0, "token-broker", &log, admin_addr, "/readyz").await;
-    let inbound = istio::loopback_port(BROKER_PORT);
-    let broker_sidecar = istio::start_broker_sidecar(&broker_xds, inbound, broker_addr, &broker_certs).await;
-    show("broker", format!("{broker_addr} (ready: pod watch synced)"));
-    show("broker sidecar (mTLS)", broker_sidecar.addr);
-
-    step("The app pod's sidecar, with the filter");
-    let endpoint = (format!("{}:{BROKER_PORT}", istio::broker_ip(0)), inbound);
-    let app = AppSidecar::start(&app_xds, &app_certs, &[endpoint], 1).await;
-    show("169.254.169.254 stands at", app.metadata);
+    let stack = Stack::start(dir.path(), None, &mut |stage, facts| {
+        step(stage);
+        for (label, value) in facts {
+            show(label, value);
+        }
+    })
+    .await?;
+    let (app, sts, pod) = (&stack.app, &stack.sts, &stack.pod);
 
     step("IMDSv2, by hand");
     let token = Req::token("21600").send(app.metadata).await;
@@ -161,26 +98,33 @@ async fn demo() -> Result<(), String> {
     }
 
     step("Another workload asks the broker for the app pod's role");
-    let intruder = ca.client(Some(&ca.workload(&[&pki::spiffe_id(&pod.namespace, "intruder")])));
+    let intruder = stack.workload_client("intruder");
     let role = ROLE_ARN.replace(':', "%3A").replace('/', "%2F");
     let request = Req::get(format!("/v1/credentials?role_arn={role}&pod={}", pod.name)).host("token-broker");
-    let refused = request.send_tls(&intruder, broker_sidecar.addr).await.map_err(|e| e.to_string())?;
+    let refused = request.send_tls(&intruder, stack.broker_sidecar.addr).await.map_err(|e| e.to_string())?;
     let body = refused.json();
     show("answer", format!("{} {}", refused.status, body["Code"].as_str().unwrap_or_default()));
     show("why", body["Message"].as_str().unwrap_or_default());
     if refused.status != 403 {
         return Err("the broker did not refuse another workload".into());
     }
-    let pod_name = pod.name.clone();
-    let event = wait::until("the denial Event", || {
-        let found = api.events().into_iter().find(|e| e.regarding()["name"] == pod_name.as_str());
-        async move { found }
+    let event = wait::until("the denial Event", || async {
+        let events = stack.kube.events(&pod.namespace).await;
+        events.into_iter().find(|e| e.regarding.as_ref().and_then(|r| r.name.as_ref()) == Some(&pod.name))
     })
     .await;
-    show("Kubernetes Event on the pod", format!("{} {}", event.type_(), event.reason()));
+    show(
+        "Event on the pod (API server)",
+        format!(
+            "{} {}: {}",
+            event.type_.unwrap_or_default(),
+            event.reason.unwrap_or_default(),
+            event.note.unwrap_or_default()
+        ),
+    );
 
     step("What the operators see");
-    let metrics = Req::get("/metrics").host("token-broker").send(admin_addr).await.body_text();
+    let metrics = Req::get("/metrics").host("token-broker").send(stack.broker.admin).await.body_text();
     for line in metrics.lines().filter(|l| {
         l.starts_with("token_broker_credential_requests_total{") || l.starts_with("token_broker_sts_calls_total")
     }) {
@@ -205,40 +149,12 @@ async fn demo() -> Result<(), String> {
     show("requests the filter passed on", "0 (it runs on the metadata chain only)");
     app.assert_node_untouched();
     show("node's IMDS", "never reached");
+    let seen = sts.seen();
+    show("tokens STS accepted / refused", format!("{} / {}", seen.accepted.len(), seen.refused.len()));
+    if seen.accepted.is_empty() || !seen.refused.is_empty() {
+        return Err(format!("STS did not verify exactly the broker's tokens: {seen:?}"));
+    }
 
     println!("\nimds-mesh demo: OK. Everything it started is stopping now.");
     Ok(())
-}
-
-fn free_addr() -> Result<SocketAddr, String> {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| format!("no free port: {e}"))
-}
-
-fn start_broker(
-    api: &KubeApi,
-    sts: &Sts,
-    listen: SocketAddr,
-    admin: SocketAddr,
-    dir: &std::path::Path,
-) -> Result<Broker, String> {
-    let binary = paths::broker_binary();
-    let log = std::fs::File::create(dir.join("token-broker.log")).map_err(|e| e.to_string())?;
-    let child = Command::new(&binary)
-        .args(["--identity-mode", "xfcc", "--own-spiffe-id", &pki::broker_id()])
-        .args(["--kube-api-url", &api.url(), "--sts-region", "us-east-1", "--sts-endpoint-url", &sts.endpoint()])
-        .args([
-            "--listen",
-            &listen.to_string(),
-            "--admin-listen",
-            &admin.to_string(),
-            "--instance",
-            "token-broker-demo",
-        ])
-        .env_clear()
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| format!("start {}: {e} (run `just demo`, which builds it)", binary.display()))?;
-    Ok(Broker(child))
 }
