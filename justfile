@@ -5,6 +5,7 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 venv := justfile_directory() / ".venv"
 target := env_var_or_default("CARGO_TARGET_DIR", justfile_directory() / "target")
 wasm := target / "imds-mesh/imds_filter.wasm"
+metadata := env_var_or_default("IMDS_MESH_METADATA", "127.169.254.254:80")
 
 # List the recipes.
 default:
@@ -35,6 +36,20 @@ demo: setup build istio-xds kube-apiserver
     cargo build --quiet -p token-broker
     IMDS_MESH_VENV="{{venv}}" IMDS_MESH_WASM="{{wasm}}" IMDS_MESH_BROKER_BIN="{{target}}/debug/token-broker" \
         IMDS_MESH_ISTIO_XDS="{{target}}/imds-mesh/istio-xds" cargo run --quiet -p integration --bin demo
+
+# The local stack of `just demo`, left running in the background for your own
+# programs: prints the environment to give them, and where logs and metrics
+# are. IMDS_MESH_METADATA moves the metadata address (a loopback address).
+up: setup build istio-xds kube-apiserver
+    cargo build --quiet -p token-broker
+    cargo build --quiet -p integration --bin up
+    IMDS_MESH_VENV="{{venv}}" IMDS_MESH_WASM="{{wasm}}" IMDS_MESH_BROKER_BIN="{{target}}/debug/token-broker" \
+        IMDS_MESH_ISTIO_XDS="{{target}}/imds-mesh/istio-xds" \
+        scripts/up.sh "{{target}}/imds-mesh/up" "{{target}}/debug/up" "{{metadata}}"
+
+# Stop everything `just up` started and remove its files.
+down:
+    scripts/down.sh "{{target}}/imds-mesh/up"
 
 # Run every test this machine can run: lint, unit (native and wasm32), integration.
 test: setup build lint test-unit test-wasm test-integration

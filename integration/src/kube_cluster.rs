@@ -4,6 +4,9 @@
 //! service-account tokens with a key of its own; the harness acts as an
 //! admin (`system:masters`, a static token). There is no kubelet: a pod is
 //! created through the API and its status (`podIP`, `Ready`) patched in.
+//! Objects are applied server-side, for real or as a dry run the server
+//! judges without storing anything ([`KubeCluster::dry_run`]); CRDs
+//! (Istio's) are installed with [`KubeCluster::install_crds`].
 //!
 //! ```no_run
 //! # async fn story() {
@@ -20,7 +23,8 @@ use std::process::{Child, Command, Stdio};
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use mesh_config::render::{self, Object, Options};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -161,7 +165,9 @@ impl KubeCluster {
         .await;
     }
 
-    fn dir(&self) -> &Path {
+    /// Where the server keeps its keys, certificates, logs
+    /// (`etcd.log`, `kube-apiserver.log`, `audit.log`) and etcd's data.
+    pub fn dir(&self) -> &Path {
         self.dir.as_ref().map_or_else(|| Path::new("."), TempDir::path)
     }
 
@@ -278,10 +284,11 @@ impl KubeCluster {
         self.audit_events()
             .filter(|event| event["user"]["username"] == user && event["responseStatus"]["code"] == 201)
             .filter(|event| event["objectRef"]["subresource"] == "token")
+            // The spec only: the logged request has an empty status whose
+            // `expirationTimestamp` is null, which k8s-openapi refuses.
             .map(|event| {
-                serde_json::from_value::<TokenRequest>(event["requestObject"].clone())
+                serde_json::from_value::<TokenRequestSpec>(event["requestObject"]["spec"].clone())
                     .unwrap_or_else(|e| panic!("{e}: {event}"))
-                    .spec
             })
             .collect()
     }
@@ -317,24 +324,80 @@ impl KubeCluster {
 
     /// Applies `objects` (as `kubectl apply --server-side` would) as admin.
     pub async fn apply(&self, objects: &[serde_json::Value]) {
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        for verdict in self.server_side_apply(objects, &params).await {
+            if let Err(refusal) = verdict.outcome {
+                panic!("apply {}: {refusal}", verdict.object);
+            }
+        }
+    }
+
+    /// Server-side applies each of `objects` as admin with `dryRun=All`:
+    /// the server decodes, defaults, validates (strict field validation: an
+    /// unknown field is an error) and admits each one as it would for real,
+    /// and stores nothing. One verdict per object, in order; a refusal holds
+    /// the server's message. A dry-run Namespace is not created, and objects
+    /// in a namespace are refused until it exists.
+    pub async fn dry_run(&self, objects: &[serde_json::Value]) -> Vec<Verdict> {
+        let params = PatchParams::apply(FIELD_MANAGER).force().dry_run().validation_strict();
+        self.server_side_apply(objects, &params).await
+    }
+
+    async fn server_side_apply(&self, objects: &[serde_json::Value], params: &PatchParams) -> Vec<Verdict> {
         let client = self.admin();
         let discovery = kube::Discovery::new(client.clone()).run().await.unwrap_or_else(|e| panic!("discovery: {e}"));
+        let mut verdicts = Vec::with_capacity(objects.len());
         for object in objects {
-            let object: kube::api::DynamicObject =
-                serde_json::from_value(object.clone()).unwrap_or_else(|e| panic!("{e}: {object}"));
-            let types = object.types.clone().unwrap_or_else(|| panic!("no apiVersion/kind: {object:?}"));
-            let gvk = kube::api::GroupVersionKind::try_from(&types).unwrap_or_else(|e| panic!("{e}"));
-            let (resource, capabilities) =
-                discovery.resolve_gvk(&gvk).unwrap_or_else(|| panic!("unknown kind {gvk:?}"));
-            let api: Api<kube::api::DynamicObject> = match (capabilities.scope, object.metadata.namespace.as_deref()) {
-                (kube::discovery::Scope::Namespaced, Some(ns)) => Api::namespaced_with(client.clone(), ns, &resource),
-                _ => Api::all_with(client.clone(), &resource),
-            };
-            let name = object.metadata.name.clone().unwrap_or_default();
-            api.patch(&name, &PatchParams::apply("imds-mesh-harness").force(), &Patch::Apply(&object))
-                .await
-                .unwrap_or_else(|e| panic!("apply {gvk:?} {name}: {e}"));
+            let outcome = apply_one(&client, &discovery, object, params).await;
+            verdicts.push(Verdict { object: describe(object), outcome });
         }
+        verdicts
+    }
+
+    /// Installs the CustomResourceDefinitions in the YAML file `crds` and
+    /// waits until each is Established and discovery lists its kinds at
+    /// every served version, so objects of them can be applied. Returns
+    /// their names.
+    pub async fn install_crds(&self, crds: &Path) -> Vec<String> {
+        let yaml = std::fs::read_to_string(crds).unwrap_or_else(|e| panic!("{}: {e}", crds.display()));
+        let documents: Vec<serde_json::Value> =
+            serde_saphyr::from_multiple(&yaml).unwrap_or_else(|e| panic!("{}: {e}", crds.display()));
+        let documents: Vec<serde_json::Value> =
+            documents.into_iter().filter(|d| d["kind"] == "CustomResourceDefinition").collect();
+        let definitions: Vec<CustomResourceDefinition> = documents
+            .iter()
+            .map(|d| serde_json::from_value(d.clone()).unwrap_or_else(|e| panic!("{}: {e}", crds.display())))
+            .collect();
+        self.apply(&documents).await;
+        let api = Api::<CustomResourceDefinition>::all(self.admin());
+        for definition in &definitions {
+            let name = definition.metadata.name.clone().unwrap_or_default();
+            wait::until(&format!("CRD {name} to be established"), || async {
+                let conditions = api.get(&name).await.ok()?.status?.conditions?;
+                conditions.iter().any(|c| c.type_ == "Established" && c.status == "True").then_some(())
+            })
+            .await;
+        }
+        let kinds: Vec<kube::api::GroupVersionKind> = definitions
+            .iter()
+            .flat_map(|d| {
+                d.spec
+                    .versions
+                    .iter()
+                    .filter(|v| v.served)
+                    .map(|v| kube::api::GroupVersionKind::gvk(&d.spec.group, &v.name, &d.spec.names.kind))
+            })
+            .collect();
+        let client = self.admin();
+        wait::until("the CRDs' kinds in discovery", || {
+            let (client, kinds) = (client.clone(), &kinds);
+            async move {
+                let discovery = kube::Discovery::new(client).run().await.ok()?;
+                kinds.iter().all(|gvk| discovery.resolve_gvk(gvk).is_some()).then_some(())
+            }
+        })
+        .await;
+        definitions.into_iter().filter_map(|d| d.metadata.name).collect()
     }
 
     /// The server's audit log (every request, its user and its answer).
@@ -359,9 +422,66 @@ impl KubeCluster {
     }
 }
 
+/// The field manager of the harness's server-side applies.
+const FIELD_MANAGER: &str = "imds-mesh-harness";
+
+/// What the server said to one object of [`KubeCluster::dry_run`].
+#[derive(Debug, Clone)]
+pub struct Verdict {
+    /// `Kind namespace/name`, or `Kind name` for a cluster-scoped object.
+    pub object: String,
+    /// Accepted, or refused with the server's status code, reason (if it
+    /// gave one) and message.
+    pub outcome: Result<(), String>,
+}
+
+/// Server-side applies `object` with `params`; the server's refusal as
+/// `"<code> <reason>: <message>"` (`"<code>: <message>"` without a reason).
+async fn apply_one(
+    client: &kube::Client,
+    discovery: &kube::Discovery,
+    object: &serde_json::Value,
+    params: &PatchParams,
+) -> Result<(), String> {
+    let object: DynamicObject = serde_json::from_value(object.clone()).map_err(|e| format!("not an object: {e}"))?;
+    let types = object.types.clone().ok_or("no apiVersion or kind")?;
+    let gvk = kube::api::GroupVersionKind::try_from(&types).map_err(|e| e.to_string())?;
+    let (resource, capabilities) = discovery
+        .resolve_gvk(&gvk)
+        .ok_or_else(|| format!("the server does not serve {} {}", types.api_version, types.kind))?;
+    let api: Api<DynamicObject> = match (capabilities.scope, object.metadata.namespace.as_deref()) {
+        (kube::discovery::Scope::Namespaced, Some(ns)) => Api::namespaced_with(client.clone(), ns, &resource),
+        _ => Api::all_with(client.clone(), &resource),
+    };
+    let name = object.metadata.name.clone().unwrap_or_default();
+    match api.patch(&name, params, &Patch::Apply(&object)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.reason.is_empty() => {
+            Err(format!("{}: {}", status.code, status.message))
+        }
+        Err(kube::Error::Api(status)) => Err(format!("{} {}: {}", status.code, status.reason, status.message)),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `Kind namespace/name`, or `Kind name`.
+fn describe(object: &serde_json::Value) -> String {
+    let kind = object["kind"].as_str().unwrap_or("?");
+    let name = object["metadata"]["name"].as_str().unwrap_or("?");
+    match object["metadata"]["namespace"].as_str() {
+        Some(namespace) => format!("{kind} {namespace}/{name}"),
+        None => format!("{kind} {name}"),
+    }
+}
+
 impl Drop for KubeCluster {
     fn drop(&mut self) {
         self.stop_apiserver();
+        let _ = self.etcd.kill();
+        let _ = self.etcd.wait();
+        // A failed test keeps the directory for its logs; etcd's data (a
+        // 64 MB write-ahead log) is no use then.
+        let _ = std::fs::remove_dir_all(self.dir().join("etcd"));
         crate::process::stop(&mut self.etcd, &mut self.dir, "kube-apiserver.log", "kube-apiserver");
     }
 }

@@ -59,7 +59,7 @@ impl Drop for BrokerProcess {
 }
 
 /// What the stack says as it comes up: a stage and its facts.
-pub type Narrator<'a> = &'a mut dyn FnMut(&str, &[(&str, String)]);
+pub type Narrator<'a> = &'a mut (dyn FnMut(&str, &[(&str, String)]) + Send);
 
 impl Stack {
     /// Starts the stack, files under `dir`, the metadata service standing

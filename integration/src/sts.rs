@@ -87,7 +87,8 @@ impl Sts {
         self.log_path().and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default()
     }
 
-    fn log_path(&self) -> Option<PathBuf> {
+    /// Where moto logs.
+    pub fn log_path(&self) -> Option<PathBuf> {
         self.dir.as_ref().map(|d| d.path().join("moto.log"))
     }
 }
