@@ -1,0 +1,78 @@
+//! The broker through a control-plane outage of the real API server: the
+//! server is stopped under a running broker (etcd keeps the data), then
+//! started again on the same address. What the README promises: pods the
+//! watch already knows keep being served from the cache; what needs the
+//! API now (a TokenRequest, a pod the watch has not delivered) is 503
+//! `Unavailable`, never a wrong `PodNotFound`; once the server is back the
+//! watch follows it again without a restart.
+
+use integration::kube_cluster::{self, KubeCluster};
+use integration::{RealBroker, Reply, Req, Sts, wait};
+use mesh_config::render::Options;
+use token_broker::server;
+
+const ROLE: &str = "arn:aws:iam::123456789012:role/app";
+
+/// A credential request for `pod` as the `insecure-dev` caller
+/// `default/<service_account>`.
+async fn request(broker: &RealBroker, service_account: &str, pod: &str) -> Reply {
+    let role = ROLE.replace(':', "%3A").replace('/', "%2F");
+    Req::get(format!("/v1/credentials?role_arn={role}&pod={pod}"))
+        .host("token-broker")
+        .header(server::DEV_NAMESPACE_HEADER, "default")
+        .header(server::DEV_SERVICE_ACCOUNT_HEADER, service_account)
+        .send(broker.addr)
+        .await
+}
+
+#[tokio::test]
+async fn known_pods_are_served_through_an_api_server_outage_and_the_watch_follows_it_back() {
+    let mut cluster = KubeCluster::start().await;
+    let sts = Sts::trusting(&cluster).await;
+    cluster.add_pod(kube_cluster::enabled_pod("default", "app-0", "app", ROLE)).await;
+    // Known to the watch, never asked for: nothing cached for its account.
+    cluster.add_pod(kube_cluster::enabled_pod("default", "worker-0", "worker", ROLE)).await;
+    // Ready once the pod watch has listed both.
+    let broker = RealBroker::with_kube(cluster.broker_config(&Options::default()).await, sts.endpoint()).start().await;
+    let before = request(&broker, "app", "app-0").await;
+    assert_eq!(before.status, 200, "{}", before.body_text());
+
+    cluster.stop_apiserver();
+
+    let cached = request(&broker, "app", "app-0").await;
+    assert_eq!(cached.status, 200, "{}", cached.body_text());
+    assert_eq!(cached.json()["AccessKeyId"], before.json()["AccessKeyId"]);
+    // The pod is known, but a new credential needs a TokenRequest.
+    let minting = request(&broker, "worker", "worker-0").await;
+    assert_eq!(
+        (minting.status, minting.json()["Code"].as_str()),
+        (503, Some("Unavailable")),
+        "{}",
+        minting.body_text()
+    );
+    assert_eq!(minting.json()["Message"], "Kubernetes API: TokenRequest failed: api_unavailable");
+    // A pod the watch never delivered cannot be looked up: unavailable,
+    // not "no such pod".
+    let unknown = request(&broker, "app", "app-1").await;
+    assert_eq!(
+        (unknown.status, unknown.json()["Code"].as_str()),
+        (503, Some("Unavailable")),
+        "{}",
+        unknown.body_text()
+    );
+    assert_eq!(unknown.json()["Message"], "Kubernetes API: api_unavailable");
+    assert_eq!(broker.admin_get("/readyz").await.status, 200, "a synced broker stays ready through an outage");
+
+    cluster.start_apiserver().await;
+
+    let minted = request(&broker, "worker", "worker-0").await;
+    assert_eq!(minted.status, 200, "{}", minted.body_text());
+    // The watch follows the server again: a cached pod is served without
+    // asking the API, so only the watch can tell the broker it is gone.
+    cluster.delete_pod("default", "app-0").await;
+    wait::until("the watch to drop app-0", || async {
+        (request(&broker, "app", "app-0").await.json()["Code"] == "PodNotFound").then_some(())
+    })
+    .await;
+    assert_eq!(sts.seen().refused, Vec::<String>::new());
+}
