@@ -18,6 +18,7 @@ use token_broker::server::{self, App, AppConfig, IdentityMode};
 use token_broker::sts::{StsClient, StsConfig};
 use token_broker::tls::{MtlsFiles, MtlsListener};
 
+use crate::kube_cluster::KubeCluster;
 use crate::{KubeApi, Req, wait};
 
 /// The trust domain of every harness identity.
@@ -55,6 +56,13 @@ impl RealBroker {
     pub fn builder(api: &KubeApi, sts_endpoint: String) -> RealBrokerBuilder {
         let url = api.url().parse().unwrap_or_else(|e| panic!("{e}"));
         Self::with_kube(kube::Config::new(url), sts_endpoint)
+    }
+
+    /// A broker on the real API server `cluster` as deployed: its own
+    /// service account with the rendered RBAC (default options); STS at
+    /// `sts_endpoint`. To configure and start.
+    pub async fn on(cluster: &KubeCluster, sts_endpoint: String) -> RealBrokerBuilder {
+        Self::with_kube(cluster.broker_config(&mesh_config::render::Options::default()).await, sts_endpoint)
     }
 
     /// A broker whose Kubernetes client uses `kube` (a real API server, as

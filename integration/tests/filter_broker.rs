@@ -2,14 +2,14 @@
 //! (`mesh-config envoy`): the app's sidecar (Envoy with the filter) calls the
 //! broker over mTLS with the app's workload certificate; the broker's sidecar
 //! verifies it and appends its XFCC element; the broker (`xfcc` mode) checks
-//! the pod in the harness's Kubernetes API, mints a pod-bound token and
-//! exchanges it at moto STS; boto3 in the "pod" gets the result as an IAM
+//! the pod in the real API server, mints a pod-bound token and exchanges it
+//! at STS (moto, behind the token checks AWS makes); boto3 in the "pod" gets the result as an IAM
 //! role. Then the same without the broker's sidecar, the broker terminating
 //! mTLS itself (a deployment outside a mesh). The same chain on Istio's own
 //! generated configuration is `istio_translation.rs`.
 
 use integration::clients::SdkClient;
-use integration::kube_api::{self, KubeApi};
+use integration::kube_cluster::{self, BROKER_USER, KubeCluster};
 use integration::pki::{self, Mesh};
 use integration::{CREDENTIALS_PATH, Envoy, Pod, ROLE_ARN, RealBroker, Req, Sts, wait};
 use k8s_openapi::api::core::v1::Pod as KubePod;
@@ -18,16 +18,17 @@ use token_broker::tls::MtlsFiles;
 /// The Kubernetes object of the pod an [`Envoy`] sidecar belongs to, with
 /// the role annotation `role_arn`.
 fn kube_pod(pod: &Pod, role_arn: &str) -> KubePod {
-    kube_api::enabled_pod(&pod.namespace, &pod.name, &pod.service_account, role_arn)
+    kube_cluster::enabled_pod(&pod.namespace, &pod.name, &pod.service_account, role_arn)
 }
 
 #[tokio::test]
 async fn boto3_gets_sts_credentials_through_the_mesh_and_the_real_broker() {
-    let (api, sts) = (KubeApi::start().await, Sts::start().await);
+    let cluster = KubeCluster::start().await;
+    let sts = Sts::trusting(&cluster).await;
     let pod = Pod::enabled();
-    let bound = api.add_pod(kube_pod(&pod, ROLE_ARN));
+    let bound = cluster.add_pod(kube_pod(&pod, ROLE_ARN)).await;
     let mesh = Mesh::new(&pod.namespace, &pod.service_account);
-    let broker = RealBroker::builder(&api, sts.endpoint()).xfcc().start().await;
+    let broker = RealBroker::on(&cluster, sts.endpoint()).await.xfcc().start().await;
     let broker_sidecar = Envoy::broker_sidecar(broker.addr, &mesh.broker).await;
     let app = Envoy::sidecar()
         .pod(pod.clone())
@@ -40,41 +41,44 @@ async fn boto3_gets_sts_credentials_through_the_mesh_and_the_real_broker() {
     assert_eq!(credentials["method"], "iam-role");
     assert!(credentials["access_key"].as_str().is_some_and(|k| k.starts_with("ASIA")), "not from STS: {credentials}");
 
-    // One token, for the app's service account, bound to its pod.
-    let token_requests = api.token_requests();
+    // One token, for the app's service account, bound to its pod, as the
+    // API server signed it and STS verified it.
+    let token_requests = cluster.token_requests(BROKER_USER);
     assert_eq!(token_requests.len(), 1);
-    assert_eq!(
-        token_requests[0].claims["sub"],
-        format!("system:serviceaccount:{}:{}", pod.namespace, pod.service_account)
-    );
-    let binding = token_requests[0].request.spec.bound_object_ref.as_ref().and_then(|r| r.uid.clone());
+    let binding = token_requests[0].bound_object_ref.as_ref().and_then(|r| r.uid.clone());
     assert_eq!(binding, bound.metadata.uid);
+    let seen = sts.seen();
+    let [claims] = &seen.accepted[..] else { panic!("{seen:?}") };
+    assert_eq!(claims["sub"], format!("system:serviceaccount:{}:{}", pod.namespace, pod.service_account));
+    assert_eq!(claims["kubernetes.io"]["pod"]["uid"], serde_json::json!(bound.metadata.uid));
 }
 
 #[tokio::test]
 async fn a_pod_whose_annotation_names_another_role_gets_no_credentials() {
-    let (api, sts) = (KubeApi::start().await, Sts::start().await);
+    let cluster = KubeCluster::start().await;
+    let sts = Sts::trusting(&cluster).await;
     // The sidecar's metadata says ROLE_ARN; the API server, which the pod
     // cannot edit through its sidecar, says another role.
     let pod = Pod::enabled();
-    api.add_pod(kube_pod(&pod, "arn:aws:iam::123456789012:role/other"));
+    cluster.add_pod(kube_pod(&pod, "arn:aws:iam::123456789012:role/other")).await;
     let mesh = Mesh::new(&pod.namespace, &pod.service_account);
-    let broker = RealBroker::builder(&api, sts.endpoint()).xfcc().start().await;
+    let broker = RealBroker::on(&cluster, sts.endpoint()).await.xfcc().start().await;
     let broker_sidecar = Envoy::broker_sidecar(broker.addr, &mesh.broker).await;
     let app = Envoy::sidecar().pod(pod).broker_mtls(broker_sidecar.addr, &mesh.app, &pki::broker_id()).start().await;
 
     app.wait_for_stat("imds_mesh.broker_fetches.denied", 1).await;
     assert_eq!(app.imds(Req::get(CREDENTIALS_PATH)).await.status, 404);
-    assert_eq!(api.token_request_count(), 0, "a denied pod caused a token");
+    assert_eq!(cluster.token_requests(BROKER_USER).len(), 0, "a denied pod caused a token");
 }
 
 #[tokio::test]
 async fn only_the_brokers_sidecar_can_vouch_for_a_caller() {
-    let (api, sts) = (KubeApi::start().await, Sts::start().await);
+    let cluster = KubeCluster::start().await;
+    let sts = Sts::trusting(&cluster).await;
     let pod = Pod::enabled();
-    api.add_pod(kube_pod(&pod, ROLE_ARN));
+    cluster.add_pod(kube_pod(&pod, ROLE_ARN)).await;
     let mesh = Mesh::new(&pod.namespace, &pod.service_account);
-    let broker = RealBroker::builder(&api, sts.endpoint()).xfcc().start().await;
+    let broker = RealBroker::on(&cluster, sts.endpoint()).await.xfcc().start().await;
     let broker_sidecar = Envoy::broker_sidecar(broker.addr, &mesh.broker).await;
     let role = ROLE_ARN.replace(':', "%3A").replace('/', "%2F");
     let request = Req::get(format!("/v1/credentials?role_arn={role}&pod={}", pod.name)).host("token-broker");
@@ -96,16 +100,17 @@ async fn only_the_brokers_sidecar_can_vouch_for_a_caller() {
 
 #[tokio::test]
 async fn the_filter_reaches_a_broker_that_terminates_mtls_itself() {
-    let (api, sts) = (KubeApi::start().await, Sts::start().await);
+    let cluster = KubeCluster::start().await;
+    let sts = Sts::trusting(&cluster).await;
     let pod = Pod::enabled();
-    api.add_pod(kube_pod(&pod, ROLE_ARN));
+    cluster.add_pod(kube_pod(&pod, ROLE_ARN)).await;
     let mesh = Mesh::new(&pod.namespace, &pod.service_account);
     let files = MtlsFiles {
         certificate_chain: mesh.broker.cert.clone(),
         private_key: mesh.broker.key.clone(),
         client_ca_bundle: mesh.broker.ca.clone(),
     };
-    let broker = RealBroker::builder(&api, sts.endpoint()).mtls(files, wait::PATIENCE).start().await;
+    let broker = RealBroker::on(&cluster, sts.endpoint()).await.mtls(files, wait::PATIENCE).start().await;
     let app = Envoy::sidecar().pod(pod).broker_mtls(broker.addr, &mesh.app, &pki::broker_id()).start().await;
 
     let reply = app.imds(Req::get(CREDENTIALS_PATH)).await;

@@ -6,18 +6,19 @@
 //! over the replicas, STS sees one exchange per (role, namespace, service
 //! account), and losing a replica moves only its roles.
 //!
-//! Each replica has a Kubernetes API of its own, holding every pod, so the
-//! TokenRequests it records say which replica served which service account
-//! (one per role here): a TokenRequest is followed by exactly one STS call.
+//! The replicas share one real API server; each talks to STS through a
+//! token-checking front of its own, so the tokens a front accepted say which
+//! replica served which service account (one per role here).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use imds_filter::config::ROLE_ANNOTATION;
 use integration::istio::{self, AppSidecar, Cluster, SidecarXds};
-use integration::kube_api::{self, KubeApi};
+use integration::kube_cluster::{self, KubeCluster};
 use integration::pki::{self, MeshCa, WorkloadFiles};
-use integration::{Envoy, Pod, RealBroker, Sts, kube_api::namespace};
+use integration::sts_oidc::OidcFront;
+use integration::{Envoy, Pod, RealBroker, Sts};
 use mesh_config::render::BROKER_PORT;
 
 const ROLES: usize = 8;
@@ -61,19 +62,22 @@ fn replica_address(i: usize) -> SocketAddr {
     address
 }
 
-/// One broker replica: its own Kubernetes API (every pod), the broker, and
-/// its sidecar on Istio's output.
+/// One broker replica: its STS front, the broker, and its sidecar on
+/// Istio's output.
 struct Replica {
-    api: KubeApi,
+    sts: OidcFront,
     _broker: RealBroker,
     _sidecar: Envoy,
     address: SocketAddr,
 }
 
 impl Replica {
-    /// The service accounts this replica has minted tokens for, in order.
+    /// The service accounts this replica has exchanged tokens for at STS,
+    /// in order.
     fn served(&self) -> Vec<String> {
-        self.api.token_requests().into_iter().map(|r| r.service_account).collect()
+        let subjects =
+            self.sts.seen().accepted.into_iter().filter_map(|claims| claims["sub"].as_str().map(str::to_owned));
+        subjects.map(|sub| sub.trim_start_matches("system:serviceaccount:default:").to_owned()).collect()
     }
 }
 
@@ -84,7 +88,9 @@ fn cluster(broker_ips: &[String]) -> Cluster {
     pods()
         .iter()
         .enumerate()
-        .fold(Cluster::rendered(&options).object(namespace("default")), |c, (i, (_, pod))| c.app_pod(pod, &pod_ip(i)))
+        .fold(Cluster::rendered(&options).object(kube_cluster::namespace("default")), |c, (i, (_, pod))| {
+            c.app_pod(pod, &pod_ip(i))
+        })
         .broker_pods(&broker_ips.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
@@ -126,17 +132,18 @@ async fn each_role_lives_on_one_replica_and_a_lost_replica_moves_only_its_roles(
     let wanted: Vec<&str> = all_pods.iter().chain(&broker_ids).map(String::as_str).collect();
     let mut xds = cluster(&broker_ips).generate(&wanted);
 
+    let kube = KubeCluster::start().await;
+    for (i, (_, pod)) in pods().iter().enumerate() {
+        kube.create_pod(istio::kube_pod(pod), &pod_ip(i)).await;
+    }
     let mut replicas = Vec::new();
     for (i, id) in broker_ids.iter().enumerate() {
-        let api = KubeApi::start().await;
-        for (role, pod) in pods() {
-            api.add_pod(kube_api::enabled_pod(&pod.namespace, &pod.name, &pod.service_account, &role_arn(role)));
-        }
-        let broker = RealBroker::builder(&api, sts.endpoint()).xfcc().start().await;
+        let front = OidcFront::start(kube.admin(), sts.addr()).await;
+        let broker = RealBroker::on(&kube, format!("http://{}", front.addr())).await.xfcc().start().await;
         let address = replica_address(i);
         let generated = xds.remove(id).unwrap_or_else(|| panic!("no config for {id}"));
         let sidecar = istio::start_broker_sidecar(&generated, address, broker.addr, &broker_files).await;
-        replicas.push(Replica { api, _broker: broker, _sidecar: sidecar, address });
+        replicas.push(Replica { sts: front, _broker: broker, _sidecar: sidecar, address });
     }
     let endpoints: Vec<(String, SocketAddr)> =
         replicas.iter().enumerate().map(|(i, r)| (format!("{}:{BROKER_PORT}", broker_ips[i]), r.address)).collect();

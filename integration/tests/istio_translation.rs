@@ -7,7 +7,7 @@
 use imds_filter::config::METADATA_ADDRESSES;
 use integration::clients::SdkClient;
 use integration::istio::{self, AppSidecar, Cluster, SidecarXds, proxy_of};
-use integration::kube_api::{self, KubeApi};
+use integration::kube_cluster::{BROKER_USER, KubeCluster};
 use integration::pki::Mesh;
 use integration::{Pod, ROLE_ARN, RealBroker, Req, Sts, wait};
 use mesh_config::metadata;
@@ -155,10 +155,10 @@ fn a_namespace_sidecar_must_import_the_metadata_services_and_the_broker() {
     assert!(imported.cluster(&broker_cluster).is_some());
 }
 
-/// What stands behind the enabled pod's sidecar: the Kubernetes API with
-/// the pod, moto STS, the mesh's certificates and the broker in `xfcc` mode.
+/// What stands behind the enabled pod's sidecar: the API server with the
+/// pod, STS, the mesh's certificates and the broker in `xfcc` mode.
 struct Backend {
-    api: KubeApi,
+    kube: KubeCluster,
     pod: Pod,
     mesh: Mesh,
     broker: RealBroker,
@@ -166,17 +166,18 @@ struct Backend {
 }
 
 async fn backend() -> Backend {
-    let (api, sts) = (KubeApi::start().await, Sts::start().await);
+    let kube = KubeCluster::start().await;
+    let sts = Sts::trusting(&kube).await;
     let pod = Pod::enabled();
-    api.add_pod(kube_api::enabled_pod(&pod.namespace, &pod.name, &pod.service_account, ROLE_ARN));
+    kube.create_pod(istio::kube_pod(&pod), istio::APP_IP).await;
     let mesh = Mesh::new(&pod.namespace, &pod.service_account);
-    let broker = RealBroker::builder(&api, sts.endpoint()).xfcc().start().await;
-    Backend { api, pod, mesh, broker, _sts: sts }
+    let broker = RealBroker::on(&kube, sts.endpoint()).await.xfcc().start().await;
+    Backend { kube, pod, mesh, broker, _sts: sts }
 }
 
 #[tokio::test]
 async fn boto3_gets_sts_credentials_on_the_sidecars_istio_generates() {
-    let Backend { api, mesh, broker, _sts, pod: _pod } = backend().await;
+    let Backend { kube, mesh, broker, _sts, pod: _pod } = backend().await;
     let (app_xds, _, broker_xds) = generate();
 
     let inbound = istio::loopback_port(BROKER_PORT);
@@ -194,7 +195,7 @@ async fn boto3_gets_sts_credentials_on_the_sidecars_istio_generates() {
     let credentials = SdkClient::python("boto3_credentials.py", &app.envoy).through_sidecar(app.metadata).run().await;
     assert_eq!(credentials["method"], "iam-role");
     assert!(credentials["access_key"].as_str().is_some_and(|k| k.starts_with("ASIA")), "not from STS: {credentials}");
-    assert_eq!(api.token_request_count(), 1);
+    assert_eq!(kube.token_requests(BROKER_USER).len(), 1);
 
     app.envoy.wait_for_stat("imds_mesh.requests.credentials.2xx", 2).await;
     let passed_on = app.envoy.stats().await.get("imds_mesh.passed_on").copied();
@@ -204,7 +205,7 @@ async fn boto3_gets_sts_credentials_on_the_sidecars_istio_generates() {
 
 #[tokio::test]
 async fn only_the_brokers_own_sidecar_vouches_for_a_caller_on_istios_output() {
-    let Backend { pod, mesh, broker, _sts, api: _api } = backend().await;
+    let Backend { pod, mesh, broker, _sts, kube: _kube } = backend().await;
     // What the mesh default would otherwise forward as sent.
     let broker_xds = cluster()
         .mesh("defaultConfig: {proxyHeaders: {forwardedClientCert: ALWAYS_FORWARD_ONLY}}")

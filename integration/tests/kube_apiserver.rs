@@ -153,6 +153,29 @@ async fn minted(cluster: &KubeCluster, audience: &str, pod: Option<&k8s_openapi:
     issued.status.map(|s| s.token).unwrap_or_default()
 }
 
+#[tokio::test]
+async fn sts_exchanges_a_token_the_api_server_signed_for_credentials() {
+    let cluster = KubeCluster::start().await;
+    let sts = Sts::trusting(&cluster).await;
+    let pod = cluster.add_pod(kube_cluster::enabled_pod("default", "app-1", "app", ROLE_ARN)).await;
+    let token = minted(&cluster, "sts.amazonaws.com", Some(&pod)).await;
+
+    let reply = sts.assume_role_with_web_identity(ROLE_ARN, "default-app", &token).await;
+    let xml = reply.body_text();
+    assert_eq!(reply.status, 200, "{xml}\n{}", sts.log());
+    assert!(xml.contains("<AssumeRoleWithWebIdentityResponse"), "{xml}");
+    let field = |name| integration::sts::xml_element(&xml, name).unwrap_or_else(|| panic!("no <{name}> in {xml}"));
+    assert!(field("AccessKeyId").starts_with("ASIA"));
+    assert!(!field("SecretAccessKey").is_empty());
+    assert!(!field("SessionToken").is_empty());
+    let expiration = field("Expiration");
+    assert!(
+        time::OffsetDateTime::parse(expiration, &time::format_description::well_known::Rfc3339).is_ok(),
+        "Expiration {expiration} is not RFC 3339"
+    );
+    assert!(field("Arn").ends_with(":assumed-role/app/default-app"));
+}
+
 /// The STS error code and message of a refusal.
 #[track_caller]
 fn refusal(reply: integration::Reply) -> (String, String) {

@@ -1,6 +1,7 @@
 //! `bench-broker`: what the token broker's cache buys, measured against the
 //! real service (`token_broker::server::run`) in this process, over loopback,
-//! with the harness's Kubernetes API and a scripted STS.
+//! with a real Kubernetes API server (the broker as its own service account,
+//! with the rendered RBAC) and a scripted STS.
 //!
 //! Two parts, on one broker:
 //! - cold start: 200 concurrent first requests, spread evenly over 5 pods
@@ -34,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use integration::bench::{self, Options, Sample, WARM_UP_SECS, WRK_THREADS, Wrk, load_average, nproc, verdict};
 use integration::broker::Scripted;
-use integration::kube_api::{self, KubeApi};
+use integration::kube_cluster::{self, BROKER_USER, KubeCluster};
 use integration::{RealBroker, Req, ScriptedSts};
 use k8s_openapi::api::core::v1::Pod;
 use time::OffsetDateTime;
@@ -93,7 +94,7 @@ struct Case {
 
 /// Everything the benchmark runs against, started once.
 struct Bench {
-    api: KubeApi,
+    kube: KubeCluster,
     sts: ScriptedSts,
     broker: RealBroker,
     cases: [Case; 2],
@@ -111,8 +112,8 @@ async fn run(options: Options) -> Result<(), String> {
         if cfg!(debug_assertions) { "debug (dev profile)" } else { "release" }
     );
     println!(
-        "  runtime      tokio multi-thread, {} worker thread(s) (--workers), shared with the harness's \
-         Kubernetes API and STS",
+        "  runtime      tokio multi-thread, {} worker thread(s) (--workers), shared with the scripted STS; \
+         kube-apiserver and etcd in processes of their own",
         options.workers
     );
     println!(
@@ -143,7 +144,7 @@ async fn run(options: Options) -> Result<(), String> {
     bench::print_cases(bench.cases.iter().map(|case| (case.key, case.what)), &samples);
     print_target(&samples);
 
-    let (tokens, sts_calls) = (bench.api.token_request_count(), bench.sts.request_count());
+    let (tokens, sts_calls) = (bench.kube.token_requests(BROKER_USER).len(), bench.sts.request_count());
     let verdict =
         if tokens == COLD_KEYS && sts_calls == COLD_KEYS { "c was served from cache" } else { "NOT all from cache" };
     println!("after load   TokenRequests {tokens}, STS calls {sts_calls} (still {COLD_KEYS}?): {verdict}");
@@ -153,12 +154,12 @@ async fn run(options: Options) -> Result<(), String> {
 }
 
 impl Bench {
-    /// Starts the Kubernetes API with [`COLD_KEYS`] pods, the scripted STS
-    /// and the broker, and waits until the broker is ready.
+    /// Starts the API server with [`COLD_KEYS`] pods, the scripted STS and
+    /// the broker, and waits until the broker is ready.
     async fn start() -> Result<Self, String> {
-        let api = KubeApi::start().await;
+        let kube = KubeCluster::start().await;
         for key in 0..COLD_KEYS {
-            api.add_pod(pod(key));
+            kube.add_pod(pod(key)).await;
         }
         // Call n gets access key n, so the replies show which fetch they
         // came from.
@@ -166,14 +167,14 @@ impl Bench {
 
         // The same service the broker tests run (insecure-dev identity),
         // ready once its pod watch has synced.
-        let broker = RealBroker::builder(&api, sts.endpoint()).start().await;
+        let broker = RealBroker::on(&kube, sts.endpoint()).await.start().await;
 
         let wrk = Wrk::new()?;
         let cases = [
             Case { key: "h", what: "GET /healthz (same router, trivial)", path: "/healthz".to_owned() },
             Case { key: "c", what: "GET /v1/credentials, cached", path: credentials_path(HIT_KEY) },
         ];
-        Ok(Self { api, sts, broker, cases, wrk })
+        Ok(Self { kube, sts, broker, cases, wrk })
     }
 
     /// Sends [`COLD_REQUESTS`] first requests at once, request `i` for pod
@@ -197,7 +198,7 @@ impl Bench {
                 keys_per_pod[*key].insert(id.to_owned());
             }
         }
-        let tokens = self.api.token_request_count();
+        let tokens = self.kube.token_requests(BROKER_USER).len();
         let sts_calls = self.sts.request_count();
         let statuses: Vec<String> = statuses.iter().map(|(status, n)| format!("{n} x {status}")).collect();
         // One access key per pod, each pod its own: every reply for a key
@@ -260,7 +261,7 @@ impl Bench {
 /// `bench-{key}`, opted in and annotated with role `bench-{key}`.
 fn pod(key: usize) -> Pod {
     let name = format!("bench-{key}");
-    kube_api::enabled_pod(NAMESPACE, &name, &name, &role_arn(key))
+    kube_cluster::enabled_pod(NAMESPACE, &name, &name, &role_arn(key))
 }
 
 fn role_arn(key: usize) -> String {
