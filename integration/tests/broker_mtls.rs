@@ -1,13 +1,15 @@
 //! The broker's `mtls` identity mode over real TLS: certificates made by
 //! rcgen, the broker's own listener (`token_broker::tls`), rustls clients,
-//! the harness's Kubernetes API and moto STS.
+//! a real Kubernetes API server (the broker as its own service account with
+//! the rendered RBAC) and moto STS behind the web identity checks AWS makes.
 
 use std::time::Duration;
 
-use integration::kube_api::{self, KubeApi};
+use integration::kube_cluster::{self, BROKER_USER, KubeCluster};
 use integration::pki::{self, MeshCa, TlsClient};
 use integration::{ROLE_ARN, RealBroker, Req, Sts, wait};
 use k8s_openapi::api::core::v1::Pod;
+use mesh_config::render::Options;
 use tempfile::TempDir;
 use token_broker::tls::MtlsFiles;
 
@@ -16,7 +18,7 @@ const SA: &str = "app";
 const BROKER_ID: &str = "spiffe://cluster.local/ns/imds-mesh/sa/token-broker";
 
 fn pod(name: &str) -> Pod {
-    kube_api::enabled_pod(NS, name, SA, ROLE_ARN)
+    kube_cluster::enabled_pod(NS, name, SA, ROLE_ARN)
 }
 
 fn credentials_request() -> Req {
@@ -31,21 +33,36 @@ fn broker_files(ca: &MeshCa, dir: &TempDir) -> MtlsFiles {
     MtlsFiles { certificate_chain: files.cert, private_key: files.key, client_ca_bundle: files.ca }
 }
 
+/// An mtls broker over `cluster` (as its own service account, with the
+/// rendered RBAC) and `sts`, serving `files` (re-read every `reload`); ready.
+async fn mtls_broker(cluster: &KubeCluster, sts: &Sts, files: MtlsFiles, reload: Duration) -> RealBroker {
+    let kube = cluster.broker_config(&Options::default()).await;
+    RealBroker::with_kube(kube, sts.endpoint()).mtls(files, reload).start().await
+}
+
 struct Setup {
-    api: KubeApi,
-    _sts: Sts,
+    cluster: KubeCluster,
     ca: MeshCa,
     broker: RealBroker,
+    _sts: Sts,
     _dir: TempDir,
 }
 
+impl Setup {
+    /// How many tokens the API server has granted the broker.
+    fn tokens_granted(&self) -> usize {
+        self.cluster.token_requests(BROKER_USER).len()
+    }
+}
+
 async fn setup(reload: Duration) -> Setup {
-    let (api, sts) = (KubeApi::start().await, Sts::start().await);
-    api.add_pod(pod("web-0"));
+    let cluster = KubeCluster::start().await;
+    let sts = Sts::trusting(&cluster).await;
+    cluster.add_pod(pod("web-0")).await;
     let ca = MeshCa::new("mesh");
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let broker = RealBroker::builder(&api, sts.endpoint()).mtls(broker_files(&ca, &dir), reload).start().await;
-    Setup { api, _sts: sts, ca, broker, _dir: dir }
+    let broker = mtls_broker(&cluster, &sts, broker_files(&ca, &dir), reload).await;
+    Setup { cluster, ca, broker, _sts: sts, _dir: dir }
 }
 
 /// A client of `ca` presenting a certificate with these URI SANs.
@@ -61,7 +78,7 @@ async fn a_caller_is_identified_by_the_spiffe_uri_of_its_client_certificate() {
     let reply = credentials_request().send_tls(&app, s.broker.addr).await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(reply.status, 200, "{}", reply.body_text());
     assert!(reply.json()["AccessKeyId"].as_str().is_some_and(|k| k.starts_with("ASIA")), "{}", reply.body_text());
-    assert_eq!(s.api.token_request_count(), 1);
+    assert_eq!(s.tokens_granted(), 1);
 
     // Another service account of the same namespace may not use this pod.
     let other = client(&s.ca, &[&pki::spiffe_id(NS, "admin")]);
@@ -98,7 +115,7 @@ async fn certificates_that_do_not_name_one_caller_in_the_trust_domain_are_401() 
         .header("x-forwarded-client-cert", &format!("By={BROKER_ID};URI={ours}"));
     let reply = spoofed.send_tls(&client(&s.ca, &[]), s.broker.addr).await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(reply.status, 401, "{}", reply.body_text());
-    assert_eq!(s.api.token_request_count(), 0);
+    assert_eq!(s.tokens_granted(), 0);
 }
 
 #[tokio::test]
@@ -115,7 +132,7 @@ async fn connections_without_a_certificate_from_the_configured_ca_are_refused() 
     let impostor = s.ca.client(Some(&rogue.workload(&[&ours])));
     let result = credentials_request().send_tls(&impostor, s.broker.addr).await;
     assert!(result.is_err(), "served a certificate from an untrusted CA: {result:?}");
-    assert_eq!(s.api.token_request_count(), 0);
+    assert_eq!(s.tokens_granted(), 0);
 
     // Plain HTTP gets no answer either.
     let plain = tokio::time::timeout(Duration::from_secs(10), async {
@@ -136,12 +153,13 @@ async fn connections_without_a_certificate_from_the_configured_ca_are_refused() 
 
 #[tokio::test]
 async fn rotated_certificates_and_roots_are_picked_up_without_a_restart() {
-    let (api, sts) = (KubeApi::start().await, Sts::start().await);
-    api.add_pod(pod("web-0"));
+    let cluster = KubeCluster::start().await;
+    let sts = Sts::trusting(&cluster).await;
+    cluster.add_pod(pod("web-0")).await;
     let (old, new) = (MeshCa::new("mesh-2026"), MeshCa::new("mesh-2027"));
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let files = broker_files(&old, &dir);
-    let broker = RealBroker::builder(&api, sts.endpoint()).mtls(files, Duration::from_millis(100)).start().await;
+    let broker = mtls_broker(&cluster, &sts, files, Duration::from_millis(100)).await;
     let caller = pki::spiffe_id(NS, SA);
     let (old_client, new_client) = (client(&old, &[&caller]), client(&new, &[&caller]));
 

@@ -1,16 +1,16 @@
 //! The broker's STS client against real endpoints: moto for the exchange
-//! itself, a scripted STS (real STS XML errors) for throttling and denial,
-//! a closed port and a hanging server for STS down.
+//! itself (behind the web identity checks AWS makes, with a token a real
+//! Kubernetes API server signed), a scripted STS (real STS XML errors) for
+//! throttling and denial, a closed port and a hanging server for STS down.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use integration::kube_api::KubeApi;
+use integration::kube_cluster::{self, KubeCluster};
 use integration::scripted_sts::{self, ScriptedSts};
-use integration::{ROLE_ARN, Req, Sts};
-use k8s_openapi::api::core::v1::{Pod, PodSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use serde_json::json;
+use integration::{ROLE_ARN, Sts};
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::api::{Api, PostParams};
 use time::OffsetDateTime;
 use token_broker::session::{self, InvalidRequest};
 use token_broker::sts::{StsClient, StsConfig, StsError};
@@ -43,44 +43,35 @@ fn assert_token_absent(error: &StsError, token: &str) {
     assert!(!shown.contains(token), "the token leaked: {shown}");
 }
 
-/// A pod-bound service-account token from the harness Kubernetes API's
-/// TokenRequest, as the broker will mint it.
-async fn service_account_token(api: &KubeApi, namespace: &str, service_account: &str) -> String {
-    let pod = api.add_pod(Pod {
-        metadata: ObjectMeta {
-            name: Some("app-1".into()),
-            namespace: Some(namespace.into()),
-            labels: Some(BTreeMap::new()),
-            ..ObjectMeta::default()
+/// A token for `namespace/service_account` bound to a new pod of that
+/// account, from the API server's TokenRequest, as the broker mints it.
+async fn service_account_token(cluster: &KubeCluster, namespace: &str, service_account: &str) -> String {
+    let pod = cluster.add_pod(kube_cluster::enabled_pod(namespace, "app-1", service_account, ROLE_ARN)).await;
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![integration::sts_oidc::AUDIENCE.into()],
+            expiration_seconds: Some(3600),
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: pod.metadata.name,
+                uid: pod.metadata.uid,
+            }),
         },
-        spec: Some(PodSpec { service_account_name: Some(service_account.into()), ..PodSpec::default() }),
-        ..Pod::default()
-    });
-    api.add_namespace(integration::kube_api::namespace(namespace));
-    let body = json!({
-        "apiVersion": "authentication.k8s.io/v1",
-        "kind": "TokenRequest",
-        "spec": {
-            "audiences": ["sts.amazonaws.com"],
-            "expirationSeconds": 3600,
-            "boundObjectRef": { "apiVersion": "v1", "kind": "Pod", "name": "app-1", "uid": pod.metadata.uid },
-        },
-    });
-    let reply = Req::new("POST", format!("/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token"))
-        .host("kubernetes")
-        .header("Content-Type", "application/json")
-        .body(body.to_string())
-        .send(api.addr())
-        .await;
-    assert_eq!(reply.status, 201, "{}", reply.body_text());
-    reply.json()["status"]["token"].as_str().unwrap_or_else(|| panic!("no token")).to_owned()
+        ..TokenRequest::default()
+    };
+    let issued = Api::<ServiceAccount>::namespaced(cluster.admin(), namespace)
+        .create_token_request(service_account, &PostParams::default(), &request)
+        .await
+        .unwrap_or_else(|e| panic!("TokenRequest: {e}"));
+    issued.status.map(|s| s.token).unwrap_or_else(|| panic!("no token"))
 }
 
 #[tokio::test]
 async fn a_service_account_token_is_exchanged_at_sts_for_credentials_of_the_requested_duration() {
-    let api = KubeApi::start().await;
-    let sts = Sts::start().await;
-    let token = service_account_token(&api, "team-a", "app").await;
+    let cluster = KubeCluster::start().await;
+    let sts = Sts::trusting(&cluster).await;
+    let token = service_account_token(&cluster, "team-a", "app").await;
     let client = client(sts.endpoint());
 
     let before = OffsetDateTime::now_utc();
@@ -102,6 +93,11 @@ async fn a_service_account_token_is_exchanged_at_sts_for_credentials_of_the_requ
     );
     let shown = format!("{credentials:?}");
     assert!(!shown.contains(&credentials.secret_access_key) && !shown.contains(&credentials.session_token));
+    // STS accepted the token for what the API server signed into it.
+    let seen = sts.seen();
+    let [claims] = &seen.accepted[..] else { panic!("{seen:?}") };
+    assert_eq!(claims["sub"], "system:serviceaccount:team-a:app");
+    assert_eq!(claims["kubernetes.io"]["pod"]["name"], "app-1");
 }
 
 #[tokio::test]

@@ -43,7 +43,9 @@ fn main() -> ExitCode {
     let report = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         if !failed.exists() {
-            let message = info.payload_as_str().unwrap_or("a piece of the stack failed");
+            // "panicked at <file:line:col>:\n<message>"
+            let text = info.to_string();
+            let message = text.split_once(":\n").map_or(text.as_str(), |(_, message)| message);
             let _ = std::fs::write(&failed, message);
         }
         report(info);
