@@ -247,8 +247,7 @@ pub const SCHEMA_RELEASES: [&str; 2] = ["1.24.2", "1.32.0"];
 /// installed would: served version, OpenAPI schema, CEL rules, no unknown
 /// fields. `Err` holds one line per refusal.
 pub fn check_against_crds(yaml: &str, release: &str) -> Result<(), String> {
-    let crds = paths::istio_xds().with_file_name("istio-crds").join(format!("{release}.yaml"));
-    assert!(crds.exists(), "{} is missing: run `just istio-xds`", crds.display());
+    let crds = paths::istio_crds(release);
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let objects = dir.path().join("objects.yaml");
     std::fs::write(&objects, yaml).map_err(|e| e.to_string())?;

@@ -26,7 +26,6 @@
 //! - [`sts`]: AWS STS from PyPI `moto`, in server mode.
 //! - [`sts_oidc`]: the web identity token checks AWS STS makes, in front of moto.
 //! - [`scripted_sts`]: an STS that throttles, denies or hangs on cue.
-//! - [`kube_api`]: a Kubernetes API endpoint (pods, namespaces, TokenRequest, events).
 //! - [`kube_cluster`]: a real Kubernetes API server (etcd, kube-apiserver) on loopback.
 //! - [`http`]: a raw HTTP/1.1 client, able to send what real clients would not.
 //! - [`istio`]: Istio's own translation of the rendered objects, run as a sidecar's bootstrap.
@@ -45,7 +44,6 @@ pub mod clients;
 pub mod envoy;
 pub mod http;
 pub mod istio;
-pub mod kube_api;
 pub mod kube_cluster;
 pub mod netns;
 pub mod paths;
@@ -63,7 +61,6 @@ pub mod wait;
 pub use broker::{BrokerCall, Scripted, ScriptedBroker};
 pub use envoy::{Envoy, EnvoyBuilder, Pod};
 pub use http::{Reply, Req};
-pub use kube_api::KubeApi;
 pub use real_broker::RealBroker;
 pub use scripted_sts::ScriptedSts;
 pub use sts::Sts;

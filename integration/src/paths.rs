@@ -59,3 +59,12 @@ pub fn target_binary(name: &str) -> PathBuf {
     assert!(binary.exists(), "{} is missing: run `just kube-apiserver`", binary.display());
     binary
 }
+
+/// The CRDs of istio.io/api `release` (`1.x.y`, one of
+/// `integration::istio::SCHEMA_RELEASES`), which `just istio-xds` puts
+/// beside the generator.
+pub fn istio_crds(release: &str) -> PathBuf {
+    let crds = istio_xds().with_file_name("istio-crds").join(format!("{release}.yaml"));
+    assert!(crds.exists(), "{} is missing: run `just istio-xds`", crds.display());
+    crds
+}

@@ -1,12 +1,14 @@
 //! The real token broker (`token_broker::server`) in this process, on
-//! loopback, against the harness's Kubernetes API and an STS endpoint (moto
-//! or scripted): what the broker tests and the filter-to-broker tests run.
+//! loopback, against a real API server and an STS endpoint (moto or
+//! scripted): what the broker tests and the filter-to-broker tests run.
 //!
 //! ```no_run
 //! # async fn story() {
-//! use integration::{KubeApi, RealBroker, Sts};
-//! let (api, sts) = (KubeApi::start().await, Sts::start().await);
-//! let broker = RealBroker::builder(&api, sts.endpoint()).start().await;
+//! use integration::kube_cluster::KubeCluster;
+//! use integration::{RealBroker, Sts};
+//! let cluster = KubeCluster::start().await;
+//! let sts = Sts::trusting(&cluster).await;
+//! let broker = RealBroker::on(&cluster, sts.endpoint()).await.start().await;
 //! # }
 //! ```
 
@@ -19,7 +21,7 @@ use token_broker::sts::{StsClient, StsConfig};
 use token_broker::tls::{MtlsFiles, MtlsListener};
 
 use crate::kube_cluster::KubeCluster;
-use crate::{KubeApi, Req, wait};
+use crate::{Req, wait};
 
 /// The trust domain of every harness identity.
 pub const TRUST_DOMAIN: &str = "cluster.local";
@@ -51,13 +53,6 @@ pub struct RealBrokerBuilder {
 }
 
 impl RealBroker {
-    /// A broker over `api` and the STS at `sts_endpoint`, to configure and
-    /// start.
-    pub fn builder(api: &KubeApi, sts_endpoint: String) -> RealBrokerBuilder {
-        let url = api.url().parse().unwrap_or_else(|e| panic!("{e}"));
-        Self::with_kube(kube::Config::new(url), sts_endpoint)
-    }
-
     /// A broker on the real API server `cluster` as deployed: its own
     /// service account with the rendered RBAC (default options); STS at
     /// `sts_endpoint`. To configure and start.
