@@ -70,6 +70,9 @@ impl KubeCluster {
                 format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"),
                 format!("--initial-cluster=default=http://127.0.0.1:{peer}"),
                 "--log-level=warn".into(),
+                // A cluster lives as long as one test: durability buys
+                // nothing, and fsync on a shared CI disk costs seconds.
+                "--unsafe-no-fsync".into(),
             ],
             &dir.path().join("etcd.log"),
         );

@@ -84,6 +84,14 @@ struct RenderArgs {
     /// traffic the mesh does not capture.
     #[arg(long = "network-policy-namespace")]
     network_policy_namespaces: Vec<String>,
+    /// Render a ValidatingAdmissionPolicy and its binding (Kubernetes 1.30
+    /// or later) that let the broker's service account request
+    /// service-account tokens only for the audience sts.amazonaws.com, so
+    /// its identity cannot mint tokens the API server or anything else
+    /// accepts. Off by default: the default rendering installs on
+    /// Kubernetes 1.24 and later.
+    #[arg(long)]
+    restrict_token_audience: bool,
     /// Where sidecars pull the filter: oci://host/repo:tag, or https://.../imds_filter.wasm.
     #[arg(long, default_value_t = Options::default().wasm_url)]
     wasm_url: String,
@@ -287,6 +295,7 @@ fn options(args: RenderArgs) -> Result<Options, String> {
         sts_endpoint_url: args.sts_endpoint_url,
         namespace_policy_annotation: args.namespace_policy_annotation,
         network_policy_namespaces: args.network_policy_namespaces,
+        restrict_token_audience: args.restrict_token_audience,
         wasm_url: args.wasm_url,
         wasm_sha256: args.wasm_sha256,
         http_tokens: match args.http_tokens {

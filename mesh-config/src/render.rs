@@ -2,12 +2,18 @@
 //! broker (Namespace, ServiceAccount, RBAC, Deployment, Service,
 //! PodDisruptionBudget), its mesh policy (PeerAuthentication,
 //! AuthorizationPolicy, DestinationRule), the metadata address
-//! (ServiceEntry, fail-closed VirtualService) and the filter (WasmPlugin).
+//! (ServiceEntry, fail-closed VirtualService) and the filter (WasmPlugin);
+//! optionally a NetworkPolicy backstop per namespace and a
+//! ValidatingAdmissionPolicy on the broker's TokenRequests.
 //! [`render`] returns them in apply order; [`to_yaml`] prints them.
 
 use std::collections::BTreeMap;
 
 use imds_filter::config::{Config, ENABLE_LABEL, ENABLED_VALUE, HttpTokens, METADATA_PORT};
+use k8s_openapi::api::admissionregistration::v1::{
+    MatchCondition, MatchResources, NamedRuleWithOperations, ValidatingAdmissionPolicy,
+    ValidatingAdmissionPolicyBinding, ValidatingAdmissionPolicyBindingSpec, ValidatingAdmissionPolicySpec, Validation,
+};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, Namespace, ObjectFieldSelector,
@@ -49,6 +55,16 @@ pub const ADMIN_PORT: u16 = 9090;
 pub const WASM_PLUGIN: &str = "imds-mesh";
 /// The query parameter the broker's load balancing hashes on.
 pub const HASH_PARAMETER: &str = "role_arn";
+/// The audience of the tokens the broker requests (its default
+/// `--token-audience`, `token_broker::server::DEFAULT_TOKEN_AUDIENCE`, which
+/// `integration/tests/kube_admission.rs` checks equal): what the roles' STS
+/// trust policies condition on, and, with
+/// [`Options::restrict_token_audience`], the only audience the broker may
+/// request.
+pub const TOKEN_AUDIENCE: &str = "sts.amazonaws.com";
+/// The name of the ValidatingAdmissionPolicy and of its binding that hold
+/// the broker to [`TOKEN_AUDIENCE`].
+pub const TOKEN_AUDIENCE_POLICY: &str = "imds-mesh-token-broker-audience";
 
 /// The broker sidecar's `proxy.istio.io/config`. Its first calls (the pod
 /// watch, STS) go through the sidecar: start it first. The broker trusts
@@ -82,6 +98,13 @@ pub struct Options {
     /// the metadata addresses (the backstop for what the mesh cannot
     /// capture).
     pub network_policy_namespaces: Vec<String>,
+    /// Renders a ValidatingAdmissionPolicy and its binding that let the
+    /// broker's service account request tokens only for [`TOKEN_AUDIENCE`].
+    /// Off by default: `admissionregistration.k8s.io/v1` policies are
+    /// served from Kubernetes 1.30, and the default rendering installs on
+    /// 1.24 and later (on an older server, applying the whole file would
+    /// fail on the unknown kind).
+    pub restrict_token_audience: bool,
     /// Where sidecars pull the filter: `oci://...`, `https://...`.
     pub wasm_url: String,
     /// The WasmPlugin `sha256` (OCI: manifest digest; HTTP: module digest).
@@ -108,6 +131,7 @@ impl Default for Options {
             sts_endpoint_url: None,
             namespace_policy_annotation: None,
             network_policy_namespaces: Vec::new(),
+            restrict_token_audience: false,
             wasm_url: format!("oci://ghcr.io/imds-mesh/imds-filter:{version}"),
             wasm_sha256: None,
             http_tokens: HttpTokens::Optional,
@@ -225,6 +249,8 @@ pub enum Object {
     EnvoyFilter(EnvoyFilter),
     WasmPlugin(WasmPlugin),
     NetworkPolicy(NetworkPolicy),
+    ValidatingAdmissionPolicy(ValidatingAdmissionPolicy),
+    ValidatingAdmissionPolicyBinding(ValidatingAdmissionPolicyBinding),
 }
 
 impl Object {
@@ -245,6 +271,14 @@ impl Object {
 
 /// Everything, in the order `kubectl apply` should see it.
 pub fn render(options: &Options) -> Vec<Object> {
+    // The broker's limits before the broker: the token audience policy
+    // right after its RBAC.
+    let audience_policy = options.restrict_token_audience.then(|| {
+        [
+            Object::ValidatingAdmissionPolicy(token_audience_policy(options)),
+            Object::ValidatingAdmissionPolicyBinding(token_audience_policy_binding()),
+        ]
+    });
     vec![
         Object::Namespace(namespace(options)),
         Object::ServiceAccount(ServiceAccount {
@@ -253,6 +287,10 @@ pub fn render(options: &Options) -> Vec<Object> {
         }),
         Object::ClusterRole(cluster_role(options)),
         Object::ClusterRoleBinding(cluster_role_binding(options)),
+    ]
+    .into_iter()
+    .chain(audience_policy.into_iter().flatten())
+    .chain([
         Object::Service(service(options)),
         Object::Deployment(deployment(options)),
         Object::PodDisruptionBudget(pod_disruption_budget(options)),
@@ -267,8 +305,7 @@ pub fn render(options: &Options) -> Vec<Object> {
         Object::EnvoyFilter(metadata_chain(options)),
         Object::EnvoyFilter(filter_on_metadata_chain(options)),
         Object::WasmPlugin(wasm_plugin(options)),
-    ]
-    .into_iter()
+    ])
     .chain(options.network_policy_namespaces.iter().map(|ns| Object::NetworkPolicy(metadata_egress_policy(ns))))
     .collect()
 }
@@ -355,6 +392,75 @@ fn cluster_role_binding(options: &Options) -> ClusterRoleBinding {
             namespace: Some(options.namespace.clone()),
             ..Subject::default()
         }]),
+    }
+}
+
+/// RBAC cannot narrow `serviceaccounts/token` create by audience, so the
+/// broker may mint a token of any service account for any audience; one for
+/// the API server's own audience would let whoever holds the broker's
+/// identity act as that service account at the API server. This policy
+/// lets the broker ask for [`TOKEN_AUDIENCE`] alone. It judges only the
+/// broker's requests (`matchConditions` on the user name); everyone else's
+/// TokenRequests pass untouched. A request naming no audience is refused
+/// too: the API server fills in its own audiences before validating
+/// admission sees the request (`TokenREST.Create`, k8s.io/kubernetes
+/// `pkg/registry/core/serviceaccount/storage/token.go`; the message then
+/// names them). `failurePolicy: Fail`: a request the policy cannot judge is
+/// refused.
+fn token_audience_policy(options: &Options) -> ValidatingAdmissionPolicy {
+    let broker_user = format!("system:serviceaccount:{}:{BROKER}", options.namespace);
+    let only = format!("the token broker may request service-account tokens only for the audience {TOKEN_AUDIENCE}");
+    ValidatingAdmissionPolicy {
+        metadata: ObjectMeta {
+            name: Some(TOKEN_AUDIENCE_POLICY.to_owned()),
+            labels: Some(common_labels()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ValidatingAdmissionPolicySpec {
+            failure_policy: Some("Fail".to_owned()),
+            match_constraints: Some(MatchResources {
+                // A subresource is written `resource/subresource`.
+                resource_rules: Some(vec![NamedRuleWithOperations {
+                    api_groups: Some(vec![String::new()]),
+                    api_versions: Some(vec!["v1".to_owned()]),
+                    operations: Some(vec!["CREATE".to_owned()]),
+                    resources: Some(vec!["serviceaccounts/token".to_owned()]),
+                    ..NamedRuleWithOperations::default()
+                }]),
+                ..MatchResources::default()
+            }),
+            match_conditions: Some(vec![MatchCondition {
+                name: "requested-by-the-token-broker".to_owned(),
+                expression: format!("request.userInfo.username == '{broker_user}'"),
+            }]),
+            validations: Some(vec![Validation {
+                expression: format!("has(object.spec.audiences) && object.spec.audiences == ['{TOKEN_AUDIENCE}']"),
+                message: Some(only.clone()),
+                // Names what was asked for, the server's defaults included.
+                message_expression: Some(format!(
+                    "'{only}; this request asked for [' + object.spec.audiences.join(', ') + ']'"
+                )),
+                reason: Some("Forbidden".to_owned()),
+            }]),
+            ..ValidatingAdmissionPolicySpec::default()
+        }),
+        ..ValidatingAdmissionPolicy::default()
+    }
+}
+
+/// Puts [`token_audience_policy`] in force, refusing what it denies.
+fn token_audience_policy_binding() -> ValidatingAdmissionPolicyBinding {
+    ValidatingAdmissionPolicyBinding {
+        metadata: ObjectMeta {
+            name: Some(TOKEN_AUDIENCE_POLICY.to_owned()),
+            labels: Some(common_labels()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ValidatingAdmissionPolicyBindingSpec {
+            policy_name: Some(TOKEN_AUDIENCE_POLICY.to_owned()),
+            validation_actions: Some(vec!["Deny".to_owned()]),
+            ..ValidatingAdmissionPolicyBindingSpec::default()
+        }),
     }
 }
 
@@ -949,6 +1055,64 @@ mod tests {
             ]
         );
         assert!(!render(&Options::default()).iter().any(|o| matches!(o, Object::NetworkPolicy(_))));
+    }
+
+    #[test]
+    fn the_token_audience_policy_holds_only_the_broker_to_sts_and_is_rendered_only_when_asked() {
+        let kinds = |options: &Options| -> Vec<String> {
+            render(options)
+                .iter()
+                .map(|o| serde_json::to_value(o).unwrap()["kind"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        assert!(!kinds(&Options::default()).iter().any(|k| k.starts_with("ValidatingAdmissionPolicy")));
+        let options = Options { namespace: "creds".into(), restrict_token_audience: true, ..Options::default() };
+        // After the broker's RBAC, before the broker.
+        assert_eq!(
+            kinds(&options)[..6],
+            [
+                "Namespace",
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "ValidatingAdmissionPolicy",
+                "ValidatingAdmissionPolicyBinding"
+            ]
+        );
+        let objects = render(&options);
+        let json = serde_json::to_value(&objects[4]).unwrap();
+        assert_eq!(json["apiVersion"], "admissionregistration.k8s.io/v1");
+        let (Object::ValidatingAdmissionPolicy(policy), Object::ValidatingAdmissionPolicyBinding(binding)) =
+            (&objects[4], &objects[5])
+        else {
+            panic!("{objects:?}")
+        };
+        assert_eq!(policy.metadata.name.as_deref(), Some(TOKEN_AUDIENCE_POLICY));
+        let spec = policy.spec.clone().unwrap();
+        assert_eq!(spec.failure_policy.as_deref(), Some("Fail"));
+        let rules = spec.match_constraints.unwrap().resource_rules.unwrap();
+        let [rule] = &rules[..] else { panic!("{rules:?}") };
+        assert_eq!(
+            (&rule.api_groups, &rule.resources, &rule.operations),
+            (&Some(vec![String::new()]), &Some(vec!["serviceaccounts/token".into()]), &Some(vec!["CREATE".into()]))
+        );
+        let conditions = spec.match_conditions.unwrap();
+        let [condition] = &conditions[..] else { panic!("{conditions:?}") };
+        assert_eq!(condition.expression, "request.userInfo.username == 'system:serviceaccount:creds:token-broker'");
+        let validations = spec.validations.unwrap();
+        let [validation] = &validations[..] else { panic!("{validations:?}") };
+        assert_eq!(
+            validation.expression,
+            "has(object.spec.audiences) && object.spec.audiences == ['sts.amazonaws.com']"
+        );
+        assert_eq!(validation.reason.as_deref(), Some("Forbidden"));
+        assert!(validation.message.as_deref().unwrap().ends_with("only for the audience sts.amazonaws.com"));
+        let binding_spec = binding.spec.clone().unwrap();
+        assert_eq!(binding.metadata.name.as_deref(), Some(TOKEN_AUDIENCE_POLICY));
+        assert_eq!(binding_spec.policy_name.as_deref(), Some(TOKEN_AUDIENCE_POLICY));
+        assert_eq!(binding_spec.validation_actions, Some(vec!["Deny".to_owned()]));
+        // Every request the policy matches: no narrower resources.
+        assert_eq!(binding_spec.match_resources, None);
     }
 
     #[test]

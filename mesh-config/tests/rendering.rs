@@ -151,6 +151,23 @@ fn every_kubernetes_object_is_valid_for_1_24_and_1_33() {
 }
 
 #[test]
+fn the_token_audience_policy_is_rendered_only_when_asked_and_needs_kubernetes_1_30() {
+    assert!(!render(&[]).contains("ValidatingAdmissionPolicy"));
+    let core = core_documents(&render(&["--restrict-token-audience"]));
+    assert!(core.contains("\nkind: ValidatingAdmissionPolicy\n"), "{core}");
+    assert!(core.contains("\nkind: ValidatingAdmissionPolicyBinding\n"), "{core}");
+    for version in ["1.30.0", "1.33.0"] {
+        let report = validate(&core, version).unwrap_or_else(|report| panic!("{version}: {report}"));
+        for kind in ["validatingadmissionpolicy", "validatingadmissionpolicybinding"] {
+            assert!(report.contains(&format!("passed for resource {kind}/")), "{version}: {report}");
+        }
+    }
+    // Why it is off by default: before 1.30 the kinds do not exist.
+    let report = validate(&core, "1.29.0").unwrap_or_else(|report| panic!("{report}"));
+    assert!(report.contains("Couldn't find schema for kind ValidatingAdmissionPolicy "), "{report}");
+}
+
+#[test]
 fn the_validator_rejects_what_kubernetes_would() {
     let core = core_documents(&render(&[]));
     let broken = core
