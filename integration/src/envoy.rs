@@ -6,7 +6,7 @@
 //! it.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -76,6 +76,7 @@ pub struct EnvoyBuilder {
     config: Value,
     broker: Option<SocketAddr>,
     broker_mtls: Option<(CertificateFiles, String)>,
+    pod_ip: Option<IpAddr>,
     upstream: Option<SocketAddr>,
     workers: u32,
     direct_body: Option<Vec<u8>>,
@@ -105,6 +106,7 @@ impl Envoy {
             config: serde_json::to_value(Config::default()).unwrap_or(Value::Null),
             broker: None,
             broker_mtls: None,
+            pod_ip: None,
             upstream: None,
             workers: 2,
             direct_body: None,
@@ -150,6 +152,14 @@ impl EnvoyBuilder {
     pub fn broker_mtls(mut self, addr: SocketAddr, identity: &WorkloadFiles, broker_id: &str) -> Self {
         self.broker = Some(addr);
         self.broker_mtls = Some((certificate_files(identity), broker_id.to_owned()));
+        self
+    }
+
+    /// The pod's IP (a loopback address here): the sidecar's connections to
+    /// the broker leave from it, as from the pod's network namespace, so the
+    /// broker sees the caller at the address the API server has for the pod.
+    pub fn pod_ip(mut self, ip: IpAddr) -> Self {
+        self.pod_ip = Some(ip);
         self
     }
 
@@ -201,7 +211,11 @@ impl EnvoyBuilder {
             admin: loopback(ports.admin),
             wasm: self.with_filter.then(paths::filter_wasm),
             plugin_config: config,
-            broker: BrokerRoute { address: self.broker.unwrap_or(closed), mtls: self.broker_mtls.clone() },
+            broker: BrokerRoute {
+                address: self.broker.unwrap_or(closed),
+                mtls: self.broker_mtls.clone(),
+                source_address: self.pod_ip,
+            },
             upstream: self.upstream.unwrap_or(closed),
         };
         let mut bootstrap = sidecar.bootstrap();
@@ -328,12 +342,13 @@ fn certificate_files(files: &WorkloadFiles) -> CertificateFiles {
 }
 
 impl Envoy {
-    /// The broker's own sidecar, inbound side, as Istio configures it: an
-    /// mTLS listener (`addr`) that requires a client certificate from the
-    /// mesh CA and appends an XFCC element for it (`APPEND_FORWARD`, with the
-    /// caller's URI), and a plaintext listener (`plain_addr`), as in
-    /// PERMISSIVE mode. Both forward to the broker at `broker`; `identity` is
-    /// the broker's certificate.
+    /// The broker's own sidecar, inbound side, as Istio configures it with
+    /// the rendering: an mTLS listener (`addr`) that requires a client
+    /// certificate from the mesh CA and appends an XFCC element for it
+    /// (`APPEND_FORWARD`, with the caller's URI), and a plaintext listener
+    /// (`plain_addr`), as in PERMISSIVE mode. Both state the caller's
+    /// address in `x-imds-mesh-peer-address` and forward to the broker at
+    /// `broker` from `127.0.0.6`; `identity` is the broker's certificate.
     pub async fn broker_sidecar(broker: SocketAddr, identity: &WorkloadFiles) -> Envoy {
         let ports = Ports::free(false);
         let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));

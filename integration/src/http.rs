@@ -1,10 +1,10 @@
 //! A raw HTTP/1.1 client. Real SDKs are tested elsewhere; this one exists
 //! to send exactly the bytes a test names, including ones no SDK would.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 use crate::pki::TlsClient;
 
@@ -16,11 +16,13 @@ pub struct Req {
     host: Option<String>,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
+    source: Option<IpAddr>,
 }
 
 impl Req {
     pub fn new(method: &str, path: impl Into<Vec<u8>>) -> Self {
-        Self { method: method.to_owned(), path: path.into(), host: None, headers: Vec::new(), body: Vec::new() }
+        let (headers, body) = (Vec::new(), Vec::new());
+        Self { method: method.to_owned(), path: path.into(), host: None, headers, body, source: None }
     }
 
     pub fn get(path: impl Into<Vec<u8>>) -> Self {
@@ -52,6 +54,14 @@ impl Req {
         self
     }
 
+    /// Connects from `address` (a loopback address standing for a pod's IP,
+    /// or for the broker sidecar's `127.0.0.6`) instead of the kernel's
+    /// choice, `127.0.0.1`.
+    pub fn source(mut self, address: IpAddr) -> Self {
+        self.source = Some(address);
+        self
+    }
+
     /// The exact bytes sent.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
@@ -74,14 +84,14 @@ impl Req {
 
     /// Sends the request on a new connection and reads the whole reply.
     pub async fn send(&self, addr: SocketAddr) -> Reply {
-        let stream = TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        let stream = connect(addr, self.source).await.unwrap_or_else(|e| panic!("connect {addr}: {e}"));
         self.exchange(stream).await.unwrap_or_else(|e| panic!("{addr}: {e}"))
     }
 
     /// Sends the request over a new TLS connection made by `client`. An
     /// error is the server refusing the connection (or failing it).
     pub async fn send_tls(&self, client: &TlsClient, addr: SocketAddr) -> std::io::Result<Reply> {
-        self.exchange(client.connect(addr).await?).await
+        self.exchange(client.connect_from(addr, self.source).await?).await
     }
 
     async fn exchange(&self, mut stream: impl AsyncRead + AsyncWrite + Unpin) -> std::io::Result<Reply> {
@@ -94,7 +104,7 @@ impl Req {
     /// Sends the request and returns once the response head has arrived,
     /// for bodies that stream (a Kubernetes watch).
     pub async fn open(&self, addr: SocketAddr) -> Streaming {
-        let mut stream = TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        let mut stream = connect(addr, self.source).await.unwrap_or_else(|e| panic!("connect {addr}: {e}"));
         stream.write_all(&self.to_bytes()).await.unwrap_or_else(|e| panic!("write to {addr}: {e}"));
         let mut raw = Vec::new();
         loop {
@@ -127,6 +137,14 @@ impl Req {
             raw.extend_from_slice(&buf[..n]);
         }
     }
+}
+
+/// A TCP connection to `addr`, from `source` (any port) if given.
+pub async fn connect(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(source) = source else { return TcpStream::connect(addr).await };
+    let socket = if source.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(addr).await
 }
 
 /// A response whose body is read as it arrives (chunked or until close).

@@ -31,13 +31,18 @@
 //!    169.254.169.254 (filter chain prefix ranges, RBAC `destination_ip`)
 //!    matches it instead, and the port-80 listener also listens there, so a
 //!    connection to it is, to Envoy, a connection to the metadata service.
+//! 8. An app pod's address is a loopback address, and its sidecar's
+//!    outbound connections leave from it ([`Rewrites::pod_ip`]:
+//!    `upstream_bind_config` on each `outbound|...` cluster), as they leave
+//!    the pod's network namespace: the broker's sidecar sees the caller at
+//!    the address the API server has for the pod.
 //!
 //! istiod's own switches keep out the filters only Istio's Envoy build has
 //! (`PILOT_ENABLE_METADATA_EXCHANGE=false`, `PILOT_ENABLE_ALPN_FILTER=false`,
 //! no telemetry provider).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -272,11 +277,13 @@ pub fn broker_pod_name(i: usize) -> String {
 // ---------------------------------------------------------------------------
 // The harness's pods on Istio's output
 
-/// The enabled pod's address in [`Cluster::harness`]. Pod addresses are
-/// never dialled: every endpoint a test serves is rewritten to loopback.
-pub const APP_IP: &str = "10.244.1.10";
+/// The enabled pod's address in [`Cluster::harness`]: a loopback address,
+/// which its sidecar connects from (rewrite 8), as if the pod network were
+/// `10.244.0.0/16`. Pod addresses are never dialled: every endpoint a test
+/// serves is rewritten to loopback.
+pub const APP_IP: &str = "127.244.1.10";
 /// The plain pod's address in [`Cluster::harness`].
-pub const PLAIN_IP: &str = "10.244.1.11";
+pub const PLAIN_IP: &str = "127.244.1.11";
 
 /// The `i`th broker pod's address.
 pub fn broker_ip(i: usize) -> String {
@@ -315,7 +322,9 @@ pub fn broker_proxy(options: &Options, i: usize) -> String {
 
 /// The broker pod's sidecar running Istio's output `xds`: its inbound
 /// listener at `inbound` (port 8080 on a loopback address of its own,
-/// [`loopback_port`]), forwarding to the broker at `broker`.
+/// [`loopback_port`]), forwarding to the broker at `broker` (from
+/// `127.0.0.6`: Istio's inbound cluster binds its passthrough address, and
+/// no rewrite touches that).
 pub async fn start_broker_sidecar(
     xds: &SidecarXds,
     inbound: SocketAddr,
@@ -343,7 +352,9 @@ pub struct AppSidecar {
 
 impl AppSidecar {
     /// Starts `xds` with the workload certificate `certificates` and the
-    /// broker pods' endpoints (`ip:port`) served at the given addresses.
+    /// broker pods' endpoints (`ip:port`) served at the given addresses; its
+    /// outbound connections leave from the pod's IP ([`SidecarXds::pod_ip`],
+    /// a loopback address).
     pub async fn start(
         xds: &SidecarXds,
         certificates: &WorkloadFiles,
@@ -369,6 +380,7 @@ impl AppSidecar {
             .fold(Rewrites::new(admin), |r, s| {
                 r.original_destination(&format!("outbound|{METADATA_PORT}||{}", s.host), node_imds.addr())
             })
+            .pod_ip(xds.pod_ip())
             .original_destination("PassthroughCluster", upstream.addr())
             .listener("0.0.0.0_80", outbound)
             .metadata_at("0.0.0.0_80", metadata)
@@ -421,6 +433,13 @@ fn named<'a>(items: &'a [Value], key: &str, name: &str) -> Option<&'a Value> {
 }
 
 impl SidecarXds {
+    /// The pod's IP, as its node id carries it (`sidecar~<ip>~<pod>.<ns>~...`).
+    pub fn pod_ip(&self) -> IpAddr {
+        let id = self.node["id"].as_str().unwrap_or_default();
+        let ip = id.split('~').nth(1).and_then(|ip| ip.parse().ok());
+        ip.unwrap_or_else(|| panic!("no pod IP in node id {id:?}"))
+    }
+
     pub fn listener(&self, name: &str) -> Option<&Value> {
         named(&self.listeners, "name", name)
     }
@@ -543,6 +562,13 @@ impl SidecarXds {
             }
             _ => {}
         }
+        if let Some(source) = rewrites.pod_ip
+            && name.starts_with("outbound|")
+            && let Some(map) = cluster.as_object_mut()
+        {
+            let source = mesh_config::envoy::socket(SocketAddr::new(source, 0));
+            map.insert("upstream_bind_config".into(), json!({ "source_address": source["socket_address"] }));
+        }
         visit(&mut cluster, &mut |object| secrets_to_files(object, rewrites.certificates.as_ref()));
         cluster
     }
@@ -566,6 +592,8 @@ pub struct Rewrites {
     /// The listener that also listens where the metadata service is, and
     /// that address.
     pub metadata: Option<(String, SocketAddr)>,
+    /// The pod's address, which outbound connections leave from.
+    pub pod_ip: Option<IpAddr>,
 }
 
 impl Rewrites {
@@ -578,6 +606,7 @@ impl Rewrites {
             certificates: None,
             wasm: None,
             metadata: None,
+            pod_ip: None,
         }
     }
 
@@ -616,6 +645,12 @@ impl Rewrites {
 
     pub fn wasm(mut self, wasm: &Path) -> Self {
         self.wasm = Some(wasm.to_owned());
+        self
+    }
+
+    /// Outbound connections leave from `ip`, the pod's address (rewrite 8).
+    pub fn pod_ip(mut self, ip: IpAddr) -> Self {
+        self.pod_ip = Some(ip);
         self
     }
 }

@@ -134,6 +134,28 @@ impl KubeCluster {
         }
     }
 
+    /// Freezes the API server (SIGSTOP): a hung control plane. Unlike
+    /// [`Self::stop_apiserver`], connections are still accepted (by the
+    /// kernel) and open ones stay open, but nothing is answered until
+    /// [`Self::resume_apiserver`].
+    pub fn pause_apiserver(&self) {
+        self.signal_apiserver("-STOP");
+    }
+
+    /// Lets a [`Self::pause_apiserver`]d server run again (SIGCONT).
+    pub fn resume_apiserver(&self) {
+        self.signal_apiserver("-CONT");
+    }
+
+    fn signal_apiserver(&self, signal: &str) {
+        let pid = self.apiserver.as_ref().map(Child::id).unwrap_or_else(|| panic!("the API server is not running"));
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap_or_else(|e| panic!("kill {signal} {pid}: {e}"));
+        assert!(status.success(), "kill {signal} {pid}: {status}");
+    }
+
     /// Starts the API server (again), on the same port with the same keys,
     /// and waits until it is ready.
     pub async fn start_apiserver(&mut self) {
@@ -225,7 +247,11 @@ impl KubeCluster {
 
     /// Creates `pod` (its namespace and service account first, a container
     /// added if it has none) and patches in what a kubelet would report:
-    /// running at `ip`, ready. Returns the pod as the server has it.
+    /// running at `ip`, ready. Returns the pod as the server has it. The
+    /// broker serves a caller only from the pod's address: give a pod that
+    /// calls a loopback address (127.0.0.0/8 but `127.0.0.1` and the
+    /// broker sidecar's `127.0.0.6`) and connect from it
+    /// ([`crate::Req::source`], [`crate::EnvoyBuilder::pod_ip`]).
     pub async fn create_pod(&self, mut pod: Pod, ip: &str) -> Pod {
         let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
         let spec = pod.spec.get_or_insert_default();
@@ -249,10 +275,12 @@ impl KubeCluster {
             .unwrap_or_else(|e| panic!("patch pod status: {e}"))
     }
 
-    /// [`Self::create_pod`] at the next free pod IP (`10.244.0.<n>`).
+    /// [`Self::create_pod`] at the next free pod IP, a loopback address
+    /// (`127.244.0.<n>`, as if the pod network were `10.244.0.0/16`) a
+    /// test can connect from as the pod ([`pod_ip`]).
     pub async fn add_pod(&self, pod: Pod) -> Pod {
         let n = self.pods_added.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.create_pod(pod, &format!("10.244.0.{}", n.wrapping_add(10))).await
+        self.create_pod(pod, &format!("127.244.0.{}", n.wrapping_add(10))).await
     }
 
     /// Deletes pod `namespace/name` at once (no grace period: there is no
@@ -487,6 +515,12 @@ impl Drop for KubeCluster {
         let _ = std::fs::remove_dir_all(self.dir().join("etcd"));
         crate::process::stop(&mut self.etcd, &mut self.dir, "kube-apiserver.log", "kube-apiserver");
     }
+}
+
+/// The IP of `pod` as the API server has it (`status.podIP`).
+pub fn pod_ip(pod: &Pod) -> std::net::IpAddr {
+    let ip = pod.status.as_ref().and_then(|s| s.pod_ip.as_deref());
+    ip.and_then(|ip| ip.parse().ok()).unwrap_or_else(|| panic!("pod without an IP: {:?}", pod.metadata.name))
 }
 
 /// A namespace object named `name`.

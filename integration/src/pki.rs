@@ -156,7 +156,17 @@ impl TlsClient {
     /// a server that refuses the client certificate says so only afterwards:
     /// the first read fails.
     pub async fn connect(&self, addr: std::net::SocketAddr) -> std::io::Result<TlsStream<TcpStream>> {
-        let tcp = TcpStream::connect(addr).await?;
+        self.connect_from(addr, None).await
+    }
+
+    /// [`Self::connect`] from the local address `source` (a pod's loopback
+    /// IP), if given.
+    pub async fn connect_from(
+        &self,
+        addr: std::net::SocketAddr,
+        source: Option<std::net::IpAddr>,
+    ) -> std::io::Result<TlsStream<TcpStream>> {
+        let tcp = crate::http::connect(addr, source).await?;
         let name = ServerName::try_from("localhost").unwrap_or_else(|e| panic!("{e}"));
         self.0.connect(name, tcp).await
     }

@@ -12,7 +12,7 @@
 //! # }
 //! ```
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +26,12 @@ use crate::{Req, wait};
 /// The trust domain of every harness identity.
 pub const TRUST_DOMAIN: &str = "cluster.local";
 
+/// Where the broker's sidecar connects to the broker from (Istio's inbound
+/// passthrough address): a test that stands in for the sidecar in front of
+/// an `xfcc` broker connects from here ([`Req::source`]) and states the
+/// caller's address in [`token_broker::peer::PEER_ADDRESS_HEADER`].
+pub const SIDECAR_SOURCE: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6));
+
 /// A broker serving on loopback; shut down (gracefully) on drop.
 #[derive(Debug)]
 pub struct RealBroker {
@@ -33,6 +39,7 @@ pub struct RealBroker {
     pub addr: SocketAddr,
     /// Health and metrics only, always plain HTTP.
     pub admin_addr: SocketAddr,
+    app: Arc<App>,
     shutdown: server::Shutdown,
 }
 
@@ -74,6 +81,12 @@ impl RealBroker {
     /// `GET path` on the admin listener.
     pub async fn admin_get(&self, path: &str) -> crate::Reply {
         Req::get(path).host("token-broker").send(self.admin_addr).await
+    }
+
+    /// Whether the pod watch has synced. `/readyz` says so too, but an
+    /// `insecure-dev` broker (the harness's default) is never ready.
+    pub fn is_synced(&self) -> bool {
+        self.app.is_synced()
     }
 }
 
@@ -127,16 +140,16 @@ impl RealBrokerBuilder {
         }
         let admin = bind().await;
         let admin_addr = admin.local_addr().unwrap_or_else(|e| panic!("{e}"));
-        tokio::spawn(server::run_admin(admin, app, shutdown.signal()));
-        RealBroker { addr, admin_addr, shutdown }
+        tokio::spawn(server::run_admin(admin, Arc::clone(&app), shutdown.signal()));
+        RealBroker { addr, admin_addr, app, shutdown }
     }
 
-    /// [`Self::start_unsynced`], then waits for `/readyz`.
+    /// [`Self::start_unsynced`], then waits for the pod watch to sync.
     pub async fn start(self) -> RealBroker {
         let broker = self.start_unsynced().await;
-        let admin = broker.admin_addr;
-        wait::until("the broker to be ready", || async move {
-            (Req::get("/readyz").host("token-broker").send(admin).await.status == 200).then_some(())
+        wait::until("the broker's pod watch to sync", || {
+            let synced = broker.is_synced();
+            async move { synced.then_some(()) }
         })
         .await;
         broker

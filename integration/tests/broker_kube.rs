@@ -2,22 +2,22 @@
 //! real Kubernetes API server (etcd and kube-apiserver on loopback), as the
 //! broker's own service account with the RBAC `mesh-config` renders: the pod
 //! reflector, the direct read on a miss, life on the cache while the API
-//! server is down, TokenRequest and denial Events. What the broker asked
-//! for comes from the server's audit log.
+//! server is down, the namespace watch, TokenRequest and denial Events.
+//! What the broker asked for comes from the server's audit log.
 
 use integration::kube_cluster::{self, BROKER_USER, KubeCluster};
 use integration::{ROLE_ARN, Sts, wait};
 use k8s_openapi::api::core::v1::Pod;
 use mesh_config::render::{BROKER, Options};
 use serde_json::json;
-use token_broker::authz::ENABLED_LABEL;
-use token_broker::kube::{Cluster, DENIAL_EVENT_REASON, KubeError, PodWatch, REPORTING_CONTROLLER};
+use token_broker::authz::{ENABLED_LABEL, NamespacePolicy, PodFacts};
+use token_broker::kube::{Cluster, DENIAL_EVENT_REASON, KubeError, NamespaceWatch, PodWatch, REPORTING_CONTROLLER};
 
 const NS: &str = "default";
 const SA: &str = "app";
 const AUDIENCE: &str = "sts.amazonaws.com";
 /// The namespace annotation of the broker's namespace policy (which also
-/// grants it `get namespaces`).
+/// grants it `list` and `watch namespaces`).
 const POLICY_ANNOTATION: &str = "iam.amazonaws.com/permitted";
 
 /// The broker's client, as the broker's service account with the rendered
@@ -78,7 +78,7 @@ async fn reflector_syncs_and_sees_a_pod_added_later() {
     let watch = synced_watch(&cluster).await;
 
     let cached = watch.cached(NS, "before").unwrap_or_else(|| panic!("the listed pod is not cached"));
-    assert_eq!(cached.metadata.uid, before.metadata.uid);
+    assert_eq!(Some(&cached.uid), before.metadata.uid.as_ref());
     assert!(watch.cached(NS, "not-opted-in").is_none(), "the label selector let an unlabelled pod in");
     // Only opted-in pods are listed, from every namespace.
     let requests = cluster.requests(BROKER_USER);
@@ -88,8 +88,8 @@ async fn reflector_syncs_and_sees_a_pod_added_later() {
 
     let later = cluster.add_pod(pod("later", true)).await;
     let cached = wait::until("the watch to deliver the later pod", || async { watch.cached(NS, "later") }).await;
-    assert_eq!(cached.metadata.uid, later.metadata.uid);
-    assert_eq!(watch.pod(NS, "later").await.ok().flatten().map(|p| uid(&p).to_owned()).as_deref(), Some(uid(&later)));
+    assert_eq!(Some(&cached.uid), later.metadata.uid.as_ref());
+    assert_eq!(watch.pod(NS, "later").await.ok().flatten().map(|p| p.uid.clone()).as_deref(), Some(uid(&later)));
     assert_eq!(direct_reads(&cluster, "later"), 0, "a cached pod was read directly");
 
     cluster.delete_pod(NS, "before").await;
@@ -140,7 +140,7 @@ async fn pod_the_watch_has_not_delivered_is_read_directly() {
 
     let found = watch.pod(NS, "unlabelled").await.unwrap_or_else(|e| panic!("{e}"));
     let found = found.unwrap_or_else(|| panic!("the pod was not read directly"));
-    assert_eq!(uid(&found), uid(&stored));
+    assert_eq!(found.uid, uid(&stored));
     assert_eq!(logged_direct_reads(&cluster, "unlabelled").await, 1);
 
     assert!(watch.pod(NS, "absent").await.unwrap_or_else(|e| panic!("{e}")).is_none());
@@ -161,7 +161,7 @@ async fn cached_pods_are_served_while_the_api_is_down() {
 
     // A cached pod is served (a direct read would have failed).
     let found = watch.pod(NS, "app").await.unwrap_or_else(|e| panic!("a cached pod failed while down: {e}"));
-    assert_eq!(found.as_deref().map(uid), Some(uid(&stored)));
+    assert_eq!(found.map(|p| p.uid.clone()).as_deref(), Some(uid(&stored)));
     assert!(watch.is_synced(), "a synced watch stays synced while the API is down");
 
     // Back up: the reflector lists or watches again and is current.
@@ -236,22 +236,38 @@ async fn token_refusals_carry_their_meaning() {
 }
 
 #[tokio::test]
-async fn namespace_is_read_or_absent() {
+async fn namespace_watch_keeps_each_namespaces_policy_and_follows_changes() {
     let cluster = KubeCluster::start().await;
-    cluster
-        .apply(&[json!({
+    let annotated = |pattern: &str| {
+        json!({
             "apiVersion": "v1",
             "kind": "Namespace",
-            "metadata": { "name": "team-a", "annotations": { POLICY_ANNOTATION: ".*" } },
-        })])
-        .await;
+            "metadata": { "name": "team-a", "annotations": { POLICY_ANNOTATION: pattern } },
+        })
+    };
+    cluster.apply(&[annotated(ROLE_ARN)]).await;
     let options = Options { namespace_policy_annotation: Some(POLICY_ANNOTATION.into()), ..Options::default() };
-    let broker = Cluster::new(client_with(&cluster, &options).await, "broker-0");
+    let policy = NamespacePolicy { annotation: POLICY_ANNOTATION.into() };
+    let watch = NamespaceWatch::spawn(client_with(&cluster, &options).await, policy);
+    tokio::time::timeout(wait::PATIENCE, watch.synced()).await.unwrap_or_else(|_| panic!("never synced"));
 
-    let namespace = broker.namespace("team-a").await.unwrap_or_else(|e| panic!("{e}"));
-    let annotations = namespace.and_then(|n| n.metadata.annotations).unwrap_or_default();
-    assert_eq!(annotations.get(POLICY_ANNOTATION).map(String::as_str), Some(".*"));
-    assert!(broker.namespace("absent").await.unwrap_or_else(|e| panic!("{e}")).is_none());
+    let team_a = watch.get("team-a").unwrap_or_else(|| panic!("team-a not listed"));
+    assert_eq!(team_a.check(ROLE_ARN), Ok(()));
+    assert!(watch.get("absent").is_none());
+    // Every namespace, with or without the annotation.
+    let default = watch.get(NS).unwrap_or_else(|| panic!("default not listed"));
+    assert_eq!(default.check(ROLE_ARN).map_err(|d| d.label()), Err("no_namespace_policy"));
+
+    let other = "arn:aws:iam::123456789012:role/other";
+    cluster.apply(&[annotated(other)]).await;
+    wait::until("the watch to deliver the new policy", || async {
+        watch.get("team-a").filter(|ns| ns.check(other).is_ok()).map(drop)
+    })
+    .await;
+    // Only list and watch: never a read per namespace.
+    let requests = cluster.requests(BROKER_USER);
+    assert!(requests.iter().all(|uri| !uri.starts_with("/api/v1/namespaces/team-a")), "{requests:?}");
+    assert!(requests.iter().any(|uri| uri.starts_with("/api/v1/namespaces?")), "{requests:?}");
 }
 
 #[tokio::test]
@@ -260,6 +276,7 @@ async fn denial_is_recorded_as_a_warning_event_on_the_pod() {
     let stored = cluster.add_pod(pod("app", false)).await;
     let broker = Cluster::new(client(&cluster).await, "broker-0");
 
+    let stored = PodFacts::from(stored);
     broker.record_denial(&stored, "pod \"app\" is not enabled").await;
     let events = cluster.events(NS).await;
     let [event] = &events[..] else { panic!("{events:?}") };
@@ -271,7 +288,7 @@ async fn denial_is_recorded_as_a_warning_event_on_the_pod() {
     let regarding = event.regarding.clone().unwrap_or_default();
     assert_eq!(regarding.kind.as_deref(), Some("Pod"));
     assert_eq!(regarding.name.as_deref(), Some("app"));
-    assert_eq!(regarding.uid.as_deref(), Some(uid(&stored)));
+    assert_eq!(regarding.uid.as_deref(), Some(stored.uid.as_str()));
 
     // Another reason is another Event; recording never fails the caller,
     // even with the API server down.

@@ -3,9 +3,10 @@
 //! a real Kubernetes API server (the broker as its own service account with
 //! the rendered RBAC) and moto STS behind the web identity checks AWS makes.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
-use integration::kube_cluster::{self, BROKER_USER, KubeCluster};
+use integration::kube_cluster::{self, BROKER_USER, KubeCluster, pod_ip};
 use integration::pki::{self, MeshCa, TlsClient};
 use integration::{ROLE_ARN, RealBroker, Req, Sts, wait};
 use k8s_openapi::api::core::v1::Pod;
@@ -21,9 +22,11 @@ fn pod(name: &str) -> Pod {
     kube_cluster::enabled_pod(NS, name, SA, ROLE_ARN)
 }
 
-fn credentials_request() -> Req {
+/// A request for web-0's credentials, connecting from `source` (the TLS
+/// peer address the broker checks against web-0's).
+fn credentials_request(source: IpAddr) -> Req {
     let role = ROLE_ARN.replace(':', "%3A").replace('/', "%2F");
-    Req::get(format!("/v1/credentials?role_arn={role}&pod=web-0")).host("token-broker")
+    Req::get(format!("/v1/credentials?role_arn={role}&pod=web-0")).host("token-broker").source(source)
 }
 
 /// The broker's certificate from `ca`, trusting `ca` for clients, written to
@@ -44,6 +47,8 @@ struct Setup {
     cluster: KubeCluster,
     ca: MeshCa,
     broker: RealBroker,
+    /// web-0's address.
+    web: IpAddr,
     _sts: Sts,
     _dir: TempDir,
 }
@@ -58,11 +63,11 @@ impl Setup {
 async fn setup(reload: Duration) -> Setup {
     let cluster = KubeCluster::start().await;
     let sts = Sts::trusting(&cluster).await;
-    cluster.add_pod(pod("web-0")).await;
+    let web = pod_ip(&cluster.add_pod(pod("web-0")).await);
     let ca = MeshCa::new("mesh");
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let broker = mtls_broker(&cluster, &sts, broker_files(&ca, &dir), reload).await;
-    Setup { cluster, ca, broker, _sts: sts, _dir: dir }
+    Setup { cluster, ca, broker, web, _sts: sts, _dir: dir }
 }
 
 /// A client of `ca` presenting a certificate with these URI SANs.
@@ -75,16 +80,45 @@ async fn a_caller_is_identified_by_the_spiffe_uri_of_its_client_certificate() {
     let s = setup(Duration::from_secs(60)).await;
     let app = client(&s.ca, &[&pki::spiffe_id(NS, SA)]);
 
-    let reply = credentials_request().send_tls(&app, s.broker.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    let reply = credentials_request(s.web).send_tls(&app, s.broker.addr).await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(reply.status, 200, "{}", reply.body_text());
     assert!(reply.json()["AccessKeyId"].as_str().is_some_and(|k| k.starts_with("ASIA")), "{}", reply.body_text());
     assert_eq!(s.tokens_granted(), 1);
 
     // Another service account of the same namespace may not use this pod.
     let other = client(&s.ca, &[&pki::spiffe_id(NS, "admin")]);
-    let reply = credentials_request().send_tls(&other, s.broker.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    let reply = credentials_request(s.web).send_tls(&other, s.broker.addr).await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(reply.status, 403, "{}", reply.body_text());
     assert_eq!(reply.json()["Code"], "AccessDenied");
+}
+
+#[tokio::test]
+async fn a_sibling_pod_with_the_same_identity_is_not_the_pod_it_names() {
+    let s = setup(Duration::from_secs(60)).await;
+    // Another pod of web-0's service account, without the label: the same
+    // certificate identity, its own address.
+    let mut sibling = pod("sibling-0");
+    sibling.metadata.labels = None;
+    let sibling = pod_ip(&s.cluster.add_pod(sibling).await);
+    let app = client(&s.ca, &[&pki::spiffe_id(NS, SA)]);
+
+    let reply = credentials_request(sibling).send_tls(&app, s.broker.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((reply.status, reply.json()["Code"].as_str()), (403, Some("AccessDenied")), "{}", reply.body_text());
+    let message = reply.json()["Message"].as_str().unwrap_or_default().to_owned();
+    assert!(message.contains(&format!("caller at {sibling} is not pod \"web-0\"")), "{message}");
+    wait::until("the denial Event on web-0", || async {
+        let events = s.cluster.events(NS).await;
+        let on_web = |e: &k8s_openapi::api::events::v1::Event| {
+            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("web-0")
+                && e.note.as_deref().is_some_and(|note| note.contains(&sibling.to_string()))
+        };
+        events.iter().any(on_web).then_some(())
+    })
+    .await;
+    assert_eq!(s.tokens_granted(), 0);
+
+    let reply = credentials_request(s.web).send_tls(&app, s.broker.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(reply.status, 200, "{}", reply.body_text());
 }
 
 #[tokio::test]
@@ -101,7 +135,7 @@ async fn certificates_that_do_not_name_one_caller_in_the_trust_domain_are_401() 
         // Not a workload SPIFFE ID.
         vec!["https://cluster.local/ns/default/sa/app"],
     ] {
-        let reply = credentials_request()
+        let reply = credentials_request(s.web)
             .send_tls(&client(&s.ca, &uris), s.broker.addr)
             .await
             .unwrap_or_else(|e| panic!("{uris:?}: {e}"));
@@ -109,7 +143,7 @@ async fn certificates_that_do_not_name_one_caller_in_the_trust_domain_are_401() 
         assert_eq!(reply.json()["Code"], "Unauthenticated", "{uris:?}");
     }
     // Identity headers mean nothing in this mode.
-    let spoofed = credentials_request()
+    let spoofed = credentials_request(s.web)
         .header(token_broker::server::DEV_NAMESPACE_HEADER, NS)
         .header(token_broker::server::DEV_SERVICE_ACCOUNT_HEADER, SA)
         .header("x-forwarded-client-cert", &format!("By={BROKER_ID};URI={ours}"));
@@ -124,13 +158,13 @@ async fn connections_without_a_certificate_from_the_configured_ca_are_refused() 
     let ours = pki::spiffe_id(NS, SA);
 
     let anonymous = s.ca.client(None);
-    let result = credentials_request().send_tls(&anonymous, s.broker.addr).await;
+    let result = credentials_request(s.web).send_tls(&anonymous, s.broker.addr).await;
     assert!(result.is_err(), "served a client without a certificate: {result:?}");
 
     // The right SPIFFE ID, signed by a CA the broker does not trust.
     let rogue = MeshCa::new("rogue");
     let impostor = s.ca.client(Some(&rogue.workload(&[&ours])));
-    let result = credentials_request().send_tls(&impostor, s.broker.addr).await;
+    let result = credentials_request(s.web).send_tls(&impostor, s.broker.addr).await;
     assert!(result.is_err(), "served a certificate from an untrusted CA: {result:?}");
     assert_eq!(s.tokens_granted(), 0);
 
@@ -138,7 +172,7 @@ async fn connections_without_a_certificate_from_the_configured_ca_are_refused() 
     let plain = tokio::time::timeout(Duration::from_secs(10), async {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut stream = tokio::net::TcpStream::connect(s.broker.addr).await?;
-        stream.write_all(&credentials_request().to_bytes()).await?;
+        stream.write_all(&credentials_request(s.web).to_bytes()).await?;
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw).await.map(|_| raw)
     })
@@ -155,7 +189,7 @@ async fn connections_without_a_certificate_from_the_configured_ca_are_refused() 
 async fn rotated_certificates_and_roots_are_picked_up_without_a_restart() {
     let cluster = KubeCluster::start().await;
     let sts = Sts::trusting(&cluster).await;
-    cluster.add_pod(pod("web-0")).await;
+    let web = pod_ip(&cluster.add_pod(pod("web-0")).await);
     let (old, new) = (MeshCa::new("mesh-2026"), MeshCa::new("mesh-2027"));
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let files = broker_files(&old, &dir);
@@ -163,7 +197,7 @@ async fn rotated_certificates_and_roots_are_picked_up_without_a_restart() {
     let caller = pki::spiffe_id(NS, SA);
     let (old_client, new_client) = (client(&old, &[&caller]), client(&new, &[&caller]));
 
-    let reply = credentials_request().send_tls(&old_client, broker.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    let reply = credentials_request(web).send_tls(&old_client, broker.addr).await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(reply.status, 200, "{}", reply.body_text());
 
     // The mesh moves to a new root: the broker's certificate and the bundle
@@ -171,12 +205,12 @@ async fn rotated_certificates_and_roots_are_picked_up_without_a_restart() {
     broker_files(&new, &dir);
     wait::until("the broker to serve the new certificate", || {
         let client = new_client.clone();
-        async move { credentials_request().send_tls(&client, broker.addr).await.ok().filter(|r| r.status == 200) }
+        async move { credentials_request(web).send_tls(&client, broker.addr).await.ok().filter(|r| r.status == 200) }
     })
     .await;
     // A client that trusts the new root but presents a certificate from the
     // old one is refused: the broker no longer trusts the old root.
     let stale = new.client(Some(&old.workload(&[&caller])));
-    let result = credentials_request().send_tls(&stale, broker.addr).await;
+    let result = credentials_request(web).send_tls(&stale, broker.addr).await;
     assert!(result.is_err(), "still trusts the old root: {result:?}");
 }

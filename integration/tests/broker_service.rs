@@ -8,17 +8,18 @@
 //! its audit log.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use integration::broker::Scripted;
-use integration::kube_cluster::{self, BROKER_USER, KubeCluster};
+use integration::kube_cluster::{self, BROKER_USER, KubeCluster, pod_ip};
+use integration::real_broker::SIDECAR_SOURCE;
 use integration::scripted_sts::{self, ScriptedSts};
 use integration::{ROLE_ARN, RealBroker, Reply, Req, Sts, wait};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use mesh_config::render::Options;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -26,6 +27,7 @@ use time::format_description::well_known::Rfc3339;
 use token_broker::authz::{ENABLED_LABEL, NamespacePolicy, ROLE_ARN_ANNOTATION};
 use token_broker::identity::{SpiffeId, XfccVerifier};
 use token_broker::kube::DENIAL_EVENT_REASON;
+use token_broker::peer::PEER_ADDRESS_HEADER;
 use token_broker::server::{self, AppConfig, IdentityMode};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::{LevelFilter, filter_fn};
@@ -60,11 +62,17 @@ fn uid(pod: &Pod) -> &str {
 
 /// Whether `cluster` has a denial Event on the pod `name` of [`NS`].
 async fn denial_event_on(cluster: &KubeCluster, name: &str) -> bool {
-    cluster.events(NS).await.iter().any(|e| {
+    denial_events_on(cluster, name).await.next().is_some()
+}
+
+/// The notes of the denial Events on the pod `name` of [`NS`].
+async fn denial_events_on(cluster: &KubeCluster, name: &str) -> impl Iterator<Item = String> {
+    let events = cluster.events(NS).await.into_iter().filter(|e| {
         e.reason.as_deref() == Some(DENIAL_EVENT_REASON)
             && e.type_.as_deref() == Some("Warning")
             && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
-    })
+    });
+    events.map(|e| e.note.unwrap_or_default())
 }
 
 fn credentials_path(role_arn: &str, pod: &str) -> String {
@@ -147,11 +155,16 @@ async fn an_allowed_pod_gets_credentials_from_sts() {
 async fn xfcc_identity_comes_only_from_the_brokers_own_sidecar_element() {
     let cluster = KubeCluster::start().await;
     let sts = Sts::trusting(&cluster).await;
-    cluster.add_pod(pod("web-0", SA)).await;
+    let web_ip = pod_ip(&cluster.add_pod(pod("web-0", SA)).await).to_string();
     let broker = start(&cluster, sts.endpoint(), |config| config.identity = xfcc()).await;
     let ours = format!("By={OWN_ID};Hash=0a1b;URI=spiffe://cluster.local/ns/{NS}/sa/{SA}");
+    // This test stands in for the broker's sidecar: it connects from the
+    // sidecar's address and states where the caller (web-0) is.
     let request = |xfcc: Option<&str>| {
-        let req = Req::get(credentials_path(ROLE_ARN, "web-0")).host("token-broker");
+        let req = Req::get(credentials_path(ROLE_ARN, "web-0"))
+            .host("token-broker")
+            .source(SIDECAR_SOURCE)
+            .header(PEER_ADDRESS_HEADER, &web_ip);
         match xfcc {
             Some(value) => req.header("x-forwarded-client-cert", value),
             None => req,
@@ -180,8 +193,130 @@ async fn xfcc_identity_comes_only_from_the_brokers_own_sidecar_element() {
         assert_error(&request(xfcc.as_deref()).send(broker.addr).await, 401, "Unauthenticated");
     }
     // The plain development headers mean nothing in xfcc mode.
-    let dev = dev_request(SA, "web-0").send(broker.addr).await;
-    assert_error(&dev, 401, "Unauthenticated");
+    let dev = dev_request(SA, "web-0").source(SIDECAR_SOURCE).header(PEER_ADDRESS_HEADER, &web_ip);
+    assert_error(&dev.send(broker.addr).await, 401, "Unauthenticated");
+}
+
+/// A request for `pod`'s credentials as the broker's sidecar makes it: from
+/// the sidecar's address, with the XFCC element it appends for a caller
+/// running as [`NS`]/[`SA`], stating that the caller is at `caller`.
+fn via_sidecar(pod: &str, caller: IpAddr) -> Req {
+    Req::get(credentials_path(ROLE_ARN, pod))
+        .host("token-broker")
+        .source(SIDECAR_SOURCE)
+        .header("x-forwarded-client-cert", &format!("By={OWN_ID};URI=spiffe://cluster.local/ns/{NS}/sa/{SA}"))
+        .header(PEER_ADDRESS_HEADER, &caller.to_string())
+}
+
+/// Whether the broker's metrics have `line`.
+async fn has_metric(broker: &RealBroker, line: &str) -> bool {
+    broker.admin_get("/metrics").await.body_text().lines().any(|l| l == line)
+}
+
+#[tokio::test]
+async fn a_pod_without_the_label_cannot_use_its_enabled_siblings_role() {
+    let cluster = KubeCluster::start().await;
+    let sts = Sts::trusting(&cluster).await;
+    // Two pods of one service account, so of one mesh identity: one opted
+    // in, one not (its sidecar has no filter, but its app can call the
+    // broker through it all the same).
+    let web = pod_ip(&cluster.add_pod(pod("web-0", SA)).await);
+    let mut plain = pod("plain-0", SA);
+    plain.metadata.labels = None;
+    let plain = pod_ip(&cluster.add_pod(plain).await);
+    let broker = start(&cluster, sts.endpoint(), |config| config.identity = xfcc()).await;
+
+    let borrowed = via_sidecar("web-0", plain).send(broker.addr).await;
+    assert_error(&borrowed, 403, "AccessDenied");
+    let message = borrowed.json()["Message"].as_str().unwrap_or_default().to_owned();
+    assert!(message.contains(&format!("caller at {plain} is not pod \"web-0\"")), "{message}");
+    // The Event on the pod whose role was asked for, as the API server has
+    // it: which address asked, and the pod's own.
+    let note = wait::until("the denial Event on web-0", || async {
+        denial_events_on(&cluster, "web-0").await.find(|note| note.contains(&plain.to_string()))
+    })
+    .await;
+    assert!(note.contains(&web.to_string()), "{note}");
+    assert!(has_metric(&broker, "token_broker_denials_total{rule=\"caller_not_pod\"} 1").await);
+    assert!(cluster.token_requests(BROKER_USER).is_empty(), "a denied request minted a token");
+
+    // The pod itself is served.
+    assert_document(&via_sidecar("web-0", web).send(broker.addr).await);
+}
+
+#[tokio::test]
+async fn only_connections_through_the_brokers_sidecar_are_served() {
+    let cluster = KubeCluster::start().await;
+    let sts = Sts::trusting(&cluster).await;
+    let web = pod_ip(&cluster.add_pod(pod("web-0", SA)).await);
+    let broker = start(&cluster, sts.endpoint(), |config| config.identity = xfcc()).await;
+
+    // A port-forward, or a process reaching the broker's port past the
+    // sidecar: its XFCC element and stated address are its own words, even
+    // from the pod's own address.
+    for source in [IpAddr::from(Ipv4Addr::LOCALHOST), web] {
+        let direct = via_sidecar("web-0", web).source(source).send(broker.addr).await;
+        assert_error(&direct, 401, "Unauthenticated");
+        assert!(direct.body_text().contains("not_through_sidecar"), "{}", direct.body_text());
+    }
+    // From the sidecar, but without its statement of the caller's address.
+    let unstated = Req::get(credentials_path(ROLE_ARN, "web-0"))
+        .host("token-broker")
+        .source(SIDECAR_SOURCE)
+        .header("x-forwarded-client-cert", &format!("By={OWN_ID};URI=spiffe://cluster.local/ns/{NS}/sa/{SA}"));
+    assert_error(&unstated.send(broker.addr).await, 401, "Unauthenticated");
+    assert!(cluster.token_requests(BROKER_USER).is_empty(), "{:?}", cluster.token_requests(BROKER_USER));
+
+    assert_document(&via_sidecar("web-0", web).send(broker.addr).await);
+    assert!(has_metric(&broker, "token_broker_unauthenticated_total{reason=\"not_through_sidecar\"} 2").await);
+    assert!(has_metric(&broker, "token_broker_unauthenticated_total{reason=\"no_stated_address\"} 1").await);
+}
+
+#[tokio::test]
+async fn the_sidecars_address_is_configurable_and_the_pod_check_can_be_turned_off() {
+    let cluster = KubeCluster::start().await;
+    let sts = Sts::trusting(&cluster).await;
+    cluster.add_pod(pod("web-0", SA)).await;
+    let elsewhere = IpAddr::from(Ipv4Addr::new(127, 0, 0, 7));
+    let broker = start(&cluster, sts.endpoint(), |config| {
+        config.identity = xfcc();
+        config.sidecar_sources = vec!["127.0.0.7".parse().unwrap_or_else(|e| panic!("{e}"))];
+        config.pod_address_check = false;
+    })
+    .await;
+
+    // Only the configured source counts as the sidecar.
+    let stranger = IpAddr::from(Ipv4Addr::new(127, 99, 0, 1));
+    let from_default = via_sidecar("web-0", stranger).send(broker.addr).await;
+    assert_error(&from_default, 401, "Unauthenticated");
+    // Without the pod check, any caller of the service account is served,
+    // wherever it is, stated or not.
+    assert_document(&via_sidecar("web-0", stranger).source(elsewhere).send(broker.addr).await);
+    let unstated = Req::get(credentials_path(ROLE_ARN, "web-0"))
+        .host("token-broker")
+        .source(elsewhere)
+        .header("x-forwarded-client-cert", &format!("By={OWN_ID};URI=spiffe://cluster.local/ns/{NS}/sa/{SA}"));
+    assert_document(&unstated.send(broker.addr).await);
+}
+
+#[tokio::test]
+async fn a_pod_without_an_address_yet_is_not_found_for_now() {
+    let cluster = KubeCluster::start().await;
+    let sts = Sts::trusting(&cluster).await;
+    // Created, not yet given a sandbox: no status, no IP.
+    cluster.service_account(NS, SA).await;
+    Api::<Pod>::namespaced(cluster.admin(), NS)
+        .create(&PostParams::default(), &pod("starting-0", SA))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let broker = start(&cluster, sts.endpoint(), |config| config.identity = xfcc()).await;
+
+    // 404 tells the filter to retry soon; a 403 would be remembered.
+    let reply =
+        via_sidecar("starting-0", "127.244.0.99".parse().unwrap_or_else(|e| panic!("{e}"))).send(broker.addr).await;
+    assert_error(&reply, 404, "PodNotFound");
+    assert!(reply.body_text().contains("no IP address yet"), "{}", reply.body_text());
+    assert!(!denial_event_on(&cluster, "starting-0").await);
 }
 
 #[tokio::test]
@@ -227,7 +362,7 @@ async fn the_namespace_policy_narrows_the_roles_a_namespace_may_use() {
     let cluster = KubeCluster::start().await;
     let sts = Sts::trusting(&cluster).await;
     cluster.add_pod(pod("web-0", SA)).await;
-    // Rendered with the policy, the broker may read namespaces.
+    // Rendered with the policy, the broker may list and watch namespaces.
     let options = Options { namespace_policy_annotation: Some(POLICY_ANNOTATION.into()), ..Options::default() };
     let policy = NamespacePolicy { annotation: POLICY_ANNOTATION.into() };
     let broker = RealBroker::with_kube(cluster.broker_config(&options).await, sts.endpoint())
@@ -249,7 +384,12 @@ async fn the_namespace_policy_narrows_the_roles_a_namespace_may_use() {
     with_policy("arn:aws:iam::123456789012:role/other").await;
     assert_error(&dev_request(SA, "web-0").send(broker.addr).await, 403, "AccessDenied");
     with_policy("arn:aws:iam::123456789012:role/.*").await;
-    assert_document(&dev_request(SA, "web-0").send(broker.addr).await);
+    // The broker learns of the change from its namespace watch.
+    let reply = wait::until("the broader policy to reach the broker", || async {
+        Some(dev_request(SA, "web-0").send(broker.addr).await).filter(|reply| reply.status != 403)
+    })
+    .await;
+    assert_document(&reply);
 }
 
 #[tokio::test]
@@ -369,9 +509,13 @@ async fn credentials_in_use_are_refreshed_ahead_in_the_background() {
         let bound = spec.bound_object_ref.as_ref().and_then(|b| b.uid.as_deref());
         assert_eq!(bound, Some(uid(&web)), "{spec:?}");
     }
-    // The next request gets the refreshed credential from the cache.
-    let next = assert_document(&dev_request(SA, "web-0").send(broker.addr).await);
-    assert_ne!(next["AccessKeyId"], first["AccessKeyId"], "still the first credential after a refresh");
+    // Requests then get the refreshed credential from the cache (once the
+    // refresh STS answered has been stored).
+    wait::until("the refreshed credential to be served", || async {
+        let next = assert_document(&dev_request(SA, "web-0").send(broker.addr).await);
+        (next["AccessKeyId"] != first["AccessKeyId"]).then_some(())
+    })
+    .await;
     let metrics = broker.admin_get("/metrics").await.body_text();
     assert!(!metrics.contains("token_broker_cache_refreshes_total 0\n"), "{metrics}");
 }
@@ -395,30 +539,37 @@ async fn fifty_concurrent_first_requests_cause_one_token_and_one_sts_call() {
 }
 
 #[tokio::test]
-async fn readiness_waits_for_the_pod_watch_and_says_when_identity_is_insecure() {
+async fn readiness_waits_for_the_pod_watch_and_never_comes_in_insecure_dev_mode() {
     let mut cluster = KubeCluster::start().await;
     let sts = Sts::trusting(&cluster).await;
     let kube = cluster.broker_config(&Options::default()).await;
-    // Down from the start: the pod watch cannot list.
+    // Down from the start: the pod watches cannot list.
     cluster.stop_apiserver();
-    let broker = RealBroker::with_kube(kube, sts.endpoint()).start_unsynced().await;
-    assert_eq!(get(broker.addr, "/healthz").await.status, 200);
-    let unready = get(broker.addr, "/readyz").await;
-    assert_eq!(unready.status, 503, "{}", unready.body_text());
-    assert!(unready.body_text().contains("INSECURE-DEV"), "{}", unready.body_text());
+    let secure =
+        RealBroker::with_kube(kube.clone(), sts.endpoint()).tune(|c| c.identity = xfcc()).start_unsynced().await;
+    let insecure = RealBroker::with_kube(kube, sts.endpoint()).start_unsynced().await;
+    for broker in [&secure, &insecure] {
+        assert_eq!(get(broker.addr, "/healthz").await.status, 200);
+        let unready = get(broker.addr, "/readyz").await;
+        assert_eq!(unready.status, 503, "{}", unready.body_text());
+        assert!(unready.body_text().contains("not ready: the pod watch has not synced"), "{}", unready.body_text());
+    }
+    assert!(!get(secure.addr, "/readyz").await.body_text().contains("INSECURE"));
 
     cluster.start_apiserver().await;
-    let addr = broker.addr;
-    let ready = wait::until("the broker to be ready", || async move {
-        let reply = get(addr, "/readyz").await;
-        (reply.status == 200).then_some(reply)
-    })
+    let addr = secure.addr;
+    wait::until(
+        "the xfcc broker to be ready",
+        || async move { (get(addr, "/readyz").await.status == 200).then_some(()) },
+    )
     .await;
-    assert!(ready.body_text().contains("INSECURE-DEV"), "{}", ready.body_text());
-
-    let xfcc_broker = start(&cluster, sts.endpoint(), |config| config.identity = xfcc()).await;
-    let calm = get(xfcc_broker.addr, "/readyz").await;
-    assert!(!calm.body_text().contains("INSECURE"), "{}", calm.body_text());
+    assert_eq!(get(secure.addr, "/readyz").await.body_text(), "ready\n");
+    // Synced, and still not ready: insecure-dev never is.
+    wait::until("the insecure broker's watch to sync", || async { insecure.is_synced().then_some(()) }).await;
+    let never = get(insecure.addr, "/readyz").await;
+    assert_eq!(never.status, 503, "{}", never.body_text());
+    assert_eq!(never.body_text().lines().count(), 1, "{}", never.body_text());
+    assert!(never.body_text().starts_with("not ready: INSECURE-DEV IDENTITY MODE"), "{}", never.body_text());
 }
 
 #[tokio::test]
@@ -484,7 +635,7 @@ async fn kubernetes_api_down_after_sync_still_serves_known_pods() {
     let unknown = dev_request(SA, "nobody-0").send(broker.addr).await;
     assert_error(&unknown, 503, "Unavailable");
     assert_eq!(cluster.token_requests(BROKER_USER).len(), 1);
-    assert_eq!(get(broker.addr, "/readyz").await.status, 200, "readiness stays once synced");
+    assert!(broker.is_synced(), "the watch stays synced through the outage");
 }
 
 /// An STS that answers [`sts_success`] until `down` is set, then 503

@@ -49,8 +49,10 @@ fn pods() -> Vec<(usize, Pod)> {
         .collect()
 }
 
+/// Pod `i`'s address: a loopback address its sidecar connects from, which
+/// the broker checks against the pod's.
 fn pod_ip(i: usize) -> String {
-    format!("10.244.3.{}", 10 + i)
+    format!("127.244.3.{}", 10 + i)
 }
 
 /// Where replica `i`'s sidecar listens: fixed loopback addresses, so the

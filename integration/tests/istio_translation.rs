@@ -9,9 +9,12 @@ use integration::clients::SdkClient;
 use integration::istio::{self, AppSidecar, Cluster, SidecarXds, proxy_of};
 use integration::kube_cluster::{BROKER_USER, KubeCluster};
 use integration::pki::Mesh;
+use integration::real_broker::SIDECAR_SOURCE;
 use integration::{Pod, ROLE_ARN, RealBroker, Req, Sts, wait};
 use mesh_config::metadata;
 use mesh_config::render::BROKER_PORT;
+use token_broker::kube::DENIAL_EVENT_REASON;
+use token_broker::peer::PEER_ADDRESS_HEADER;
 
 const CREDENTIALS: &str = "/latest/meta-data/iam/security-credentials/";
 /// Istio's name for the WasmPlugin's filter (master since April 2026).
@@ -92,22 +95,50 @@ fn the_brokers_sidecar_appends_the_callers_xfcc_element_whatever_the_mesh_defaul
     for default in ["", "defaultConfig: {proxyHeaders: {forwardedClientCert: ALWAYS_FORWARD_ONLY}}"] {
         let mut xds = cluster().mesh(default).generate(&[&broker_proxy()]);
         let broker = xds.remove(&broker_proxy()).unwrap_or_else(|| panic!("no broker config"));
-        let inbound = broker.listener("virtualInbound").unwrap_or_else(|| panic!("no virtualInbound"));
-        let managers: Vec<&serde_json::Value> = inbound["filter_chains"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|chain| chain["filter_chain_match"]["destination_port"] == BROKER_PORT)
-            .flat_map(|chain| chain["filters"].as_array().into_iter().flatten())
-            .filter(|filter| filter["name"] == "envoy.filters.network.http_connection_manager")
-            .collect();
+        let managers = broker_inbound_managers(&broker);
         assert!(!managers.is_empty(), "no HTTP chain for port {BROKER_PORT}");
-        for manager in managers {
-            let config = &manager["typed_config"];
+        for config in &managers {
             assert_eq!(config["forward_client_cert_details"], "APPEND_FORWARD", "mesh default {default:?}");
             assert_eq!(config["set_current_client_cert_details"]["uri"], true);
         }
     }
+}
+
+/// The HTTP connection managers of the broker sidecar's inbound chains for
+/// the broker's port.
+fn broker_inbound_managers(broker: &SidecarXds) -> Vec<serde_json::Value> {
+    let inbound = broker.listener("virtualInbound").unwrap_or_else(|| panic!("no virtualInbound"));
+    inbound["filter_chains"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|chain| chain["filter_chain_match"]["destination_port"] == BROKER_PORT)
+        .flat_map(|chain| chain["filters"].as_array().into_iter().flatten())
+        .filter(|filter| filter["name"] == "envoy.filters.network.http_connection_manager")
+        .map(|filter| filter["typed_config"].clone())
+        .collect()
+}
+
+#[test]
+fn the_brokers_sidecar_states_the_callers_own_address_on_istios_output() {
+    let (_, _, broker) = generate();
+    let managers = broker_inbound_managers(&broker);
+    assert!(!managers.is_empty(), "no HTTP chain for port {BROKER_PORT}");
+    for manager in &managers {
+        // Every chain of the port (mTLS and plaintext) routes with the
+        // route configuration the rendered EnvoyFilter patched.
+        let route = &manager["route_config"];
+        assert_eq!(route["name"], format!("inbound|{BROKER_PORT}||"), "{manager}");
+        let added: Vec<&serde_json::Value> = route["request_headers_to_add"].as_array().into_iter().flatten().collect();
+        let [header] = &added[..] else { panic!("{route}") };
+        assert_eq!(header["header"]["key"], PEER_ADDRESS_HEADER);
+        assert_eq!(header["header"]["value"], "%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%");
+        assert_eq!(header["append_action"], "OVERWRITE_IF_EXISTS_OR_ADD");
+    }
+    // And the sidecar connects to the broker from the address the broker's
+    // default `--sidecar-sources` accepts.
+    let cluster = broker.cluster(&format!("inbound|{BROKER_PORT}||")).unwrap_or_else(|| panic!("no inbound cluster"));
+    assert_eq!(cluster["upstream_bind_config"]["source_address"]["address"], SIDECAR_SOURCE.to_string());
 }
 
 #[test]
@@ -156,7 +187,8 @@ fn a_namespace_sidecar_must_import_the_metadata_services_and_the_broker() {
 }
 
 /// What stands behind the enabled pod's sidecar: the API server with the
-/// pod, STS, the mesh's certificates and the broker in `xfcc` mode.
+/// pod (and its plain sibling of the same service account), STS, the mesh's
+/// certificates and the broker in `xfcc` mode.
 struct Backend {
     kube: KubeCluster,
     pod: Pod,
@@ -170,6 +202,7 @@ async fn backend() -> Backend {
     let sts = Sts::trusting(&kube).await;
     let pod = Pod::enabled();
     kube.create_pod(istio::kube_pod(&pod), istio::APP_IP).await;
+    kube.create_pod(istio::kube_pod(&istio::plain_pod()), istio::PLAIN_IP).await;
     let mesh = Mesh::new(&pod.namespace, &pod.service_account);
     let broker = RealBroker::on(&kube, sts.endpoint()).await.xfcc().start().await;
     Backend { kube, pod, mesh, broker, _sts: sts }
@@ -225,9 +258,63 @@ async fn only_the_brokers_own_sidecar_vouches_for_a_caller_on_istios_output() {
     let other = mesh.ca.client(Some(&mesh.ca.workload(&[&integration::pki::spiffe_id(&pod.namespace, "admin")])));
     let reply = forged.send_tls(&other, inbound).await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((reply.status, reply.json()["Code"].as_str()), (403, Some("AccessDenied")), "{}", reply.body_text());
-    // The app itself is served.
+    // Past the sidecar (a port-forward, a process reaching the broker's
+    // port directly), the forged element and a stated address are refused.
+    let app_ip = istio::APP_IP.parse().unwrap_or_else(|e| panic!("{e}"));
+    let bypass = forged.clone().header(PEER_ADDRESS_HEADER, istio::APP_IP).source(app_ip).send(broker.addr).await;
+    assert_eq!(
+        (bypass.status, bypass.json()["Code"].as_str()),
+        (401, Some("Unauthenticated")),
+        "{}",
+        bypass.body_text()
+    );
+    assert!(bypass.body_text().contains("not_through_sidecar"), "{}", bypass.body_text());
+    // The app itself is served, from its pod's address.
     let app = mesh.ca.client(Some(&mesh.ca.workload(&[&app_id])));
-    let reply = request.send_tls(&app, inbound).await.unwrap_or_else(|e| panic!("{e}"));
+    let reply = request.source(app_ip).send_tls(&app, inbound).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(reply.status, 200, "{}", reply.body_text());
+}
+
+#[tokio::test]
+async fn a_pod_without_the_label_cannot_borrow_its_siblings_role_on_istios_output() {
+    let Backend { pod, mesh, broker, _sts, kube } = backend().await;
+    let (_, _, broker_xds) = generate();
+    let inbound = istio::loopback_port(BROKER_PORT);
+    let _sidecar = istio::start_broker_sidecar(&broker_xds, inbound, broker.addr, &mesh.broker).await;
+    let (app_ip, plain_ip) = (istio::APP_IP, istio::PLAIN_IP);
+    let source = |ip: &str| ip.parse().unwrap_or_else(|e| panic!("{ip}: {e}"));
+
+    // The plain pod runs as the app's service account: its mTLS identity is
+    // the app's. It names the enabled pod and claims the app's address, in
+    // the broker's header and in `X-Forwarded-For` (which Istio's inbound
+    // side, `use_remote_address: false`, would take as the remote address).
+    let role = ROLE_ARN.replace(':', "%3A").replace('/', "%2F");
+    let request = Req::get(format!("/v1/credentials?role_arn={role}&pod={}", pod.name)).host("token-broker");
+    let identity =
+        mesh.ca.client(Some(&mesh.ca.workload(&[&integration::pki::spiffe_id(&pod.namespace, &pod.service_account)])));
+    let borrowed =
+        request.clone().source(source(plain_ip)).header(PEER_ADDRESS_HEADER, app_ip).header("x-forwarded-for", app_ip);
+    let reply = borrowed.send_tls(&identity, inbound).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((reply.status, reply.json()["Code"].as_str()), (403, Some("AccessDenied")), "{}", reply.body_text());
+    let message = reply.json()["Message"].as_str().unwrap_or_default().to_owned();
+    assert!(message.contains(&format!("caller at {plain_ip} is not pod \"{}\"", pod.name)), "{message}");
+    wait::until("the denial Event on the enabled pod", || async {
+        let events = kube.events(&pod.namespace).await;
+        events
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some(DENIAL_EVENT_REASON)
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(pod.name.as_str())
+                    && e.note.as_deref().is_some_and(|note| note.contains(plain_ip))
+            })
+            .then_some(())
+    })
+    .await;
+    assert!(kube.token_requests(BROKER_USER).is_empty());
+
+    // From the enabled pod's own address it is served, whatever it claims.
+    let own = request.source(source(app_ip)).header(PEER_ADDRESS_HEADER, plain_ip);
+    let reply = own.send_tls(&identity, inbound).await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(reply.status, 200, "{}", reply.body_text());
 }
 

@@ -62,9 +62,10 @@ async fn until_refused(cluster: &KubeCluster, verb: &str, resource: &str) {
     .await;
 }
 
-async fn until_ready(broker: &RealBroker) {
-    wait::until("the broker to be ready", || async { (broker.admin_get("/readyz").await.status == 200).then_some(()) })
-        .await;
+/// Waits for the broker's pod watch to sync (what `/readyz` waits for; an
+/// `insecure-dev` broker, as here, is never ready).
+async fn until_synced(broker: &RealBroker) {
+    wait::until("the broker's pod watch to sync", || async { broker.is_synced().then_some(()) }).await;
 }
 
 #[tokio::test]
@@ -74,7 +75,10 @@ async fn without_any_one_rendered_rbac_rule_the_broker_fails_where_it_needs_it()
     // The pod watch cannot start: never ready.
     let (cluster, broker) = broker_without("pods", "list", &sts).await;
     until_refused(&cluster, "list", "pods").await;
-    assert_eq!(broker.admin_get("/readyz").await.status, 503);
+    let readyz = broker.admin_get("/readyz").await;
+    assert_eq!(readyz.status, 503);
+    assert!(readyz.body_text().contains("the pod watch has not synced"), "{}", readyz.body_text());
+    assert!(!broker.is_synced());
     drop((broker, cluster));
 
     // The pod watch cannot follow changes.
@@ -85,7 +89,7 @@ async fn without_any_one_rendered_rbac_rule_the_broker_fails_where_it_needs_it()
     // A pod the watch has not delivered cannot be looked up: the broker
     // can no longer say it does not exist.
     let (cluster, broker) = broker_without("pods", "get", &sts).await;
-    until_ready(&broker).await;
+    until_synced(&broker).await;
     let reply = request("ghost").send(broker.addr).await;
     assert_ne!(reply.json()["Code"], "PodNotFound", "{}", reply.body_text());
     until_refused(&cluster, "get", "pods").await;
@@ -93,7 +97,7 @@ async fn without_any_one_rendered_rbac_rule_the_broker_fails_where_it_needs_it()
 
     // No token, so no credentials.
     let (cluster, broker) = broker_without("serviceaccounts/token", "create", &sts).await;
-    until_ready(&broker).await;
+    until_synced(&broker).await;
     let reply = request("app-0").send(broker.addr).await;
     assert!(reply.status >= 500, "{} {}", reply.status, reply.body_text());
     until_refused(&cluster, "create", "serviceaccounts/token").await;
@@ -101,7 +105,7 @@ async fn without_any_one_rendered_rbac_rule_the_broker_fails_where_it_needs_it()
 
     // A denial is still answered, but not recorded on the pod.
     let (cluster, broker) = broker_without("events", "create", &sts).await;
-    until_ready(&broker).await;
+    until_synced(&broker).await;
     assert_eq!(request_as("intruder", "app-0").send(broker.addr).await.status, 403);
     until_refused(&cluster, "create", "events").await;
 }

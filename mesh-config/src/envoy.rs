@@ -2,7 +2,8 @@
 //! sidecars involved: the app's (outbound port 80 with the filter, the pod in
 //! node metadata, the broker as an `outbound|<port>||<host>` cluster over
 //! mesh mTLS) and the broker's (inbound mTLS, XFCC `APPEND_FORWARD` with the
-//! caller's URI, forwarded to the broker on loopback).
+//! caller's URI and its address in a header of its own, forwarded to the
+//! broker on loopback from Istio's inbound passthrough address).
 //!
 //! Istio delivers these over xDS with certificates from SDS; here they are
 //! small static bootstraps with certificate files, with the same names and
@@ -14,7 +15,7 @@
 //! `just demo` start Envoy on these; `envoy --mode validate` accepts each.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
@@ -75,6 +76,10 @@ pub struct BrokerRoute {
     /// Mesh mTLS: this sidecar's certificate and the SPIFFE ID the broker's
     /// certificate must carry (Istio's secure naming). `None`: plaintext.
     pub mtls: Option<(CertificateFiles, String)>,
+    /// Where the connections to the broker leave from: the pod's IP, which
+    /// the broker checks against the pod the filter names (in a pod, the
+    /// kernel picks it). `None`: the kernel's choice.
+    pub source_address: Option<IpAddr>,
 }
 
 /// The app's sidecar.
@@ -134,6 +139,11 @@ impl AppSidecar {
         if let Some((certificates, broker_id)) = &self.broker.mtls {
             broker["transport_socket"] = upstream_mtls(certificates, broker_id, &broker_cluster);
         }
+        if let Some(source) = self.broker.source_address {
+            // A bare SocketAddress, not an Address.
+            broker["upstream_bind_config"] =
+                json!({ "source_address": socket(SocketAddr::new(source, 0))["socket_address"] });
+        }
         json!({
             "node": self.pod.node(),
             "admin": { "address": socket(self.admin) },
@@ -147,8 +157,10 @@ impl AppSidecar {
 
 impl BrokerSidecar {
     /// The bootstrap: inbound mTLS (client certificate required, chaining to
-    /// the mesh root) with Istio's XFCC settings, an optional plaintext
-    /// listener, both routed to the broker.
+    /// the mesh root) with Istio's XFCC settings and the caller's address in
+    /// [`PEER_ADDRESS_HEADER`] (as the rendered EnvoyFilter adds it), an
+    /// optional plaintext listener, both routed to the broker from
+    /// [`INBOUND_PASSTHROUGH_SOURCE`], as Istio's inbound cluster connects.
     pub fn bootstrap(&self) -> Value {
         let inbound_chain = json!({
             "filters": [inbound_manager("inbound_mtls")],
@@ -173,6 +185,9 @@ impl BrokerSidecar {
                 "filter_chains": [{ "filters": [inbound_manager("inbound_plaintext")] }],
             }));
         }
+        let mut inbound = cluster(INBOUND_CLUSTER, self.broker);
+        inbound["upstream_bind_config"] =
+            json!({ "source_address": { "address": INBOUND_PASSTHROUGH_SOURCE, "port_value": 0 } });
         json!({
             "node": {
                 "id": "sidecar~127.0.0.1~token-broker-0.imds-mesh~imds-mesh.svc.cluster.local",
@@ -181,7 +196,7 @@ impl BrokerSidecar {
             "admin": { "address": socket(self.admin) },
             "static_resources": {
                 "listeners": listeners,
-                "clusters": [cluster(INBOUND_CLUSTER, self.broker)],
+                "clusters": [inbound],
             },
         })
     }
@@ -194,14 +209,38 @@ pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
 /// Istio's name for the broker's inbound cluster on port 8080.
 const INBOUND_CLUSTER: &str = "inbound|8080||";
 
+/// Where Istio's sidecar connects to its application from for inbound
+/// traffic (the `upstream_bind_config` of every `inbound|<port>||` cluster;
+/// `::6` for IPv6): the broker's default `--sidecar-sources`
+/// (`token_broker::peer::DEFAULT_SIDECAR_SOURCES`).
+pub const INBOUND_PASSTHROUGH_SOURCE: &str = "127.0.0.6";
+
+/// The header in which the broker's sidecar states the address of the
+/// caller's connection (`token_broker::peer::PEER_ADDRESS_HEADER`).
+pub const PEER_ADDRESS_HEADER: &str = "x-imds-mesh-peer-address";
+
+/// The broker sidecar's `request_headers_to_add` entry that states the
+/// caller's address: the direct peer of the connection the sidecar
+/// accepted, never an address Envoy inferred from `X-Forwarded-For` (which
+/// the caller writes), replacing any value the caller sent.
+pub fn peer_address_header() -> Value {
+    json!({
+        "header": { "key": PEER_ADDRESS_HEADER, "value": "%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%" },
+        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+    })
+}
+
 /// An HTTP connection manager on the broker's inbound side, with what Istio
 /// sets there for sidecars: `APPEND_FORWARD`, and the subject, DNS and URI
 /// of the client certificate in the appended element. Envoy drops any XFCC
-/// a plaintext caller sends.
+/// a plaintext caller sends. Plus what the rendered EnvoyFilter
+/// `token-broker-peer-address` adds to Istio's route configuration there:
+/// the caller's address in [`PEER_ADDRESS_HEADER`].
 fn inbound_manager(stat_prefix: &str) -> Value {
     let route = json!({ "match": { "prefix": "/" }, "route": { "cluster": INBOUND_CLUSTER } });
     let mut manager =
         http_connection_manager(stat_prefix, json!([virtual_host("inbound|http|8080", &["*"], route)]), vec![router()]);
+    manager["typed_config"]["route_config"]["request_headers_to_add"] = json!([peer_address_header()]);
     manager["typed_config"]["forward_client_cert_details"] = json!("APPEND_FORWARD");
     manager["typed_config"]["set_current_client_cert_details"] = json!({ "subject": true, "dns": true, "uri": true });
     manager

@@ -334,7 +334,7 @@ fn app(args: AppArgs) -> Result<AppSidecar, String> {
         admin: args.admin,
         wasm: Some(args.wasm),
         plugin_config,
-        broker: BrokerRoute { address: args.broker, mtls },
+        broker: BrokerRoute { address: args.broker, mtls, source_address: None },
         upstream: args.upstream,
     })
 }

@@ -1,7 +1,8 @@
 //! Everything an operator applies for imds-mesh, as typed objects: the
 //! broker (Namespace, ServiceAccount, RBAC, Deployment, Service,
 //! PodDisruptionBudget), its mesh policy (PeerAuthentication,
-//! AuthorizationPolicy, DestinationRule), the metadata address
+//! AuthorizationPolicy, DestinationRule, and an EnvoyFilter by which its
+//! sidecar states each caller's address), the metadata address
 //! (ServiceEntry, fail-closed VirtualService) and the filter (WasmPlugin);
 //! optionally a NetworkPolicy backstop per namespace and a
 //! ValidatingAdmissionPolicy on the broker's TokenRequests.
@@ -30,6 +31,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 
+use crate::envoy;
 use crate::istio::{
     Action, AuthorizationPolicy, AuthorizationPolicySpec, ClientTls, ConsistentHash, DestinationRule,
     DestinationRuleSpec, FailStrategy, HttpBody, HttpDirectResponse, HttpRoute, LoadBalancer, Location, MtlsMode,
@@ -53,6 +55,9 @@ pub const BROKER_PORT: u16 = 8080;
 pub const ADMIN_PORT: u16 = 9090;
 /// The WasmPlugin's name.
 pub const WASM_PLUGIN: &str = "imds-mesh";
+/// The EnvoyFilter that makes the broker's sidecar state each caller's
+/// address.
+pub const BROKER_PEER_ADDRESS: &str = "token-broker-peer-address";
 /// The query parameter the broker's load balancing hashes on.
 pub const HASH_PARAMETER: &str = "role_arn";
 /// The audience of the tokens the broker requests (its default
@@ -297,6 +302,7 @@ pub fn render(options: &Options) -> Vec<Object> {
         Object::PeerAuthentication(peer_authentication(options)),
         Object::AuthorizationPolicy(authorization_policy(options)),
         Object::DestinationRule(destination_rule(options)),
+        Object::EnvoyFilter(broker_peer_address(options)),
         Object::ServiceEntry(sts_service_entry(options)),
         Object::ServiceEntry(service_entry(options, &METADATA_SERVICES[0])),
         Object::ServiceEntry(service_entry(options, &METADATA_SERVICES[1])),
@@ -354,7 +360,8 @@ fn namespace(options: &Options) -> Namespace {
 }
 
 /// Least privilege: read pods (the watch and the direct read), mint tokens,
-/// record denial Events; read namespaces only for the namespace policy.
+/// record denial Events; watch namespaces only for the namespace policy
+/// (the broker keeps them in a reflector, so list and watch, never get).
 fn cluster_role(options: &Options) -> ClusterRole {
     let rule = |groups: &[&str], resources: &[&str], verbs: &[&str]| PolicyRule {
         api_groups: Some(groups.iter().map(|g| (*g).to_owned()).collect()),
@@ -368,7 +375,7 @@ fn cluster_role(options: &Options) -> ClusterRole {
         rule(&["events.k8s.io"], &["events"], &["create"]),
     ];
     if options.namespace_policy_annotation.is_some() {
-        rules.push(rule(&[""], &["namespaces"], &["get"]));
+        rules.push(rule(&[""], &["namespaces"], &["list", "watch"]));
     }
     ClusterRole {
         metadata: ObjectMeta {
@@ -682,6 +689,35 @@ fn destination_rule(options: &Options) -> DestinationRule {
                 tls: ClientTls { mode: TlsMode::IstioMutual },
             },
             export_to: vec!["*".to_owned()],
+        },
+    }
+}
+
+/// The broker's sidecar states each caller's address to the broker: the
+/// direct peer of the mTLS connection it accepted (the calling pod's IP),
+/// in [`envoy::PEER_ADDRESS_HEADER`], replacing whatever the caller sent.
+/// The broker binds a request to the pod it names by that address (mesh
+/// identity alone is per service account). A route-configuration MERGE on
+/// the inbound side of the broker's port, which every inbound filter chain
+/// of that port (mTLS, plaintext) routes with.
+fn broker_peer_address(options: &Options) -> EnvoyFilter {
+    EnvoyFilter {
+        metadata: meta(BROKER_PEER_ADDRESS, &options.namespace),
+        spec: EnvoyFilterSpec {
+            priority: None,
+            workload_selector: Some(EnvoyFilterSelector { labels: broker_selector() }),
+            config_patches: vec![ConfigPatch {
+                apply_to: ApplyTo::RouteConfiguration,
+                target: PatchMatch {
+                    context: PatchContext::SidecarInbound,
+                    listener: None,
+                    route_configuration: Some(RouteConfigurationMatch { port_number: u32::from(BROKER_PORT) }),
+                },
+                patch: Patch {
+                    operation: PatchOperation::Merge,
+                    value: serde_json::json!({ "request_headers_to_add": [envoy::peer_address_header()] }),
+                },
+            }],
         },
     }
 }
@@ -1146,7 +1182,7 @@ mod tests {
         let base = ["pods:get", "pods:list", "pods:watch", "serviceaccounts/token:create", "events:create"];
         assert_eq!(rules(&Options::default()), base);
         let with_policy = Options { namespace_policy_annotation: Some("a".into()), ..Options::default() };
-        assert_eq!(rules(&with_policy), [&base[..], &["namespaces:get"]].concat());
+        assert_eq!(rules(&with_policy), [&base[..], &["namespaces:list", "namespaces:watch"]].concat());
     }
 
     #[test]

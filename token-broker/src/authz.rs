@@ -11,11 +11,17 @@
 //! Every refusal is a [`Denial`]: one variant per rule, with a stable
 //! [`Denial::label`] for metrics and a [`Denial::reason`] for logs and
 //! Kubernetes Events.
+//!
+//! The rules read a pod as [`PodFacts`] and a namespace as a
+//! [`NamespaceRule`]: the few fields they need, which is all the broker's
+//! watches keep of each object ([`crate::kube`]).
 
 use std::fmt;
+use std::net::IpAddr;
+use std::sync::{Arc, OnceLock};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use regex::bytes::RegexBuilder;
+use regex::bytes::{Regex, RegexBuilder};
 
 /// The pod label that opts a pod in. Only the exact value [`ENABLED_VALUE`]
 /// enables it, as on GKE multi-cloud where this label comes from.
@@ -109,6 +115,15 @@ pub enum Denial {
         q(.namespace), q(.role), .annotation, q(.pattern)
     )]
     NamespaceForbidsRole { namespace: String, role: String, annotation: String, pattern: String },
+
+    /// The caller's connection does not come from the pod it names: another
+    /// pod of the same service account (mesh identity is per service
+    /// account, so only the address tells them apart).
+    #[error(
+        "the caller at {address} is not pod {} in namespace {}, whose addresses are {}",
+        q(.pod), q(.namespace), addresses(.pod_addresses)
+    )]
+    CallerNotPod { pod: String, namespace: String, address: IpAddr, pod_addresses: Vec<IpAddr> },
 }
 
 impl Denial {
@@ -126,6 +141,7 @@ impl Denial {
             Self::NoNamespacePolicy { .. } => "no_namespace_policy",
             Self::InvalidNamespacePolicy { .. } => "invalid_namespace_policy",
             Self::NamespaceForbidsRole { .. } => "namespace_forbids_role",
+            Self::CallerNotPod { .. } => "caller_not_pod",
         }
     }
 
@@ -146,50 +162,47 @@ impl Denial {
 /// exactly `True`, and carries [`ROLE_ARN_ANNOTATION`] equal to `role_arn`
 /// byte for byte. Rules are checked in that order, so the first denial names
 /// the most fundamental problem: identity, then lifecycle, then opt-in.
-pub fn authorize(caller_ns: &str, caller_sa: &str, role_arn: &str, pod: &Pod) -> Result<(), Denial> {
-    let meta = &pod.metadata;
-    let name = meta.name.as_deref().unwrap_or("");
-    let pod_name = || name.to_owned();
+pub fn authorize(caller_ns: &str, caller_sa: &str, role_arn: &str, pod: &PodFacts) -> Result<(), Denial> {
+    let pod_name = || pod.name.clone();
     let namespace = || caller_ns.to_owned();
 
     // A pod object without a namespace is not one the API server returns;
     // deny rather than assume it is the caller's.
-    if meta.namespace.as_deref() != Some(caller_ns) {
+    if pod.namespace.as_deref() != Some(caller_ns) {
         return Err(Denial::WrongNamespace {
             pod: pod_name(),
-            pod_namespace: meta.namespace.clone(),
+            pod_namespace: pod.namespace.clone(),
             caller_namespace: namespace(),
         });
     }
 
-    let pod_sa = pod_service_account(pod);
-    if pod_sa != caller_sa {
+    if pod.service_account != caller_sa {
         return Err(Denial::WrongServiceAccount {
             pod: pod_name(),
             namespace: namespace(),
-            pod_service_account: pod_sa.to_owned(),
+            pod_service_account: pod.service_account.clone(),
             caller_service_account: caller_sa.to_owned(),
         });
     }
 
-    // Pending and Unknown are allowed: a native-sidecar or init container
-    // may need credentials before the pod is Running, and Unknown means the
-    // node stopped reporting, not that the pod stopped.
-    if let Some(phase @ ("Succeeded" | "Failed")) = pod.status.as_ref().and_then(|s| s.phase.as_deref()) {
+    if let Some(phase) = pod.finished {
         return Err(Denial::PodFinished { pod: pod_name(), namespace: namespace(), phase: phase.to_owned() });
     }
-    if meta.deletion_timestamp.is_some() {
+    if pod.terminating {
         return Err(Denial::PodTerminating { pod: pod_name(), namespace: namespace() });
     }
 
-    let label = meta.labels.as_ref().and_then(|labels| labels.get(ENABLED_LABEL));
-    if label.map(String::as_str) != Some(ENABLED_VALUE) {
-        return Err(Denial::NotEnabled { pod: pod_name(), namespace: namespace(), label_value: label.cloned() });
+    if pod.enabled_label.as_deref() != Some(ENABLED_VALUE) {
+        return Err(Denial::NotEnabled {
+            pod: pod_name(),
+            namespace: namespace(),
+            label_value: pod.enabled_label.clone(),
+        });
     }
 
     // An empty annotation names no role; without this check an empty
     // requested ARN would match it.
-    let annotated = meta.annotations.as_ref().and_then(|a| a.get(ROLE_ARN_ANNOTATION)).filter(|v| !v.is_empty());
+    let annotated = pod.role_arn.as_ref().filter(|v| !v.is_empty());
     let Some(annotated) = annotated else {
         return Err(Denial::NoRoleAnnotation { pod: pod_name(), namespace: namespace() });
     };
@@ -217,6 +230,92 @@ fn pod_service_account(pod: &Pod) -> &str {
         .unwrap_or(DEFAULT_SERVICE_ACCOUNT)
 }
 
+/// Decides whether a caller whose connection comes from `address` is `pod`:
+/// `address` must be one of the pod's IPs ([`PodFacts::ips`]; an
+/// IPv4-mapped IPv6 address counts as its IPv4 address). Checked after
+/// [`authorize`] admitted the caller's service account for the pod, so this
+/// tells the pod from its siblings. A pod without IPs yet is the caller's
+/// to retry ([`crate::error::BrokerError::PodHasNoAddress`]), not a denial.
+pub fn caller_is_pod(address: IpAddr, pod: &PodFacts) -> Result<(), Denial> {
+    let address = address.to_canonical();
+    if pod.ips.iter().any(|ip| ip.to_canonical() == address) {
+        return Ok(());
+    }
+    Err(Denial::CallerNotPod {
+        pod: pod.name.clone(),
+        namespace: pod.namespace.clone().unwrap_or_default(),
+        address,
+        pod_addresses: pod.ips.clone(),
+    })
+}
+
+/// Addresses for a reason: `10.0.0.1, fd00::1`, or `none` (a few at most:
+/// a pod has one per IP family).
+fn addresses(list: &[IpAddr]) -> String {
+    if list.is_empty() {
+        return "none".to_owned();
+    }
+    list.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+}
+
+/// What the rules read from a pod, and all the broker keeps of one: the pod
+/// watch holds thousands of these cluster-wide, so not the whole object
+/// (managed fields, container specs and statuses are several KiB a pod).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodFacts {
+    pub name: String,
+    /// Always set on a pod the API server returns.
+    pub namespace: Option<String>,
+    /// What a TokenRequest binds the token to, and a denial Event names.
+    pub uid: String,
+    /// Resolved as the API server does ([`DEFAULT_SERVICE_ACCOUNT`] when
+    /// unset).
+    pub service_account: String,
+    /// The value of [`ENABLED_LABEL`], if any.
+    pub enabled_label: Option<String>,
+    /// The value of [`ROLE_ARN_ANNOTATION`], if any.
+    pub role_arn: Option<String>,
+    /// `Succeeded` or `Failed` once the pod has run to completion. Pending
+    /// and Unknown are not finished: a native-sidecar or init container may
+    /// need credentials before the pod is Running, and Unknown means the
+    /// node stopped reporting, not that the pod stopped.
+    pub finished: Option<&'static str>,
+    /// `metadata.deletionTimestamp` is set.
+    pub terminating: bool,
+    /// `status.podIPs`, else `status.podIP`; unparsable entries left out.
+    pub ips: Vec<IpAddr>,
+}
+
+impl From<Pod> for PodFacts {
+    fn from(pod: Pod) -> Self {
+        let service_account = pod_service_account(&pod).to_owned();
+        let meta = pod.metadata;
+        let status = pod.status.unwrap_or_default();
+        let finished = match status.phase.as_deref() {
+            Some("Succeeded") => Some("Succeeded"),
+            Some("Failed") => Some("Failed"),
+            _ => None,
+        };
+        let listed = status.pod_ips.unwrap_or_default().into_iter().map(|ip| ip.ip);
+        let mut ips: Vec<IpAddr> = listed.filter_map(|ip| ip.parse().ok()).collect();
+        if ips.is_empty() {
+            ips.extend(status.pod_ip.and_then(|ip| ip.parse::<IpAddr>().ok()));
+        }
+        ips.shrink_to_fit();
+        Self {
+            name: meta.name.unwrap_or_default(),
+            namespace: meta.namespace,
+            uid: meta.uid.unwrap_or_default(),
+            service_account,
+            enabled_label: meta.labels.and_then(|mut labels| labels.remove(ENABLED_LABEL)),
+            role_arn: meta.annotations.and_then(|mut annotations| annotations.remove(ROLE_ARN_ANNOTATION)),
+            finished,
+            terminating: meta.deletion_timestamp.is_some(),
+            ips,
+        }
+    }
+}
+
 /// An optional allow-list on the Namespace object, in the style of kiam's
 /// `iam.amazonaws.com/permitted`: the annotation holds a regex the role ARN
 /// must match in full.
@@ -239,43 +338,91 @@ impl NamespacePolicy {
     /// its pattern, anchored at both ends, matches the whole ARN. A missing,
     /// oversized or invalid pattern denies; nothing here panics.
     pub fn check(&self, namespace: &Namespace, role_arn: &str) -> Result<(), Denial> {
-        let ns_name = namespace.metadata.name.clone().unwrap_or_default();
-        let pattern = namespace.metadata.annotations.as_ref().and_then(|a| a.get(&self.annotation));
-        let Some(pattern) = pattern else {
-            return Err(Denial::NoNamespacePolicy { namespace: ns_name, annotation: self.annotation.clone() });
+        self.rule(namespace.clone()).check(role_arn)
+    }
+
+    /// What this policy keeps of `namespace`: its name and pattern, the
+    /// pattern compiled on first use.
+    pub fn rule(&self, namespace: Namespace) -> NamespaceRule {
+        let name = namespace.metadata.name.unwrap_or_default();
+        let pattern = namespace.metadata.annotations.and_then(|mut a| a.remove(&self.annotation));
+        let pattern = match pattern {
+            None => Pattern::Missing,
+            // Not kept: it could never compile.
+            Some(pattern) if pattern.len() > MAX_POLICY_PATTERN => Pattern::Oversized,
+            Some(pattern) => Pattern::Text(pattern),
         };
+        NamespaceRule { name, annotation: Arc::from(self.annotation.as_str()), pattern, compiled: OnceLock::new() }
+    }
+}
+
+/// One namespace as the [`NamespacePolicy`] sees it. The namespace watch
+/// keeps one per namespace; its regex is compiled at most once, by the first
+/// request that needs it, so a request costs a lookup and a match, not two
+/// compilations.
+#[derive(Debug, Clone)]
+pub struct NamespaceRule {
+    /// The namespace's name.
+    pub name: String,
+    annotation: Arc<str>,
+    pattern: Pattern,
+    compiled: OnceLock<Result<Regex, String>>,
+}
+
+#[derive(Debug, Clone)]
+enum Pattern {
+    Missing,
+    Oversized,
+    Text(String),
+}
+
+impl NamespaceRule {
+    /// [`NamespacePolicy::check`] for this namespace.
+    pub fn check(&self, role_arn: &str) -> Result<(), Denial> {
         let invalid = |problem: String| Denial::InvalidNamespacePolicy {
-            namespace: ns_name.clone(),
-            annotation: self.annotation.clone(),
+            namespace: self.name.clone(),
+            annotation: self.annotation.to_string(),
             problem,
         };
-        if pattern.len() > MAX_POLICY_PATTERN {
-            return Err(invalid(format!("longer than {MAX_POLICY_PATTERN} bytes")));
-        }
-        // The pattern must be a regex on its own before we wrap it: otherwise
-        // `x)|(.*` would close our group early and become `^(?:x)|(.*)$`,
-        // which admits every role.
-        let compile = |text: &str| {
-            RegexBuilder::new(text)
-                .unicode(false)
-                .size_limit(MAX_POLICY_COMPILED)
-                .dfa_size_limit(MAX_POLICY_DFA)
-                .build()
-                .map_err(|e| invalid(regex_problem(&e)))
+        let pattern = match &self.pattern {
+            Pattern::Missing => {
+                return Err(Denial::NoNamespacePolicy {
+                    namespace: self.name.clone(),
+                    annotation: self.annotation.to_string(),
+                });
+            }
+            Pattern::Oversized => return Err(invalid(format!("longer than {MAX_POLICY_PATTERN} bytes"))),
+            Pattern::Text(pattern) => pattern,
         };
-        compile(pattern)?;
-        let regex = compile(&format!("^(?:{pattern})$"))?;
+        let regex = self.compiled.get_or_init(|| compile_policy(pattern)).as_ref().map_err(|p| invalid(p.clone()))?;
         if regex.is_match(role_arn.as_bytes()) {
             Ok(())
         } else {
             Err(Denial::NamespaceForbidsRole {
-                namespace: ns_name,
+                namespace: self.name.clone(),
                 role: role_arn.to_owned(),
-                annotation: self.annotation.clone(),
+                annotation: self.annotation.to_string(),
                 pattern: pattern.clone(),
             })
         }
     }
+}
+
+/// `pattern` anchored at both ends, or why it cannot be used.
+fn compile_policy(pattern: &str) -> Result<Regex, String> {
+    let compile = |text: &str| {
+        RegexBuilder::new(text)
+            .unicode(false)
+            .size_limit(MAX_POLICY_COMPILED)
+            .dfa_size_limit(MAX_POLICY_DFA)
+            .build()
+            .map_err(|e| regex_problem(&e))
+    };
+    // The pattern must be a regex on its own before we wrap it: otherwise
+    // `x)|(.*` would close our group early and become `^(?:x)|(.*)$`,
+    // which admits every role.
+    compile(pattern)?;
+    compile(&format!("^(?:{pattern})$"))
 }
 
 /// A one-line description of why a pattern did not compile. The regex
@@ -396,8 +543,9 @@ mod tests {
             set(&mut self.0.metadata.annotations, ROLE_ARN_ANNOTATION, value);
             self
         }
-        fn build(self) -> Pod {
-            self.0
+        /// The pod as the rules (and the watches) see it.
+        fn build(self) -> PodFacts {
+            PodFacts::from(self.0)
         }
     }
 
@@ -431,6 +579,27 @@ mod tests {
     #[test]
     fn pod_meeting_every_rule_is_allowed() {
         assert_eq!(authorize(NS, SA, ROLE, &pod().build()), Ok(()));
+    }
+
+    #[test]
+    fn the_caller_must_connect_from_one_of_the_pods_addresses() {
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        let mut web = pod().build();
+        web.ips = vec![ip("10.244.1.10"), ip("fd00::10")];
+        assert_eq!(caller_is_pod(ip("10.244.1.10"), &web), Ok(()));
+        assert_eq!(caller_is_pod(ip("fd00::10"), &web), Ok(()));
+        assert_eq!(caller_is_pod(ip("::ffff:10.244.1.10"), &web), Ok(()), "IPv4-mapped is IPv4");
+        // A sibling of the same service account, at its own address.
+        let denial = caller_is_pod(ip("10.244.1.11"), &web).unwrap_err();
+        assert_eq!(denial.label(), "caller_not_pod");
+        assert_eq!(
+            denial.reason(),
+            "the caller at 10.244.1.11 is not pod \"web-0\" in namespace \"team-a\", \
+             whose addresses are 10.244.1.10, fd00::10"
+        );
+        web.ips.clear();
+        let denial = caller_is_pod(ip("10.244.1.10"), &web).unwrap_err();
+        assert!(denial.reason().ends_with("whose addresses are none"), "{}", denial.reason());
     }
 
     #[test]
@@ -664,6 +833,12 @@ mod tests {
                 annotation: POLICY.into(),
                 pattern: "x".into(),
             },
+            Denial::CallerNotPod {
+                pod: "p".into(),
+                namespace: "n".into(),
+                address: [10, 0, 0, 1].into(),
+                pod_addresses: Vec::new(),
+            },
         ];
         let labels: Vec<_> = denials.iter().map(Denial::label).collect();
         assert_eq!(
@@ -679,6 +854,7 @@ mod tests {
                 "no_namespace_policy",
                 "invalid_namespace_policy",
                 "namespace_forbids_role",
+                "caller_not_pod",
             ]
         );
         for label in labels {
@@ -779,5 +955,53 @@ mod tests {
         let ns = namespace(Some(&roles.join("|")));
         assert_eq!(policy().check(&ns, "arn:aws:iam::123456789012:role/team/service-42_reader"), Ok(()));
         assert_eq!(denial_label(policy().check(&ns, ROLE)), "namespace_forbids_role");
+    }
+
+    #[test]
+    fn a_namespace_rule_compiles_its_pattern_once_on_first_use() {
+        let rule = policy().rule(namespace(Some(r"arn:aws:iam::123456789012:role/(app|web)")));
+        assert!(rule.compiled.get().is_none(), "compiled before any request needed it");
+        assert_eq!(rule.check(ROLE), Ok(()));
+        let compiled = rule.compiled.get().and_then(|r| r.as_ref().ok()).map(Regex::as_str).map(str::to_owned);
+        assert_eq!(compiled.as_deref(), Some(r"^(?:arn:aws:iam::123456789012:role/(app|web))$"));
+        // Later checks reuse it: the same regex, not a new one.
+        let first: *const Regex = rule.compiled.get().and_then(|r| r.as_ref().ok()).unwrap();
+        assert_eq!(denial_label(rule.check("arn:aws:iam::123456789012:role/db")), "namespace_forbids_role");
+        assert!(std::ptr::eq(first, rule.compiled.get().and_then(|r| r.as_ref().ok()).unwrap()));
+        // An invalid pattern is compiled (and refused) once too.
+        let invalid = policy().rule(namespace(Some("(")));
+        assert_eq!(denial_label(invalid.check(ROLE)), "invalid_namespace_policy");
+        assert!(invalid.compiled.get().is_some_and(Result::is_err));
+    }
+
+    #[test]
+    fn pod_facts_keep_what_the_rules_read_and_the_pod_addresses() {
+        use k8s_openapi::api::core::v1::PodIP;
+        let mut pod = pod().0;
+        pod.metadata.uid = Some("uid-1".to_owned());
+        pod.metadata.labels.get_or_insert_default().insert("app".to_owned(), "web".to_owned());
+        let status = pod.status.get_or_insert_default();
+        status.pod_ip = Some("10.0.0.1".to_owned());
+        status.pod_ips = Some(["10.0.0.1", "fd00::1", "not an address"].map(|ip| PodIP { ip: ip.to_owned() }).to_vec());
+        let facts = PodFacts::from(pod.clone());
+        assert_eq!(
+            facts,
+            PodFacts {
+                name: "web-0".to_owned(),
+                namespace: Some(NS.to_owned()),
+                uid: "uid-1".to_owned(),
+                service_account: SA.to_owned(),
+                enabled_label: Some(ENABLED_VALUE.to_owned()),
+                role_arn: Some(ROLE.to_owned()),
+                finished: None,
+                terminating: false,
+                ips: vec!["10.0.0.1".parse().unwrap(), "fd00::1".parse().unwrap()],
+            }
+        );
+        // Only `podIP` (an older API server or kubelet): that one.
+        pod.status.get_or_insert_default().pod_ips = None;
+        assert_eq!(PodFacts::from(pod.clone()).ips, ["10.0.0.1".parse::<IpAddr>().unwrap()]);
+        pod.status = None;
+        assert!(PodFacts::from(pod).ips.is_empty());
     }
 }

@@ -21,6 +21,11 @@ pub enum BrokerError {
     /// The named pod is not known (yet): 404 PodNotFound.
     #[error("pod {namespace}/{name} not found")]
     PodNotFound { namespace: String, name: String },
+    /// The named pod has no IP address yet, so no caller can be shown to be
+    /// it (its status, or the watch, has not caught up): 404 PodNotFound,
+    /// which the filter retries soon.
+    #[error("pod {namespace}/{name} has no IP address yet")]
+    PodHasNoAddress { namespace: String, name: String },
     /// STS or the broker is throttling: 429 Throttled with `Retry-After`.
     #[error("throttled; retry after {} s", retry_after.as_secs())]
     Throttled { retry_after: Duration },
@@ -50,7 +55,7 @@ impl BrokerError {
             Self::InvalidRequest(_) => 400,
             Self::Unauthenticated { .. } => 401,
             Self::AccessDenied { .. } => 403,
-            Self::PodNotFound { .. } => 404,
+            Self::PodNotFound { .. } | Self::PodHasNoAddress { .. } => 404,
             Self::Throttled { .. } => 429,
             Self::Sts { .. } => 502,
             Self::Unavailable(_) => 503,
@@ -63,7 +68,7 @@ impl BrokerError {
             Self::InvalidRequest(_) => "InvalidRequest",
             Self::Unauthenticated { .. } => "Unauthenticated",
             Self::AccessDenied { .. } => "AccessDenied",
-            Self::PodNotFound { .. } => "PodNotFound",
+            Self::PodNotFound { .. } | Self::PodHasNoAddress { .. } => "PodNotFound",
             Self::Throttled { .. } => "Throttled",
             Self::Sts { .. } => "StsError",
             Self::Unavailable(_) => "Unavailable",
@@ -98,6 +103,7 @@ mod tests {
             BrokerError::Unauthenticated { label: "not_own_sidecar" },
             BrokerError::AccessDenied { label: "role_mismatch", reason: "pod annotates another role".into() },
             BrokerError::PodNotFound { namespace: "default".into(), name: "web-0".into() },
+            BrokerError::PodHasNoAddress { namespace: "default".into(), name: "web-0".into() },
             BrokerError::Throttled { retry_after: Duration::from_millis(200) },
             BrokerError::Sts { code: "InvalidIdentityToken".into(), message: "token expired".into() },
             BrokerError::Unavailable("pod cache not synced".into()),
@@ -114,6 +120,7 @@ mod tests {
                 (401, "Unauthenticated"),
                 (403, "AccessDenied"),
                 (404, "PodNotFound"),
+                (404, "PodNotFound"),
                 (429, "Throttled"),
                 (502, "StsError"),
                 (503, "Unavailable"),
@@ -123,14 +130,14 @@ mod tests {
 
     #[test]
     fn throttling_tells_the_filter_when_to_come_back() {
-        assert_eq!(all()[4].retry_after(), Some(1), "sub-second rounds up to 1 s");
+        assert_eq!(all()[5].retry_after(), Some(1), "sub-second rounds up to 1 s");
         assert_eq!(BrokerError::Throttled { retry_after: Duration::from_secs(7) }.retry_after(), Some(7));
         assert!(all().iter().filter(|e| e.status() != 429).all(|e| e.retry_after().is_none()));
     }
 
     #[test]
     fn the_body_is_the_contract_json_and_bounded() {
-        let body = serde_json::to_value(all()[5].body()).unwrap();
+        let body = serde_json::to_value(all()[6].body()).unwrap();
         assert_eq!(
             body,
             serde_json::json!({"Code": "StsError", "Message": "STS error InvalidIdentityToken: token expired"})

@@ -5,33 +5,83 @@
 //!
 //! - [`PodWatch`] keeps a reflector over the opted-in pods of every
 //!   namespace (label [`ENABLED_LABEL`]=[`ENABLED_VALUE`]), so a request
-//!   costs no API call. A pod's first request can beat the watch, so a miss
-//!   reads the pod directly once before answering "no such pod". Once synced,
-//!   the cache keeps answering while the API server is unreachable.
-//! - [`Cluster`] makes the one-off calls: TokenRequest, namespace get, Event
-//!   create.
+//!   costs no API call. It keeps [`PodFacts`], not whole pods. A pod's first
+//!   request can beat the watch, so a miss reads the pod directly before
+//!   answering "no such pod"; those reads are shared by concurrent requests
+//!   for the same pod, remembered for [`DIRECT_READ_REMEMBERED`] and
+//!   rate-limited ([`DIRECT_READS_PER_SECOND`]), so requests naming pods
+//!   that do not exist cannot turn into API load. Once synced, the cache
+//!   keeps answering while the API server is unreachable.
+//! - [`NamespaceWatch`] does the same for namespaces, as [`NamespaceRule`]s,
+//!   when the namespace policy is on.
+//! - [`Cluster`] makes the one-off calls: TokenRequest and Event create.
+//!   Denial Events have a fixed budget per pod ([`DENIAL_EVENTS_PER_POD`])
+//!   and a bound on writes in flight.
+//!
+//! Every one-off call (direct pod read, TokenRequest, Event) is bounded by
+//! [`KUBE_CALL_TIMEOUT`]: kube sets no read timeout (a watch must be able to
+//! wait), so an API server that accepts connections and never answers would
+//! otherwise hold a request forever.
 //!
 //! Build their [`Client`] with [`client`]. Every failure is a [`KubeError`],
 //! with a stable [`KubeError::label`] for metrics.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use futures_util::{FutureExt, StreamExt};
+use futures_util::{FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Pod, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
+use kube::Client;
 use kube::api::{Api, PostParams};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{self, Lookup, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::{OnceCell, Semaphore};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
-use crate::authz::{ENABLED_LABEL, ENABLED_VALUE};
+use crate::authz::{ENABLED_LABEL, ENABLED_VALUE, NamespacePolicy, NamespaceRule, PodFacts};
+
+/// Longest any one-off Kubernetes call (direct pod read, TokenRequest, Event
+/// create) may take before it fails as [`KubeError::Timeout`]: far above
+/// the API server's own objective for single-object calls (1 s at the 99th
+/// percentile), far below the filter's patience.
+pub const KUBE_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the outcome of a direct pod read (found or not) answers later
+/// requests for the same pod without another read. Short: a pod read
+/// directly because the watch had not delivered it yet is in the watch's
+/// cache by then, and a name that does not exist stays cheap.
+pub const DIRECT_READ_REMEMBERED: Duration = Duration::from_secs(2);
+
+/// Direct pod reads per second, on average, across all namespaces; beyond
+/// it (and the burst [`DIRECT_READ_BURST`]) a lookup the watch cannot answer
+/// is refused as [`LookupError::Throttled`] (429: the filter retries in a
+/// second, by when the watch has usually caught up).
+pub const DIRECT_READS_PER_SECOND: u32 = 20;
+
+/// Direct pod reads allowed at once above [`DIRECT_READS_PER_SECOND`].
+pub const DIRECT_READ_BURST: u32 = 40;
+
+/// Pods per page of the pod watch's (re)list. Each page arrives as one
+/// JSON body held whole while it is decoded: an Istio-injected pod is about
+/// 16 KiB of it, so kube's default of 500 would be 8 MiB a page, held in
+/// passing but then kept by the allocator; 100 keeps a relist of 10,000
+/// pods to 100 calls and the broker's peak memory near its steady state.
+const LIST_PAGE_SIZE: u32 = 100;
+
+/// Bound on direct reads remembered (running, or within
+/// [`DIRECT_READ_REMEMBERED`]); the rate limit keeps it far below this.
+const MAX_DIRECT_READS: usize = 4096;
 
 /// `reportingController` of the Events the broker records.
 pub const REPORTING_CONTROLLER: &str = "imds-mesh-token-broker";
@@ -43,13 +93,25 @@ pub const DENIAL_EVENT_REASON: &str = "ImdsCredentialsDenied";
 /// `action` of a denial Event (required by `events.k8s.io/v1`).
 pub const DENIAL_EVENT_ACTION: &str = "IssueCredentials";
 
-/// A pod denied again for the same reason within this interval gets no new
-/// Event. IMDS clients retry fast; one Event per denied request would load
+/// The window of the per-pod Event budget: a pod gets at most
+/// [`DENIAL_EVENTS_PER_POD`] denial Events in it, and a repeated reason
+/// none. IMDS clients retry fast; one Event per denied request would load
 /// the API server and bury the Events an operator is looking for.
 pub const DENIAL_EVENT_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Bound on the (pod, reason) pairs remembered for [`DENIAL_EVENT_INTERVAL`].
-const MAX_RECENT_DENIALS: usize = 4096;
+/// Denial Events one pod may get per [`DENIAL_EVENT_INTERVAL`], whatever
+/// their reasons: the reason quotes the requested role, which the caller
+/// chooses, so it cannot be what the budget is kept by.
+pub const DENIAL_EVENTS_PER_POD: usize = 3;
+
+/// Event writes running at once; a denial beyond it gets no Event (it is
+/// still logged and counted).
+pub const MAX_EVENT_WRITES_IN_FLIGHT: usize = 8;
+
+/// Bound on the pods whose Event budget is tracked. When every one of them
+/// has a live window, further pods get no Event until a window ends: a
+/// flood of denials across that many pods must not become Events either.
+const MAX_TRACKED_DENIALS: usize = 4096;
 
 /// The API server cuts an Event's `note` at 1 KiB.
 const MAX_NOTE: usize = 1024;
@@ -81,6 +143,10 @@ pub enum KubeError {
     /// A TokenRequest answered without a token.
     #[error("Kubernetes API answered a TokenRequest without a token")]
     NoToken,
+    /// No answer within [`KUBE_CALL_TIMEOUT`]: the API server (or the way
+    /// to it) hangs.
+    #[error("Kubernetes API did not answer within {} s", KUBE_CALL_TIMEOUT.as_secs())]
+    Timeout,
     /// Anything else (an unexpected status, an undecodable answer).
     #[error("Kubernetes API call failed: {0}")]
     Other(#[source] kube::Error),
@@ -96,6 +162,7 @@ impl KubeError {
             Self::Conflict(_) => "conflict",
             Self::Rejected(_) => "rejected",
             Self::NoToken => "no_token",
+            Self::Timeout => "timeout",
             Self::Other(_) => "other",
         }
     }
@@ -117,6 +184,14 @@ impl From<kube::Error> for KubeError {
             kube::Error::HyperError(_) | kube::Error::Service(_) => Self::Unavailable(error),
             _ => Self::Other(error),
         }
+    }
+}
+
+/// `call` under [`KUBE_CALL_TIMEOUT`].
+async fn bounded<T>(call: impl Future<Output = Result<T, kube::Error>>) -> Result<T, KubeError> {
+    match tokio::time::timeout(KUBE_CALL_TIMEOUT, call).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(KubeError::Timeout),
     }
 }
 
@@ -152,41 +227,158 @@ impl fmt::Debug for SecretToken {
     }
 }
 
+/// Why [`PodWatch::pod`] could not say whether a pod exists.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LookupError {
+    /// The watch has not delivered the pod and the direct-read budget
+    /// ([`DIRECT_READS_PER_SECOND`]) is spent: try again in a second.
+    #[error("too many lookups of pods the watch has not delivered; retry")]
+    Throttled,
+    /// The direct read failed (shared by every request that waited on it).
+    #[error(transparent)]
+    Api(Arc<KubeError>),
+}
+
+impl LookupError {
+    /// A stable, low-cardinality name for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Throttled => "throttled",
+            Self::Api(error) => error.label(),
+        }
+    }
+}
+
+/// A pod as the broker decodes it from the API server: only the fields
+/// [`PodFacts`] come from. Everything else (managed fields, containers,
+/// volumes, statuses: tens of KiB per pod as k8s-openapi types, most of it
+/// managed fields as JSON trees) is skipped while decoding, never allocated,
+/// so a relist of thousands of pods costs little even in passing.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct PodView {
+    #[serde(deserialize_with = "lean_metadata")]
+    metadata: ObjectMeta,
+    #[serde(default)]
+    spec: Option<PodViewSpec>,
+    #[serde(default)]
+    status: Option<PodViewStatus>,
+}
+
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodViewSpec {
+    service_account_name: Option<String>,
+    service_account: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodViewStatus {
+    phase: Option<String>,
+    #[serde(rename = "podIP")]
+    pod_ip: Option<String>,
+    #[serde(rename = "podIPs")]
+    pod_ips: Option<Vec<k8s_openapi::api::core::v1::PodIP>>,
+}
+
+/// The metadata fields the broker reads, and the resource version the
+/// watcher resumes from.
+fn lean_metadata<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Lean {
+        name: Option<String>,
+        namespace: Option<String>,
+        uid: Option<String>,
+        resource_version: Option<String>,
+        labels: Option<std::collections::BTreeMap<String, String>>,
+        annotations: Option<std::collections::BTreeMap<String, String>>,
+        deletion_timestamp: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    }
+    let lean = <Lean as serde::Deserialize>::deserialize(deserializer)?;
+    Ok(ObjectMeta {
+        name: lean.name,
+        namespace: lean.namespace,
+        uid: lean.uid,
+        resource_version: lean.resource_version,
+        labels: lean.labels,
+        annotations: lean.annotations,
+        deletion_timestamp: lean.deletion_timestamp,
+        ..ObjectMeta::default()
+    })
+}
+
+impl kube::Resource for PodView {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        "Pod".into()
+    }
+    fn group(_: &()) -> Cow<'_, str> {
+        "".into()
+    }
+    fn version(_: &()) -> Cow<'_, str> {
+        "v1".into()
+    }
+    fn plural(_: &()) -> Cow<'_, str> {
+        "pods".into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+impl From<PodView> for PodFacts {
+    /// Through a [`Pod`] holding only what was decoded, so the rules'
+    /// reading of a pod (service account defaults, phases, addresses) stays
+    /// in one place, [`PodFacts`]'s `From<Pod>`.
+    fn from(view: PodView) -> Self {
+        let spec = view.spec.unwrap_or_default();
+        let status = view.status.unwrap_or_default();
+        PodFacts::from(Pod {
+            metadata: view.metadata,
+            spec: Some(k8s_openapi::api::core::v1::PodSpec {
+                service_account_name: spec.service_account_name,
+                service_account: spec.service_account,
+                ..Default::default()
+            }),
+            status: Some(k8s_openapi::api::core::v1::PodStatus {
+                phase: status.phase,
+                pod_ip: status.pod_ip,
+                pod_ips: status.pod_ips,
+                ..Default::default()
+            }),
+        })
+    }
+}
+
 /// The opted-in pods of every namespace, kept current by a reflector task;
 /// the task stops when this is dropped.
 pub struct PodWatch {
     client: Client,
-    store: Store<Pod>,
+    store: Store<PodFacts>,
     task: JoinHandle<()>,
+    direct: DirectReads,
 }
 
 impl PodWatch {
     /// Starts watching pods labelled [`ENABLED_LABEL`]=[`ENABLED_VALUE`] in
     /// all namespaces. Must be called within a tokio runtime.
     pub fn spawn(client: Client) -> Self {
-        let (store, writer) = reflector::store();
-        let config = watcher::Config::default().labels(&format!("{ENABLED_LABEL}={ENABLED_VALUE}"));
-        // The watcher relists and rewatches by itself after errors, with
-        // backoff; the store keeps its last state meanwhile and is replaced
-        // whole once a relist completes.
-        let events = watcher(Api::<Pod>::all(client.clone()), config).default_backoff().reflect(writer);
-        let task = tokio::spawn(events.for_each(|event| {
-            match event {
-                Ok(watcher::Event::InitDone) => tracing::info!("pod watch listed all opted-in pods"),
-                Ok(_) => {}
-                Err(error) => tracing::warn!(%error, "pod watch failed; serving cached pods while it retries"),
-            }
-            std::future::ready(())
-        }));
-        Self { client, store, task }
+        let config =
+            watcher::Config::default().labels(&format!("{ENABLED_LABEL}={ENABLED_VALUE}")).page_size(LIST_PAGE_SIZE);
+        let (store, task) = spawn_reflector(Api::<PodView>::all(client.clone()), config, "pod", PodFacts::from);
+        Self { client, store, task, direct: DirectReads::default() }
     }
 
     /// Whether the initial list has completed (the broker is ready). Stays
     /// true when the API server goes away later: the cache is still used.
     pub fn is_synced(&self) -> bool {
-        // The store's own readiness, so this and [`PodWatch::synced`] never
-        // disagree.
-        self.store.wait_until_ready().now_or_never().is_some_and(|ready| ready.is_ok())
+        is_ready(&self.store)
     }
 
     /// Waits until [`PodWatch::is_synced`].
@@ -198,32 +390,45 @@ impl PodWatch {
 
     /// The pod `namespace/name` if the watch has delivered it, without any
     /// API call.
-    pub fn cached(&self, namespace: &str, name: &str) -> Option<Arc<Pod>> {
+    pub fn cached(&self, namespace: &str, name: &str) -> Option<Arc<PodFacts>> {
         self.store.get(&ObjectRef::new(name).within(namespace))
     }
 
     /// The pod `namespace/name`: from the cache, or, on a miss, read
-    /// directly once (a pod's first request can beat the watch). `None`
-    /// when it does not exist. A pod read directly may lack the enabling
-    /// label; [`crate::authz::authorize`] says so.
-    pub async fn pod(&self, namespace: &str, name: &str) -> Result<Option<Arc<Pod>>, KubeError> {
+    /// directly (a pod's first request can beat the watch). `None` when it
+    /// does not exist. Concurrent misses for one pod share one read; its
+    /// outcome answers for [`DIRECT_READ_REMEMBERED`]; new reads beyond
+    /// [`DIRECT_READS_PER_SECOND`] are refused. A pod read directly may
+    /// lack the enabling label; [`crate::authz::authorize`] says so.
+    pub async fn pod(&self, namespace: &str, name: &str) -> Result<Option<Arc<PodFacts>>, LookupError> {
         if let Some(pod) = self.cached(namespace, name) {
             return Ok(Some(pod));
         }
-        // Boxed, `Api` included: this read is the rare path and its future is
-        // large (about 1.7 KiB); inline, it would make every caller's future
+        // Boxed: this is the rare path and its future is large (the read's
+        // is about 1.7 KiB); inline, it would make every caller's future
         // that large, and the server allocates one of those per request.
-        let api = Api::<Pod>::namespaced(self.client.clone(), namespace);
-        let pod = Box::pin(async move { api.get_opt(name).await }).await?;
-        Ok(pod.map(Arc::new))
+        Box::pin(self.read_directly(namespace, name)).await
+    }
+
+    /// The miss path of [`PodWatch::pod`].
+    async fn read_directly(&self, namespace: &str, name: &str) -> Result<Option<Arc<PodFacts>>, LookupError> {
+        let read = self.direct.join(namespace, name)?;
+        let outcome = read
+            .get_or_init(|| async {
+                let api = Api::<PodView>::namespaced(self.client.clone(), namespace);
+                let pod = bounded(api.get_opt(name)).await;
+                (Instant::now(), pod.map(|pod| pod.map(|pod| Arc::new(PodFacts::from(pod)))).map_err(Arc::new))
+            })
+            .await;
+        outcome.1.clone().map_err(LookupError::Api)
     }
 }
 
 #[cfg(test)]
 impl PodWatch {
     /// A watch over `store` (filled by the test), with no task.
-    fn over(client: Client, store: Store<Pod>) -> Self {
-        Self { client, store, task: tokio::spawn(async {}) }
+    fn over(client: Client, store: Store<PodFacts>) -> Self {
+        Self { client, store, task: tokio::spawn(async {}), direct: DirectReads::default() }
     }
 }
 
@@ -233,20 +438,263 @@ impl Drop for PodWatch {
     }
 }
 
+/// A direct read's outcome and when it came.
+type DirectRead = (Instant, Result<Option<Arc<PodFacts>>, Arc<KubeError>>);
+
+/// The direct pod reads running or remembered, and their rate limit.
+#[derive(Default)]
+struct DirectReads {
+    reads: Mutex<HashMap<(String, String), Pending>>,
+    budget: Mutex<TokenBucket>,
+}
+
+struct Pending {
+    started: Instant,
+    read: Arc<OnceCell<DirectRead>>,
+}
+
+impl Pending {
+    /// Whether this read still answers for its pod: running (and not
+    /// abandoned past [`KUBE_CALL_TIMEOUT`]), or found an answer (not an
+    /// error) within [`DIRECT_READ_REMEMBERED`].
+    fn answers(&self, now: Instant) -> bool {
+        match self.read.get() {
+            None => now.duration_since(self.started) < KUBE_CALL_TIMEOUT,
+            Some((at, outcome)) => outcome.is_ok() && now.duration_since(*at) < DIRECT_READ_REMEMBERED,
+        }
+    }
+}
+
+impl DirectReads {
+    /// The read to wait on for `namespace/name`: one that answers already,
+    /// else a new one if the budget allows.
+    fn join(&self, namespace: &str, name: &str) -> Result<Arc<OnceCell<DirectRead>>, LookupError> {
+        let now = Instant::now();
+        let key = (namespace.to_owned(), name.to_owned());
+        let mut reads = self.reads.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(pending) = reads.get(&key).filter(|p| p.answers(now)) {
+            return Ok(Arc::clone(&pending.read));
+        }
+        if !self.budget.lock().unwrap_or_else(PoisonError::into_inner).try_take(now) {
+            return Err(LookupError::Throttled);
+        }
+        if reads.len() >= MAX_DIRECT_READS {
+            reads.retain(|_, pending| pending.answers(now));
+            if reads.len() >= MAX_DIRECT_READS {
+                return Err(LookupError::Throttled);
+            }
+        }
+        let read = Arc::new(OnceCell::new());
+        reads.insert(key, Pending { started: now, read: Arc::clone(&read) });
+        Ok(read)
+    }
+}
+
+/// A token bucket in its GCRA form that refuses rather than queues: a
+/// request path must not wait for budget.
+#[derive(Debug)]
+struct TokenBucket {
+    /// Time between two takes at the sustained rate.
+    interval: Duration,
+    /// How far ahead of the sustained rate a burst may run.
+    tolerance: Duration,
+    /// The "theoretical arrival time" of the next take at the sustained rate.
+    next: Option<Instant>,
+}
+
+impl TokenBucket {
+    fn new(per_second: u32, burst: u32) -> Self {
+        let interval = Duration::from_secs(1) / per_second.max(1);
+        Self { interval, tolerance: interval * (burst.max(1) - 1), next: None }
+    }
+
+    /// Takes a token if one is left at `now`.
+    fn try_take(&mut self, now: Instant) -> bool {
+        let theoretical = self.next.map_or(now, |next| next.max(now));
+        if theoretical.duration_since(now) > self.tolerance {
+            return false;
+        }
+        self.next = Some(theoretical + self.interval);
+        true
+    }
+}
+
+impl Default for TokenBucket {
+    fn default() -> Self {
+        Self::new(DIRECT_READS_PER_SECOND, DIRECT_READ_BURST)
+    }
+}
+
+/// Every namespace as the [`NamespacePolicy`] sees it ([`NamespaceRule`]s),
+/// kept current by a reflector task, so the policy costs no API call per
+/// request and keeps answering while the API server is unreachable. The
+/// task stops when this is dropped.
+pub struct NamespaceWatch {
+    store: Store<NamespaceRule>,
+    task: JoinHandle<()>,
+}
+
+impl NamespaceWatch {
+    /// Starts watching all namespaces for `policy`. Must be called within a
+    /// tokio runtime.
+    pub fn spawn(client: Client, policy: NamespacePolicy) -> Self {
+        let api = Api::<Namespace>::all(client);
+        let (store, task) = spawn_reflector(api, watcher::Config::default(), "namespace", move |ns| policy.rule(ns));
+        Self { store, task }
+    }
+
+    /// Whether the initial list has completed.
+    pub fn is_synced(&self) -> bool {
+        is_ready(&self.store)
+    }
+
+    /// Waits until [`NamespaceWatch::is_synced`].
+    pub async fn synced(&self) {
+        let _ = self.store.wait_until_ready().await;
+    }
+
+    /// The namespace `name`, if the watch has delivered it.
+    pub fn get(&self, name: &str) -> Option<Arc<NamespaceRule>> {
+        self.store.get(&ObjectRef::new(name))
+    }
+}
+
+impl Drop for NamespaceWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts a reflector over `api` that keeps `keep(object)` of each object,
+/// and returns its store and task. The watcher relists and rewatches by
+/// itself after errors, with backoff; the store keeps its last state
+/// meanwhile and is replaced whole once a relist completes.
+fn spawn_reflector<K, F>(
+    api: Api<K>,
+    config: watcher::Config,
+    what: &'static str,
+    keep: impl Fn(K) -> F + Send + 'static,
+) -> (Store<F>, JoinHandle<()>)
+where
+    K: kube::Resource + Clone + DeserializeOwned + fmt::Debug + Send + 'static,
+    F: Lookup<DynamicType = ()> + Clone + Send + Sync + 'static,
+{
+    let (store, writer) = reflector::store();
+    // Each object is reduced as it arrives: the whole object lives only
+    // while it is decoded, never in the store.
+    let kept = watcher(api, config).default_backoff().map_ok(move |event| match event {
+        watcher::Event::Apply(object) => watcher::Event::Apply(keep(object)),
+        watcher::Event::Delete(object) => watcher::Event::Delete(keep(object)),
+        watcher::Event::InitApply(object) => watcher::Event::InitApply(keep(object)),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    });
+    let events = reflector::reflector(writer, kept);
+    let task = tokio::spawn(events.for_each(move |event| {
+        match event {
+            Ok(watcher::Event::InitDone) => tracing::info!("{what} watch listed everything"),
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "{what} watch failed; serving cached {what}s while it retries"),
+        }
+        std::future::ready(())
+    }));
+    (store, task)
+}
+
+/// The store's own readiness, so `is_synced` and `synced` never disagree.
+fn is_ready<K: Lookup + Clone + 'static>(store: &Store<K>) -> bool
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
+    store.wait_until_ready().now_or_never().is_some_and(|ready| ready.is_ok())
+}
+
+impl Lookup for PodFacts {
+    type DynamicType = ();
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        "Pod".into()
+    }
+    fn group(_: &()) -> Cow<'_, str> {
+        "".into()
+    }
+    fn version(_: &()) -> Cow<'_, str> {
+        "v1".into()
+    }
+    fn plural(_: &()) -> Cow<'_, str> {
+        "pods".into()
+    }
+    fn name(&self) -> Option<Cow<'_, str>> {
+        Some(self.name.as_str().into())
+    }
+    fn namespace(&self) -> Option<Cow<'_, str>> {
+        self.namespace.as_deref().map(Cow::from)
+    }
+    fn resource_version(&self) -> Option<Cow<'_, str>> {
+        None
+    }
+    fn uid(&self) -> Option<Cow<'_, str>> {
+        Some(self.uid.as_str().into())
+    }
+}
+
+impl Lookup for NamespaceRule {
+    type DynamicType = ();
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        "Namespace".into()
+    }
+    fn group(_: &()) -> Cow<'_, str> {
+        "".into()
+    }
+    fn version(_: &()) -> Cow<'_, str> {
+        "v1".into()
+    }
+    fn plural(_: &()) -> Cow<'_, str> {
+        "namespaces".into()
+    }
+    fn name(&self) -> Option<Cow<'_, str>> {
+        Some(self.name.as_str().into())
+    }
+    fn namespace(&self) -> Option<Cow<'_, str>> {
+        None
+    }
+    fn resource_version(&self) -> Option<Cow<'_, str>> {
+        None
+    }
+    fn uid(&self) -> Option<Cow<'_, str>> {
+        None
+    }
+}
+
 /// The broker's one-off Kubernetes calls.
 pub struct Cluster {
     client: Client,
     /// `reportingInstance` of Events: which broker replica saw the denial.
     instance: String,
-    /// When each (pod uid, reason) last got an Event.
-    recent_denials: Mutex<HashMap<(String, String), tokio::time::Instant>>,
+    /// The Event budget of each recently denied pod, by uid.
+    recent_denials: Mutex<HashMap<String, DenialWindow>>,
+    /// Event writes in flight ([`MAX_EVENT_WRITES_IN_FLIGHT`]).
+    event_writes: Arc<Semaphore>,
+}
+
+/// One pod's denial Events in the current [`DENIAL_EVENT_INTERVAL`].
+struct DenialWindow {
+    started: Instant,
+    /// Hashes of the reasons recorded (at most [`DENIAL_EVENTS_PER_POD`]).
+    reasons: Vec<u64>,
 }
 
 impl Cluster {
     /// `instance` names this broker replica in the Events it records (its
     /// pod name, say).
     pub fn new(client: Client, instance: impl Into<String>) -> Self {
-        Self { client, instance: instance.into(), recent_denials: Mutex::default() }
+        Self {
+            client,
+            instance: instance.into(),
+            recent_denials: Mutex::default(),
+            event_writes: Arc::new(Semaphore::new(MAX_EVENT_WRITES_IN_FLIGHT)),
+        }
     }
 
     /// A token for `namespace/service_account`, for `audience`, valid for
@@ -274,68 +722,88 @@ impl Cluster {
             },
             ..TokenRequest::default()
         };
-        let answer = Api::<ServiceAccount>::namespaced(self.client.clone(), namespace)
-            .create_token_request(service_account, &PostParams::default(), &request)
-            .await?;
+        let accounts = Api::<ServiceAccount>::namespaced(self.client.clone(), namespace);
+        let answer = bounded(accounts.create_token_request(service_account, &PostParams::default(), &request)).await?;
         match answer.status {
             Some(status) if !status.token.is_empty() => Ok(SecretToken(status.token)),
             _ => Err(KubeError::NoToken),
         }
     }
 
-    /// The namespace `name`, `None` if it does not exist.
-    pub async fn namespace(&self, name: &str) -> Result<Option<Namespace>, KubeError> {
-        Ok(Api::<Namespace>::all(self.client.clone()).get_opt(name).await?)
+    /// [`Cluster::record_denial`] in a task of its own, so the denied
+    /// request does not wait for it; nothing at all if
+    /// [`MAX_EVENT_WRITES_IN_FLIGHT`] writes are running already.
+    pub fn spawn_denial_event(self: &Arc<Self>, pod: Arc<PodFacts>, reason: String) {
+        let Ok(permit) = Arc::clone(&self.event_writes).try_acquire_owned() else {
+            tracing::debug!(pod = %pod.name, "denial Event writes at their limit; this denial gets none");
+            return;
+        };
+        let cluster = Arc::clone(self);
+        tokio::spawn(async move {
+            cluster.record_denial(&pod, &reason).await;
+            drop(permit);
+        });
     }
 
     /// Records a Warning Event on `pod` saying why it was denied
-    /// (`reason`, from [`crate::authz::Denial::reason`]). At most one per
-    /// pod and reason per [`DENIAL_EVENT_INTERVAL`]. A failure is logged,
-    /// never returned: the denial stands either way.
-    pub async fn record_denial(&self, pod: &Pod, reason: &str) {
-        let uid = pod.uid().unwrap_or_default();
-        if !self.first_recent_denial(&uid, reason) {
+    /// (`reason`, from [`crate::authz::Denial::reason`]), within the pod's
+    /// budget: at most [`DENIAL_EVENTS_PER_POD`] per
+    /// [`DENIAL_EVENT_INTERVAL`], none for a reason it already got one for
+    /// in that window. A failure (or [`KUBE_CALL_TIMEOUT`]) is logged, never
+    /// returned: the denial stands either way.
+    pub async fn record_denial(&self, pod: &PodFacts, reason: &str) {
+        let reason_hash = hash(reason);
+        if !self.take_denial_budget(&pod.uid, reason_hash) {
             return;
         }
-        let namespace = pod.namespace().unwrap_or_default();
+        let namespace = pod.namespace.clone().unwrap_or_default();
         let event = self.denial_event(pod, reason);
         let events = Api::<Event>::namespaced(self.client.clone(), &namespace);
-        if let Err(error) = events.create(&PostParams::default(), &event).await {
-            let error = KubeError::from(error);
+        if let Err(error) = bounded(events.create(&PostParams::default(), &event)).await {
             tracing::warn!(
                 %error,
                 error_label = error.label(),
-                pod = pod.name_any(),
+                pod = %pod.name,
                 namespace,
                 "could not record the denial as a Kubernetes Event"
             );
             // Let the next denial try again.
-            self.recent_denials().remove(&(uid, reason.to_owned()));
+            self.refund_denial_budget(&pod.uid, reason_hash);
         }
     }
 
-    /// Whether `reason` for pod `uid` got no Event within
-    /// [`DENIAL_EVENT_INTERVAL`]; if so, remembers it now.
-    fn first_recent_denial(&self, uid: &str, reason: &str) -> bool {
-        let now = tokio::time::Instant::now();
+    /// Whether pod `uid` may get an Event for the reason hashed
+    /// `reason_hash` now; if so, counts it.
+    fn take_denial_budget(&self, uid: &str, reason_hash: u64) -> bool {
+        let now = Instant::now();
+        let live = |window: &DenialWindow| now.duration_since(window.started) < DENIAL_EVENT_INTERVAL;
         let mut recent = self.recent_denials();
-        let key = (uid.to_owned(), reason.to_owned());
-        if recent.get(&key).is_some_and(|at| now.duration_since(*at) < DENIAL_EVENT_INTERVAL) {
-            return false;
+        if let Some(window) = recent.get_mut(uid).filter(|w| live(w)) {
+            if window.reasons.contains(&reason_hash) || window.reasons.len() >= DENIAL_EVENTS_PER_POD {
+                return false;
+            }
+            window.reasons.push(reason_hash);
+            return true;
         }
-        if recent.len() >= MAX_RECENT_DENIALS {
-            recent.retain(|_, at| now.duration_since(*at) < DENIAL_EVENT_INTERVAL);
-            if recent.len() >= MAX_RECENT_DENIALS {
-                // A flood of distinct denials: forget them all rather than
-                // grow; the worst case is a repeated Event.
-                recent.clear();
+        if recent.len() >= MAX_TRACKED_DENIALS && !recent.contains_key(uid) {
+            recent.retain(|_, window| live(window));
+            if recent.len() >= MAX_TRACKED_DENIALS {
+                return false;
             }
         }
-        recent.insert(key, now);
+        let mut reasons = Vec::with_capacity(DENIAL_EVENTS_PER_POD);
+        reasons.push(reason_hash);
+        recent.insert(uid.to_owned(), DenialWindow { started: now, reasons });
         true
     }
 
-    fn recent_denials(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), tokio::time::Instant>> {
+    fn refund_denial_budget(&self, uid: &str, reason_hash: u64) {
+        if let Some(window) = self.recent_denials().get_mut(uid) {
+            window.reasons.retain(|r| *r != reason_hash);
+        }
+    }
+
+    fn recent_denials(&self) -> std::sync::MutexGuard<'_, HashMap<String, DenialWindow>> {
         // Only plain inserts and removes happen under the lock.
         self.recent_denials.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -344,13 +812,12 @@ impl Cluster {
     /// Not the `Recorder` itself: it folds repeats by (reason, action,
     /// object) and keeps the first `note`, so a pod denied for a second
     /// reason would show the first one.
-    fn denial_event(&self, pod: &Pod, reason: &str) -> Event {
+    fn denial_event(&self, pod: &PodFacts, reason: &str) -> Event {
         let now = Timestamp::now();
-        let name = pod.name_any();
         Event {
             metadata: ObjectMeta {
-                name: Some(format!("{name}.{:x}", now.as_nanosecond())),
-                namespace: pod.namespace(),
+                name: Some(format!("{}.{:x}", pod.name, now.as_nanosecond())),
+                namespace: pod.namespace.clone(),
                 ..ObjectMeta::default()
             },
             action: Some(DENIAL_EVENT_ACTION.to_owned()),
@@ -360,10 +827,9 @@ impl Cluster {
             regarding: Some(ObjectReference {
                 api_version: Some("v1".to_owned()),
                 kind: Some("Pod".to_owned()),
-                name: Some(name),
-                namespace: pod.namespace(),
-                uid: pod.uid(),
-                resource_version: pod.resource_version(),
+                name: Some(pod.name.clone()),
+                namespace: pod.namespace.clone(),
+                uid: Some(pod.uid.clone()),
                 ..ObjectReference::default()
             }),
             reporting_controller: Some(REPORTING_CONTROLLER.to_owned()),
@@ -372,6 +838,13 @@ impl Cluster {
             ..Event::default()
         }
     }
+}
+
+/// A reason, reduced to what the Event budget compares.
+fn hash(reason: &str) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    reason.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// The longest prefix of `text` of at most `max` bytes that ends on a
@@ -434,6 +907,13 @@ mod tests {
         OneDenialEvent,
         /// One Event create refused with 500, then one created.
         DenialEventFailsThenSucceeds,
+        /// Every request is taken and never answered (a hung API server).
+        Hang,
+        /// Exactly this many direct reads of pods, each answered 404, then
+        /// no other request.
+        PodReadsNotFound(usize),
+        /// Exactly this many Events created, then no other request.
+        DenialEvents(usize),
     }
 
     struct ApiServerVerifier(ApiServerHandle);
@@ -462,6 +942,33 @@ mod tests {
                     Scenario::DenialEventFailsThenSucceeds => {
                         this.denial_event(StatusCode::INTERNAL_SERVER_ERROR).await;
                         this.denial_event(StatusCode::CREATED).await;
+                    }
+                    Scenario::Hang => {
+                        let mut held = Vec::new();
+                        while let Some(request) = this.0.next_request().await {
+                            held.push(request);
+                        }
+                    }
+                    Scenario::PodReadsNotFound(n) => {
+                        for _ in 0..n {
+                            let (request, send) = this.next().await;
+                            assert_eq!(request.method(), Method::GET);
+                            assert!(request.uri().path().starts_with(&format!("/api/v1/namespaces/{NS}/pods/")));
+                            send.send_response(json_response(StatusCode::NOT_FOUND, &status(StatusCode::NOT_FOUND)));
+                        }
+                    }
+                    Scenario::DenialEvents(n) => {
+                        for _ in 0..n {
+                            let (request, send) = this.next().await;
+                            assert_eq!(request.uri().path(), format!("/apis/events.k8s.io/v1/namespaces/{NS}/events"));
+                            let body = request.into_body().collect_bytes().await.unwrap();
+                            send.send_response(
+                                Response::builder()
+                                    .status(StatusCode::CREATED)
+                                    .body(Body::from(body.to_vec()))
+                                    .unwrap(),
+                            );
+                        }
                     }
                 }
                 this.no_more_requests().await;
@@ -526,6 +1033,7 @@ mod tests {
             assert_eq!(body["regarding"]["namespace"], NS);
             assert_eq!(body["regarding"]["uid"], UID);
             assert!(body["eventTime"].is_string(), "eventTime is required: {body}");
+            assert!(body["metadata"]["namespace"] == NS, "{body}");
             let name = body["metadata"]["name"].as_str().unwrap();
             assert!(name.starts_with(&format!("{POD}.")), "{name}");
             let answer = if code.is_success() { body } else { status(code) };
@@ -569,12 +1077,17 @@ mod tests {
         }
     }
 
+    /// [`pod`] as the watch keeps it.
+    fn facts(namespace: &str, name: &str) -> PodFacts {
+        PodFacts::from(pod(namespace, name))
+    }
+
     /// A synced store holding `pods`.
-    fn synced_store(pods: Vec<Pod>) -> Store<Pod> {
+    fn synced_store(pods: Vec<Pod>) -> Store<PodFacts> {
         let mut writer = Writer::default();
         writer.apply_watcher_event(&watcher::Event::Init);
         for pod in pods {
-            writer.apply_watcher_event(&watcher::Event::InitApply(pod));
+            writer.apply_watcher_event(&watcher::Event::InitApply(PodFacts::from(pod)));
         }
         writer.apply_watcher_event(&watcher::Event::InitDone);
         let store = writer.as_reader();
@@ -638,7 +1151,7 @@ mod tests {
         let mut writer = Writer::default();
         let watch = PodWatch::over(client, writer.as_reader());
         writer.apply_watcher_event(&watcher::Event::Init);
-        writer.apply_watcher_event(&watcher::Event::InitApply(pod(NS, POD)));
+        writer.apply_watcher_event(&watcher::Event::InitApply(facts(NS, POD)));
         assert!(!watch.is_synced());
         writer.apply_watcher_event(&watcher::Event::InitDone);
         assert!(watch.is_synced());
@@ -651,7 +1164,7 @@ mod tests {
         let verifier = verifier.run(Scenario::Nothing);
         let watch = PodWatch::over(client, synced_store(vec![pod(NS, POD)]));
         let found = watch.pod(NS, POD).await.unwrap().expect("the cached pod");
-        assert_eq!(found.metadata.uid.as_deref(), Some(UID));
+        assert_eq!(found.uid, UID);
         verified(verifier).await;
     }
 
@@ -662,7 +1175,7 @@ mod tests {
         // Another pod of the same name elsewhere must not answer.
         let watch = PodWatch::over(client, synced_store(vec![pod("team-b", POD)]));
         let found = watch.pod(NS, POD).await.unwrap().expect("the pod read directly");
-        assert_eq!(found.metadata.namespace.as_deref(), Some(NS));
+        assert_eq!(found.namespace.as_deref(), Some(NS));
         verified(verifier).await;
     }
 
@@ -679,7 +1192,7 @@ mod tests {
     async fn denial_is_recorded_as_a_warning_event_on_the_pod() {
         let (client, verifier) = mock_client();
         let verifier = verifier.run(Scenario::OneDenialEvent);
-        Cluster::new(client, "broker-0").record_denial(&pod(NS, POD), "pod is not enabled").await;
+        Cluster::new(client, "broker-0").record_denial(&facts(NS, POD), "pod is not enabled").await;
         verified(verifier).await;
     }
 
@@ -688,9 +1201,9 @@ mod tests {
         let (client, verifier) = mock_client();
         let verifier = verifier.run(Scenario::OneDenialEvent);
         let cluster = Cluster::new(client, "broker-0");
-        cluster.record_denial(&pod(NS, POD), "pod is not enabled").await;
+        cluster.record_denial(&facts(NS, POD), "pod is not enabled").await;
         tokio::time::advance(DENIAL_EVENT_INTERVAL - Duration::from_secs(1)).await;
-        cluster.record_denial(&pod(NS, POD), "pod is not enabled").await;
+        cluster.record_denial(&facts(NS, POD), "pod is not enabled").await;
         verified(verifier).await;
 
         // After the interval, the same denial is recorded again.
@@ -698,7 +1211,7 @@ mod tests {
         let cluster = Cluster { client, ..cluster };
         let verifier = verifier.run(Scenario::OneDenialEvent);
         tokio::time::advance(Duration::from_secs(1)).await;
-        cluster.record_denial(&pod(NS, POD), "pod is not enabled").await;
+        cluster.record_denial(&facts(NS, POD), "pod is not enabled").await;
         verified(verifier).await;
     }
 
@@ -707,9 +1220,151 @@ mod tests {
         let (client, verifier) = mock_client();
         let verifier = verifier.run(Scenario::DenialEventFailsThenSucceeds);
         let cluster = Cluster::new(client, "broker-0");
-        cluster.record_denial(&pod(NS, POD), "pod is not enabled").await;
-        cluster.record_denial(&pod(NS, POD), "pod is not enabled").await;
+        cluster.record_denial(&facts(NS, POD), "pod is not enabled").await;
+        cluster.record_denial(&facts(NS, POD), "pod is not enabled").await;
         verified(verifier).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_one_off_call_to_a_hung_api_server_fails_at_the_deadline() {
+        let (client, verifier) = mock_client();
+        let _verifier = verifier.run(Scenario::Hang);
+        let watch = PodWatch::over(client.clone(), synced_store(vec![]));
+        let cluster = Cluster::new(client, "broker-0");
+
+        // Paused time: a call that hangs fails the test when this fires.
+        async fn within<T>(call: impl Future<Output = T>) -> T {
+            tokio::time::timeout(KUBE_CALL_TIMEOUT * 2, call).await.expect("a call outlived its deadline")
+        }
+        let started = Instant::now();
+        let error = within(watch.pod(NS, POD)).await.unwrap_err();
+        assert_eq!((error.label(), started.elapsed()), ("timeout", KUBE_CALL_TIMEOUT), "{error}");
+        let started = Instant::now();
+        let error = within(token(&cluster)).await.unwrap_err();
+        assert_eq!((error.label(), started.elapsed()), ("timeout", KUBE_CALL_TIMEOUT), "{error}");
+        let started = Instant::now();
+        within(cluster.record_denial(&facts(NS, POD), "pod is not enabled")).await;
+        assert_eq!(started.elapsed(), KUBE_CALL_TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_misses_for_one_pod_share_one_read_remembered_for_a_while() {
+        let (client, verifier) = mock_client();
+        let verifier = verifier.run(Scenario::PodReadsNotFound(1));
+        let mut watch = PodWatch::over(client, synced_store(vec![]));
+        let lookups = (0..50).map(|_| watch.pod(NS, "nope"));
+        for found in futures_util::future::join_all(lookups).await {
+            assert!(found.unwrap().is_none());
+        }
+        // Remembered: no second read.
+        tokio::time::advance(DIRECT_READ_REMEMBERED - Duration::from_millis(1)).await;
+        assert!(watch.pod(NS, "nope").await.unwrap().is_none());
+        verified(verifier).await;
+
+        // Forgotten: read again.
+        let (client, verifier) = mock_client();
+        watch.client = client;
+        let verifier = verifier.run(Scenario::PodReadsNotFound(1));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(watch.pod(NS, "nope").await.unwrap().is_none());
+        verified(verifier).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn direct_reads_beyond_the_budget_are_throttled_without_an_api_call() {
+        let burst = DIRECT_READ_BURST as usize;
+        let (client, verifier) = mock_client();
+        let verifier = verifier.run(Scenario::PodReadsNotFound(burst));
+        let watch = PodWatch::over(client, synced_store(vec![]));
+        let names: Vec<String> = (0..200).map(|i| format!("nope-{i}")).collect();
+        let lookups = names.iter().map(|name| watch.pod(NS, name));
+        let outcomes = futures_util::future::join_all(lookups).await;
+        let throttled = outcomes.iter().filter(|o| matches!(o, Err(LookupError::Throttled))).count();
+        assert_eq!(throttled, names.len() - burst);
+        verified(verifier).await;
+
+        // The refill at the sustained rate: `token_bucket_allows_the_burst_then_the_rate`.
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn denials_with_distinct_reasons_stay_within_the_pods_event_budget() {
+        let (client, verifier) = mock_client();
+        let verifier = verifier.run(Scenario::DenialEvents(DENIAL_EVENTS_PER_POD));
+        let cluster = Cluster::new(client, "broker-0");
+        for i in 0..1000 {
+            let reason = format!("pod is annotated with another role than arn:aws:iam::123456789012:role/r-{i}");
+            cluster.record_denial(&facts(NS, POD), &reason).await;
+        }
+        verified(verifier).await;
+
+        // A new window, a new budget.
+        let (client, verifier) = mock_client();
+        let cluster = Cluster { client, ..cluster };
+        let verifier = verifier.run(Scenario::DenialEvents(1));
+        tokio::time::advance(DENIAL_EVENT_INTERVAL).await;
+        cluster.record_denial(&facts(NS, POD), "pod is not enabled").await;
+        verified(verifier).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn event_writes_in_flight_are_capped() {
+        let (client, mut handle) = mock_client();
+        let cluster = Arc::new(Cluster::new(client, "broker-0"));
+        for i in 0..100 {
+            let mut pod = facts(NS, &format!("pod-{i}"));
+            pod.uid = format!("uid-{i}");
+            cluster.spawn_denial_event(Arc::new(pod), "pod is not enabled".to_owned());
+        }
+        // The API server holds every write it gets; only the capped number
+        // ever reaches it.
+        let mut held = Vec::new();
+        while let Ok(Some(request)) = tokio::time::timeout(QUIET, handle.0.next_request()).await {
+            held.push(request);
+        }
+        assert_eq!(held.len(), MAX_EVENT_WRITES_IN_FLIGHT);
+    }
+
+    #[test]
+    fn a_pod_decoded_lean_has_the_same_facts_as_the_whole_pod() {
+        let json = json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": POD, "namespace": NS, "uid": UID, "resourceVersion": "42",
+                "labels": { ENABLED_LABEL: ENABLED_VALUE, "app": "web" },
+                "annotations": { crate::authz::ROLE_ARN_ANNOTATION: "arn:aws:iam::123456789012:role/app" },
+                "deletionTimestamp": "2026-11-30T08:00:00Z",
+                "managedFields": [{ "manager": "kubectl", "operation": "Update", "fieldsType": "FieldsV1",
+                    "fieldsV1": { "f:spec": { "f:containers": { "k:{\"name\":\"app\"}": {} } } } }],
+            },
+            "spec": {
+                "serviceAccount": "legacy",
+                "containers": [{ "name": "app", "image": "app", "env": [{ "name": "A", "value": "b" }] }],
+            },
+            "status": { "phase": "Failed", "podIP": "10.0.0.1", "podIPs": [{ "ip": "10.0.0.1" }, { "ip": "fd00::1" }] },
+        });
+        let whole = PodFacts::from(serde_json::from_value::<Pod>(json.clone()).unwrap());
+        let view: PodView = serde_json::from_value(json).unwrap();
+        assert_eq!(view.metadata.resource_version.as_deref(), Some("42"), "the watcher resumes from it");
+        assert!(view.metadata.managed_fields.is_none());
+        assert_eq!(PodFacts::from(view), whole);
+        assert_eq!(
+            (whole.service_account.as_str(), whole.finished, whole.terminating),
+            ("legacy", Some("Failed"), true)
+        );
+        // The least a pod can be.
+        let bare: PodView = serde_json::from_value(json!({ "metadata": { "name": POD } })).unwrap();
+        assert_eq!(PodFacts::from(bare).service_account, crate::authz::DEFAULT_SERVICE_ACCOUNT);
+    }
+
+    #[test]
+    fn token_bucket_allows_the_burst_then_the_rate() {
+        let mut bucket = TokenBucket::new(10, 3);
+        let now = Instant::now();
+        assert_eq!((0..5).map(|_| bucket.try_take(now)).collect::<Vec<_>>(), [true, true, true, false, false]);
+        assert!(!bucket.try_take(now + Duration::from_millis(99)));
+        assert!(bucket.try_take(now + Duration::from_millis(100)));
+        assert!(!bucket.try_take(now + Duration::from_millis(100)));
     }
 
     #[test]

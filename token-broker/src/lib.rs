@@ -11,6 +11,8 @@
 //!
 //! Layout:
 //! - [`identity`]: who is calling: SPIFFE IDs and `X-Forwarded-Client-Cert`.
+//! - [`peer`]: where the caller is: the connection's peer address, which
+//!   must be the named pod's, and in `xfcc` mode the broker's own sidecar.
 //! - [`authz`]: may this caller use this role: the pod and namespace rules.
 //! - [`session`]: STS request parameters we validate ourselves (role ARN,
 //!   duration) and the `RoleSessionName` CloudTrail shows.
@@ -18,21 +20,27 @@
 //!   flight, refresh ahead, backoff, bounded upstream load and memory.
 //! - [`error`]: every failure of a credential request, mapped to the contract's
 //!   status and `Code`.
-//! - [`kube`]: the Kubernetes calls: the pod watch (reflector, direct read on
-//!   a miss), TokenRequest, namespaces, denial Events.
+//! - [`kube`]: the Kubernetes calls: the pod and namespace watches (small
+//!   facts, not whole objects; a bounded direct read on a pod miss),
+//!   TokenRequest, denial Events (a budget per pod); every call under a
+//!   deadline.
 //! - [`sts`]: STS `AssumeRoleWithWebIdentity` (unsigned, rustls on ring) and
 //!   what its errors mean for the contract.
 //! - [`server`]: the HTTP service: `/v1/credentials` per the contract,
 //!   `/healthz`, `/readyz`, `/metrics`, graceful shutdown.
+//! - [`connections`]: each listener's HTTP/1.1 connections, capped in
+//!   number, closed when they send no request head in time.
 //! - [`tls`]: the `mtls` mode's listener: TLS with required client
 //!   certificates, the caller from their SPIFFE URI SAN, certificate reload.
 #![forbid(unsafe_code)]
 
 pub mod authz;
 pub mod cache;
+pub mod connections;
 pub mod error;
 pub mod identity;
 pub mod kube;
+pub mod peer;
 pub mod server;
 pub mod session;
 pub mod sts;

@@ -16,7 +16,9 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use futures_util::future::BoxFuture;
 use token_broker::authz::NamespacePolicy;
+use token_broker::connections::{self, HttpLimits};
 use token_broker::identity::{SpiffeId, XfccVerifier};
+use token_broker::peer::{DEFAULT_SIDECAR_SOURCES, SourceRange};
 use token_broker::server::{self, App, AppConfig, IdentityMode};
 use token_broker::sts::{StsClient, StsConfig};
 use token_broker::tls::{MtlsFiles, MtlsListener};
@@ -80,6 +82,27 @@ struct Args {
     #[arg(long, env = "TOKEN_BROKER_TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
 
+    /// xfcc mode: the addresses (or CIDR blocks, comma-separated) the
+    /// broker's own sidecar connects from: Istio's inbound passthrough
+    /// addresses. Connections from anywhere else skipped the sidecar (a
+    /// port-forward, a process reaching the port directly) and are refused.
+    #[arg(long, env = "TOKEN_BROKER_SIDECAR_SOURCES", value_delimiter = ',', default_values = DEFAULT_SIDECAR_SOURCES)]
+    sidecar_sources: Vec<SourceRange>,
+
+    /// Do not require the caller's connection to come from one of the
+    /// addresses of the pod it names (xfcc: as the broker's sidecar states
+    /// it; mtls: the TLS peer). Without the check, any pod of a service
+    /// account can get the role of any enabled pod of that service account.
+    /// Only for networks that rewrite pod source addresses on the way.
+    #[arg(long, env = "TOKEN_BROKER_SKIP_POD_ADDRESS_CHECK")]
+    skip_pod_address_check: bool,
+
+    /// insecure-dev mode: start even inside a Kubernetes cluster
+    /// (KUBERNETES_SERVICE_HOST set), where it refuses to by default. Any
+    /// caller can then claim any identity.
+    #[arg(long, env = "TOKEN_BROKER_ALLOW_INSECURE_DEV_IN_CLUSTER")]
+    allow_insecure_dev_in_cluster: bool,
+
     /// Kubernetes API URL to use without credentials (development and tests).
     /// Without it the client is inferred: in-cluster service account, else
     /// KUBECONFIG or ~/.kube/config.
@@ -133,6 +156,19 @@ struct Args {
     /// exiting anyway.
     #[arg(long, env = "TOKEN_BROKER_SHUTDOWN_GRACE_SECONDS", default_value_t = 20)]
     shutdown_grace_seconds: u64,
+
+    /// Connections --listen holds open at once; more wait, unserved, in the
+    /// kernel's accept queue until others close (--admin-listen: 64).
+    #[arg(long, env = "TOKEN_BROKER_MAX_CONNECTIONS", default_value_t = connections::DEFAULT_MAX_CONNECTIONS as u32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+
+    /// Seconds a connection may take to send a request head, counted from
+    /// when it connected or from its previous response: slow heads and
+    /// idle keep-alive connections are closed after it (both listeners).
+    #[arg(long, env = "TOKEN_BROKER_HEADER_TIMEOUT_SECONDS", default_value_t = connections::DEFAULT_HEADER_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    header_timeout_seconds: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -199,6 +235,12 @@ async fn serve(args: Args) -> Result<(), String> {
         Mode::Mtls => IdentityMode::Mtls { trust_domain: args.trust_domain.clone() },
         Mode::InsecureDev => IdentityMode::InsecureDev { trust_domain: args.trust_domain.clone() },
     };
+    if args.identity_mode == Mode::InsecureDev && !args.allow_insecure_dev_in_cluster && in_cluster() {
+        return Err("--identity-mode insecure-dev refuses to run inside a Kubernetes cluster \
+                    (KUBERNETES_SERVICE_HOST is set): every caller could claim any identity. \
+                    Use xfcc or mtls, or pass --allow-insecure-dev-in-cluster"
+            .into());
+    }
     // Flags of another mode are refused rather than ignored: a broker started
     // with `--tls-cert` but without `--identity-mode mtls` would otherwise
     // serve plain HTTP.
@@ -241,6 +283,12 @@ async fn serve(args: Args) -> Result<(), String> {
     config.token_audience = args.token_audience.clone();
     config.token_lifetime_seconds = args.token_lifetime_seconds;
     config.namespace_policy = args.namespace_policy_annotation.clone().map(|annotation| NamespacePolicy { annotation });
+    config.http = HttpLimits {
+        max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+        header_timeout: Duration::from_secs(args.header_timeout_seconds),
+    };
+    config.pod_address_check = !args.skip_pod_address_check;
+    config.sidecar_sources = args.sidecar_sources.clone();
     let app = Arc::new(App::new(config, client, sts, args.instance.clone()));
 
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -286,6 +334,13 @@ async fn serve(args: Args) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// Whether this process runs in a Kubernetes pod: the kubelet sets
+/// `KUBERNETES_SERVICE_HOST` in every container (what in-cluster
+/// configuration reads).
+fn in_cluster() -> bool {
+    std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|host| !host.is_empty())
 }
 
 fn finished(result: Result<std::io::Result<()>, tokio::task::JoinError>) -> Result<(), String> {

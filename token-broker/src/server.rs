@@ -4,11 +4,15 @@
 //! [`crate::kube`], [`crate::cache`], [`crate::sts`]).
 //!
 //! One credential request, in order, each step answering its own status:
-//! 1. who is calling ([`IdentityMode`]), else 401;
+//! 1. who is calling ([`IdentityMode`]) and from where ([`crate::peer`]: in
+//!    `xfcc` mode only connections from the broker's sidecar count, and it
+//!    states the caller's address), else 401;
 //! 2. `role_arn` and `pod`, each exactly once and well-formed, else 400;
-//! 3. the pod, from the watch or read once directly, else 404 (503 when the
-//!    Kubernetes API cannot say);
-//! 4. the authorization rules and the optional namespace policy, else 403,
+//! 3. the pod, from the watch or read directly (shared, remembered briefly,
+//!    rate-limited: [`crate::kube::PodWatch::pod`]), else 404 (429 when the
+//!    direct-read budget is spent, 503 when the Kubernetes API cannot say);
+//! 4. the authorization rules and the optional namespace policy, then that
+//!    the caller is the pod (its address one of the pod's IPs), else 403,
 //!    logged with the rule and recorded as an Event on the pod;
 //! 5. credentials for (role, namespace, service account) from the
 //!    [`Cache`], whose fetch mints a pod-bound TokenRequest and exchanges it
@@ -16,12 +20,14 @@
 //! 6. the IMDS credential document.
 //!
 //! [`run`] takes the listener and a shutdown future, so tests bind
-//! `127.0.0.1:0` and stop the server when they like.
+//! `127.0.0.1:0` and stop the server when they like. Every listener's
+//! connections are capped and timed out by [`crate::connections`].
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::future::Future;
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -31,8 +37,6 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use axum::routing::get;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use percent_encoding::percent_decode_str;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -45,13 +49,15 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::time::Instant;
 
-use crate::authz::{self, Denial, NamespacePolicy};
+use crate::authz::{self, Denial, NamespacePolicy, PodFacts};
 use crate::cache::{
     Cache, CacheConfig, CacheKey, Credentials, Expiring, FailedAt, FetchError, FetchErrorKind, FetchFuture,
 };
+use crate::connections::{self, HttpLimits};
 use crate::error::BrokerError;
 use crate::identity::{self, CallerIdentity, IdentityError, SpiffeId, XfccVerifier};
-use crate::kube::{Cluster, KubeError, PodWatch};
+use crate::kube::{Cluster, KubeError, LookupError, NamespaceWatch, PodWatch};
+use crate::peer::{self, PeerError, SourceRange};
 use crate::session;
 use crate::sts::StsClient;
 use crate::tls::{ClientCertificate, MtlsListener};
@@ -69,6 +75,10 @@ pub const DEFAULT_TOKEN_LIFETIME_SECONDS: i64 = 3600;
 /// better still, but the cache's fetch timeout is 30 s, and a waiter giving
 /// up earlier does not cancel the fetch; the next request joins it.
 pub const DEFAULT_CREDENTIALS_DEADLINE: Duration = Duration::from_secs(25);
+
+/// `Retry-After` when the broker's own budget for pod lookups the watch
+/// cannot answer is spent ([`crate::kube::DIRECT_READS_PER_SECOND`]).
+pub const LOOKUP_RETRY: Duration = Duration::from_secs(1);
 
 /// `Retry-After` for an STS throttle that named no delay of its own.
 pub const DEFAULT_THROTTLE_RETRY: Duration = Duration::from_secs(5);
@@ -159,6 +169,19 @@ pub struct AppConfig {
     pub credentials_deadline: Duration,
     /// The cache's limits and clock.
     pub cache: CacheConfig,
+    /// Connections per listener and how long one may take to send a
+    /// request head ([`crate::connections`]); the admin listener's cap is
+    /// [`crate::connections::ADMIN_MAX_CONNECTIONS`].
+    pub http: HttpLimits,
+    /// Whether the caller must be the pod it names: its connection's peer
+    /// address one of the pod's IPs ([`crate::peer`]). On by default; off
+    /// only where something between the pods and the broker rewrites source
+    /// addresses. Never checked in `insecure-dev` mode.
+    pub pod_address_check: bool,
+    /// `xfcc` mode: where the broker's own sidecar connects from
+    /// ([`peer::DEFAULT_SIDECAR_SOURCES`]); every other connection skipped
+    /// the sidecar and is refused (401).
+    pub sidecar_sources: Vec<SourceRange>,
 }
 
 impl AppConfig {
@@ -171,6 +194,9 @@ impl AppConfig {
             namespace_policy: None,
             credentials_deadline: DEFAULT_CREDENTIALS_DEADLINE,
             cache: CacheConfig::default(),
+            http: HttpLimits::default(),
+            pod_address_check: true,
+            sidecar_sources: peer::default_sidecar_sources(),
         }
     }
 }
@@ -179,6 +205,8 @@ impl AppConfig {
 pub struct App {
     config: AppConfig,
     pods: PodWatch,
+    /// Only with the namespace policy.
+    namespaces: Option<NamespaceWatch>,
     cluster: Arc<Cluster>,
     cache: Arc<Cache<Served>>,
     bindings: Arc<Bindings>,
@@ -197,6 +225,7 @@ impl App {
     /// the Events it records. Must be called inside a tokio runtime.
     pub fn new(config: AppConfig, client: ::kube::Client, sts: StsClient, instance: impl Into<String>) -> Self {
         let pods = PodWatch::spawn(client.clone());
+        let namespaces = config.namespace_policy.clone().map(|policy| NamespaceWatch::spawn(client.clone(), policy));
         let cluster = Arc::new(Cluster::new(client, instance));
         let metrics = Arc::new(Metrics::default());
         let bindings = Arc::new(Bindings::new(config.cache.max_keys));
@@ -217,16 +246,39 @@ impl App {
         registry.register_collector(Box::new(CacheCollector(Arc::clone(&cache))));
         if config.identity.is_insecure() {
             tracing::warn!(
-                "identity mode insecure-dev: callers are identified by plain headers anyone can set; \
+                "identity mode insecure-dev: callers are identified by plain headers anyone can set, and \
+                 no caller's address is checked against the pod it names; /readyz stays 503; \
                  never run this in a cluster"
             );
+        } else if !config.pod_address_check {
+            tracing::warn!(
+                "pod address check off: any pod of a service account can get the role of any enabled pod \
+                 of that service account"
+            );
         }
-        Self { config, pods, cluster, cache, bindings, metrics, registry }
+        Self { config, pods, namespaces, cluster, cache, bindings, metrics, registry }
     }
 
-    /// Whether the pod watch has synced (what `/readyz` answers).
+    /// Whether the broker should get traffic (what `/readyz` answers): the
+    /// pod watch has synced, and the identity mode is not `insecure-dev`,
+    /// which is never ready, so no Service sends it callers.
     pub fn is_ready(&self) -> bool {
-        self.pods.is_synced()
+        self.is_synced() && !self.config.identity.is_insecure()
+    }
+
+    /// Whether the pod watch, and with the namespace policy the namespace
+    /// watch, have synced. A broker whose service account may not list
+    /// namespaces (RBAC rendered without the policy) so never gets ready,
+    /// rather than answering every request 503.
+    pub fn is_synced(&self) -> bool {
+        self.unsynced_watches().is_empty()
+    }
+
+    /// The watches that have not synced yet: `pod`, `namespace`.
+    fn unsynced_watches(&self) -> Vec<&'static str> {
+        let pods = (!self.pods.is_synced()).then_some("pod");
+        let namespaces = self.namespaces.as_ref().filter(|watch| !watch.is_synced()).map(|_| "namespace");
+        pods.into_iter().chain(namespaces).collect()
     }
 
     /// Answers one credential request: the whole contract but the HTTP
@@ -234,25 +286,30 @@ impl App {
     async fn credentials(
         &self,
         headers: &HeaderMap,
-        peer: Option<&ClientCertificate>,
+        connection: &Connection<'_>,
         query: Option<&str>,
     ) -> Result<Arc<Served>, BrokerError> {
-        let caller = self.config.identity.verify(headers, peer)?;
+        let address = self.caller_address(headers, connection)?;
+        let caller = self.config.identity.verify(headers, connection.certificate)?;
         let (role_arn, pod_name) = parse_query(query)?;
         let ns = caller.namespace.as_str();
 
         let pod = match self.pods.pod(ns, &pod_name).await {
             Ok(Some(pod)) => pod,
             Ok(None) => return Err(BrokerError::PodNotFound { namespace: ns.to_owned(), name: pod_name.into_owned() }),
-            Err(error) => return Err(self.kube_unavailable(&error)),
+            Err(LookupError::Throttled) => return Err(BrokerError::Throttled { retry_after: LOOKUP_RETRY }),
+            Err(LookupError::Api(error)) => return Err(self.kube_unavailable(&error)),
         };
-        self.authorize(&caller, &role_arn, &pod).await?;
+        self.authorize(&caller, &role_arn, &pod)?;
+        if let Some(address) = address {
+            self.check_caller_is_pod(&caller, address, &pod)?;
+        }
 
         // The caller's names move into the key: it is not needed after this.
         let CallerIdentity { namespace, service_account, .. } = caller;
         let key = CacheKey { role_arn, namespace, service_account };
         // The fetch binds its token to the pod that asked last for this key.
-        self.bindings.bind(&key, &pod_name, pod.metadata.uid.as_deref().unwrap_or_default());
+        self.bindings.bind(&key, &pod_name, &pod.uid);
         if let Some(credentials) = self.cache.get_cached(&key) {
             return Ok(credentials);
         }
@@ -268,35 +325,64 @@ impl App {
 
     /// The pod rules, then the namespace policy; a denial is logged, counted
     /// and recorded as an Event in the background.
-    async fn authorize(&self, caller: &CallerIdentity, role_arn: &str, pod: &Arc<Pod>) -> Result<(), BrokerError> {
+    fn authorize(&self, caller: &CallerIdentity, role_arn: &str, pod: &Arc<PodFacts>) -> Result<(), BrokerError> {
         let (ns, sa) = (caller.namespace.as_str(), caller.service_account.as_str());
-        // No verdict is held across the await below: that keeps this future,
-        // and so every request's, small.
         if let Err(denial) = authz::authorize(ns, sa, role_arn, pod) {
             return Err(self.deny(caller, pod, denial));
         }
-        let Some(policy) = &self.config.namespace_policy else { return Ok(()) };
-        // Boxed, like the pod read in `PodWatch::pod`: a large future on a
-        // path most deployments skip.
-        let namespace = match Box::pin(self.cluster.namespace(ns)).await {
-            Ok(namespace) => namespace,
-            Err(error) => return Err(self.kube_unavailable(&error)),
+        let Some(namespaces) = &self.namespaces else { return Ok(()) };
+        // From the namespace watch: no API call, and it answers through an
+        // API server outage. A namespace it has not delivered yet (created
+        // a moment ago) is not denied: that would be remembered as a denial.
+        let Some(namespace) = namespaces.get(ns) else {
+            return Err(BrokerError::Unavailable(format!("namespace {ns} not known to the broker yet; retry")));
         };
-        // A namespace that is gone carries no policy, so it permits nothing.
-        let namespace = namespace.unwrap_or_else(|| Namespace {
-            metadata: ObjectMeta { name: Some(ns.to_owned()), ..ObjectMeta::default() },
-            ..Namespace::default()
-        });
-        policy.check(&namespace, role_arn).map_err(|denial| self.deny(caller, pod, denial))
+        namespace.check(role_arn).map_err(|denial| self.deny(caller, pod, denial))
     }
 
-    fn deny(&self, caller: &CallerIdentity, pod: &Arc<Pod>, denial: Denial) -> BrokerError {
+    fn deny(&self, caller: &CallerIdentity, pod: &Arc<PodFacts>, denial: Denial) -> BrokerError {
         let reason = denial.reason();
         tracing::warn!(caller = %caller.spiffe_id, rule = denial.label(), %reason, "credentials denied");
         self.metrics.denials.get_or_create(&RuleLabel { rule: denial.label() }).inc();
-        let (cluster, pod, event_reason) = (Arc::clone(&self.cluster), Arc::clone(pod), reason.clone());
-        tokio::spawn(async move { cluster.record_denial(&pod, &event_reason).await });
+        self.cluster.spawn_denial_event(Arc::clone(pod), reason.clone());
         BrokerError::AccessDenied { label: denial.label(), reason }
+    }
+
+    /// Where the caller's connection comes from, when the pod check needs
+    /// it ([`crate::peer`]); in `xfcc` mode, first that the connection came
+    /// through the broker's sidecar at all. Either failing is 401.
+    fn caller_address(&self, headers: &HeaderMap, connection: &Connection<'_>) -> Result<Option<IpAddr>, BrokerError> {
+        let check = self.config.pod_address_check;
+        let address = match &self.config.identity {
+            IdentityMode::Xfcc(_) => peer::through_sidecar(connection.peer, &self.config.sidecar_sources)
+                .and_then(|()| if check { peer::stated(headers).map(Some) } else { Ok(None) }),
+            IdentityMode::Mtls { .. } if check => {
+                connection.peer.map(|peer| Some(peer.ip().to_canonical())).ok_or(PeerError::NoConnection)
+            }
+            // insecure-dev has no verifiable peer: it runs outside the
+            // cluster, where no caller has a pod's address.
+            IdentityMode::Mtls { .. } | IdentityMode::InsecureDev { .. } => Ok(None),
+        };
+        address.map_err(|error| {
+            tracing::info!(%error, "caller not authenticated");
+            BrokerError::Unauthenticated { label: error.label() }
+        })
+    }
+
+    /// The caller must be the pod it names: a sibling pod of the same
+    /// service account has the same mesh identity but not the same address.
+    /// A pod without an address yet is the start-up race of 404.
+    fn check_caller_is_pod(
+        &self,
+        caller: &CallerIdentity,
+        address: IpAddr,
+        pod: &Arc<PodFacts>,
+    ) -> Result<(), BrokerError> {
+        if pod.ips.is_empty() {
+            let namespace = pod.namespace.clone().unwrap_or_default();
+            return Err(BrokerError::PodHasNoAddress { namespace, name: pod.name.clone() });
+        }
+        authz::caller_is_pod(address, pod).map_err(|denial| self.deny(caller, pod, denial))
     }
 
     fn kube_unavailable(&self, error: &KubeError) -> BrokerError {
@@ -516,6 +602,11 @@ struct RuleLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabel {
     error: &'static str,
 }
@@ -532,6 +623,7 @@ struct Metrics {
     successes: Counter,
     request_duration: Histogram,
     denials: Family<RuleLabel, Counter>,
+    unauthenticated: Family<ReasonLabel, Counter>,
     sts_calls: Counter,
     sts_errors: Family<CodeLabel, Counter>,
     sts_duration: Histogram,
@@ -548,6 +640,7 @@ impl Default for Metrics {
             successes,
             request_duration: latency_histogram(),
             denials: Family::default(),
+            unauthenticated: Family::default(),
             sts_calls: Counter::default(),
             sts_errors: Family::default(),
             sts_duration: latency_histogram(),
@@ -570,6 +663,11 @@ impl Metrics {
             self.request_duration.clone(),
         );
         registry.register("denials", "Credential requests denied, by authorization rule", self.denials.clone());
+        registry.register(
+            "unauthenticated",
+            "Credential requests without a verifiable caller, by reason",
+            self.unauthenticated.clone(),
+        );
         registry.register("sts_calls", "AssumeRoleWithWebIdentity calls made", self.sts_calls.clone());
         registry.register("sts_errors", "Failed STS calls by STS error code", self.sts_errors.clone());
         registry.register("sts_call_duration_seconds", "Time of one STS call", self.sts_duration.clone());
@@ -651,7 +749,10 @@ pub async fn run(
     app: Arc<App>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    axum::serve(listener, router(app)).with_graceful_shutdown(shutdown).await
+    // The peer address of each connection: in xfcc mode, whether it came
+    // through the broker's sidecar.
+    let limits = app.config.http;
+    connections::serve(listener, router(app), limits, connections::peer_address, shutdown).await
 }
 
 /// Serves the broker over TLS with verified client certificates (the `mtls`
@@ -661,8 +762,14 @@ pub async fn run_mtls(
     app: Arc<App>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    let service = router(app).into_make_service_with_connect_info::<ClientCertificate>();
-    axum::serve(listener, service).with_graceful_shutdown(shutdown).await
+    let limits = app.config.http;
+    let connect_info = |stream: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>, peer: &SocketAddr| {
+        let mut extensions = axum::http::Extensions::new();
+        extensions.insert(ConnectInfo(ClientCertificate::of_connection(stream, *peer)));
+        extensions.insert(ConnectInfo(*peer));
+        extensions
+    };
+    connections::serve(listener, router(app), limits, connect_info, shutdown).await
 }
 
 /// Serves only `/healthz`, `/readyz` and `/metrics` over plain HTTP, like
@@ -673,7 +780,8 @@ pub async fn run_admin(
     app: Arc<App>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    axum::serve(listener, admin_routes().with_state(app)).with_graceful_shutdown(shutdown).await
+    let limits = HttpLimits { max_connections: connections::ADMIN_MAX_CONNECTIONS, ..app.config.http };
+    connections::serve(listener, admin_routes().with_state(app), limits, connections::peer_address, shutdown).await
 }
 
 fn router(app: Arc<App>) -> Router {
@@ -688,10 +796,20 @@ fn admin_routes() -> Router<Arc<App>> {
         .fallback(|| async { text(StatusCode::NOT_FOUND, "not found\n") })
 }
 
+/// What the server knows of a request's connection.
+struct Connection<'a> {
+    /// The TCP peer (the broker's sidecar in `xfcc` mode).
+    peer: Option<SocketAddr>,
+    /// `mtls` mode: the verified client certificate.
+    certificate: Option<&'a ClientCertificate>,
+}
+
 async fn credentials_handler(State(app): State<Arc<App>>, request: Request) -> Response {
     let started = std::time::Instant::now();
-    let peer = request.extensions().get::<ConnectInfo<ClientCertificate>>().map(|info| &info.0);
-    let result = app.credentials(request.headers(), peer, request.uri().query()).await;
+    let certificate = request.extensions().get::<ConnectInfo<ClientCertificate>>().map(|info| &info.0);
+    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|info| info.0);
+    let connection = Connection { peer: peer.or_else(|| certificate.and_then(ClientCertificate::peer)), certificate };
+    let result = app.credentials(request.headers(), &connection, request.uri().query()).await;
     let reply = match result {
         Ok(served) => {
             app.metrics.successes.inc();
@@ -699,6 +817,9 @@ async fn credentials_handler(State(app): State<Arc<App>>, request: Request) -> R
         }
         Err(error) => {
             app.metrics.requests.get_or_create(&OutcomeLabel { outcome: error.code() }).inc();
+            if let BrokerError::Unauthenticated { label } = &error {
+                app.metrics.unauthenticated.get_or_create(&ReasonLabel { reason: label }).inc();
+            }
             error_response(&error)
         }
     };
@@ -706,23 +827,20 @@ async fn credentials_handler(State(app): State<Arc<App>>, request: Request) -> R
     reply
 }
 
+/// 200 `ready`, or 503 with one `not ready: <reason>` line per reason.
 async fn readyz(State(app): State<Arc<App>>) -> Response {
     let mut body = String::new();
-    let status = if app.is_ready() {
-        body.push_str("ready\n");
-        StatusCode::OK
-    } else {
-        body.push_str("not ready: the pod watch has not synced\n");
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    for watch in app.unsynced_watches() {
+        let _ = writeln!(body, "not ready: the {watch} watch has not synced");
+    }
     if app.config.identity.is_insecure() {
         let _ = writeln!(
             body,
-            "WARNING: INSECURE-DEV IDENTITY MODE: callers are identified by plain headers anyone can set. \
-             Never run this in a cluster."
+            "not ready: INSECURE-DEV IDENTITY MODE: callers are identified by plain headers anyone can set, \
+             so this broker is never ready. Never run it in a cluster."
         );
     }
-    text(status, &body)
+    if body.is_empty() { text(StatusCode::OK, "ready\n") } else { text(StatusCode::SERVICE_UNAVAILABLE, &body) }
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {

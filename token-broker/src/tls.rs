@@ -146,16 +146,23 @@ fn certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>,
 }
 
 /// The verified client certificate of one connection, reduced to what the
-/// broker reads from it: its URI SANs.
+/// broker reads from it: its URI SANs; and the connection's TCP peer, which
+/// the broker checks against the addresses of the pod the caller names.
 #[derive(Debug, Clone)]
 pub struct ClientCertificate {
     uris: Arc<Result<Vec<String>, IdentityError>>,
+    peer: Option<SocketAddr>,
 }
 
 impl ClientCertificate {
     /// From the leaf of a chain the handshake has verified.
     pub fn from_der(leaf: &[u8]) -> Self {
-        Self { uris: Arc::new(uri_sans(leaf)) }
+        Self { uris: Arc::new(uri_sans(leaf)), peer: None }
+    }
+
+    /// Where the connection comes from.
+    pub fn peer(&self) -> Option<SocketAddr> {
+        self.peer
     }
 
     /// The caller: the one URI SAN, a workload SPIFFE ID in `trust_domain`.
@@ -183,15 +190,24 @@ fn uri_sans(der: &[u8]) -> Result<Vec<String>, IdentityError> {
         .collect())
 }
 
-impl Connected<IncomingStream<'_, MtlsListener>> for ClientCertificate {
-    fn connect_info(stream: IncomingStream<'_, MtlsListener>) -> Self {
-        let (_, connection) = stream.io().get_ref();
+impl ClientCertificate {
+    /// The certificate of the connection `stream` from `peer`, as the
+    /// [`MtlsListener`] handed it over.
+    pub fn of_connection(stream: &TlsStream<TcpStream>, peer: SocketAddr) -> Self {
+        let (_, connection) = stream.get_ref();
+        let peer = Some(peer);
         match connection.peer_certificates().and_then(<[_]>::first) {
-            Some(leaf) => Self::from_der(leaf),
+            Some(leaf) => Self { peer, ..Self::from_der(leaf) },
             // The verifier requires a certificate, so this cannot happen;
             // if it did, every request on the connection answers 401.
-            None => Self { uris: Arc::new(Err(IdentityError::NoClientCertificate)) },
+            None => Self { uris: Arc::new(Err(IdentityError::NoClientCertificate)), peer },
         }
+    }
+}
+
+impl Connected<IncomingStream<'_, MtlsListener>> for ClientCertificate {
+    fn connect_info(stream: IncomingStream<'_, MtlsListener>) -> Self {
+        Self::of_connection(stream.io(), *stream.remote_addr())
     }
 }
 

@@ -25,6 +25,15 @@ const FLAGS: &[(&str, &str)] = &[
     ("--log-format", "TOKEN_BROKER_LOG_FORMAT"),
     ("--log", "TOKEN_BROKER_LOG"),
     ("--shutdown-grace-seconds", "TOKEN_BROKER_SHUTDOWN_GRACE_SECONDS"),
+    ("--sidecar-sources", "TOKEN_BROKER_SIDECAR_SOURCES"),
+    ("--max-connections", "TOKEN_BROKER_MAX_CONNECTIONS"),
+    ("--header-timeout-seconds", "TOKEN_BROKER_HEADER_TIMEOUT_SECONDS"),
+];
+
+/// Every switch (a flag without a value) and its environment variable.
+const SWITCHES: &[(&str, &str)] = &[
+    ("--skip-pod-address-check", "TOKEN_BROKER_SKIP_POD_ADDRESS_CHECK"),
+    ("--allow-insecure-dev-in-cluster", "TOKEN_BROKER_ALLOW_INSECURE_DEV_IN_CLUSTER"),
 ];
 
 fn broker(args: &[&str]) -> std::process::Output {
@@ -44,6 +53,11 @@ fn help_documents_every_flag_with_its_env_var() {
         assert!(help.contains(&format!("{flag} <")), "--help does not list {flag}:\n{help}");
         assert!(help.contains(&format!("[env: {env}")), "--help does not name {env}:\n{help}");
     }
+    for (switch, env) in SWITCHES {
+        assert!(help.contains(&format!("{switch}\n")), "--help does not list {switch}:\n{help}");
+        assert!(help.contains(&format!("[env: {env}")), "--help does not name {env}:\n{help}");
+    }
+    assert!(help.contains("[default: 127.0.0.6 ::6]"), "{help}");
     assert!(help.contains("insecure-dev"), "{help}");
     assert!(help.contains("[default: cluster.local]"), "{help}");
     assert!(help.contains("[default: sts.amazonaws.com]"), "{help}");
@@ -158,4 +172,88 @@ fn sigterm_stops_the_broker_within_the_grace_period() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status}");
+}
+
+/// A free loopback address to listen on.
+fn free_listen() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("free port: {e}"));
+    listener.local_addr().unwrap_or_else(|e| panic!("{e}")).to_string()
+}
+
+/// `GET path` on `listen`, retried until the broker answers; the raw reply.
+fn get(listen: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let reply = std::net::TcpStream::connect(listen).and_then(|mut stream| {
+            write!(stream, "GET {path} HTTP/1.1\r\nHost: broker\r\nConnection: close\r\n\r\n")?;
+            let mut reply = String::new();
+            stream.read_to_string(&mut reply)?;
+            Ok(reply)
+        });
+        match reply {
+            Ok(reply) => return reply,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => panic!("the broker never answered: {e}"),
+        }
+    }
+}
+
+/// An insecure-dev broker with nothing to sync (no API server on port 9)
+/// and the extra environment `env`.
+fn insecure_dev(listen: &str, extra: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_token-broker"));
+    command
+        .args(["--identity-mode", "insecure-dev", "--sts-region", "us-east-1"])
+        .args(["--kube-api-url", "http://127.0.0.1:9", "--listen", listen])
+        .args(extra)
+        .env_clear()
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    command
+}
+
+/// Inside a pod the kubelet sets this, as in-cluster configuration reads it.
+const IN_A_CLUSTER: (&str, &str) = ("KUBERNETES_SERVICE_HOST", "10.96.0.1");
+
+#[test]
+fn insecure_dev_refuses_to_start_inside_a_cluster() {
+    let output = insecure_dev(&free_listen(), &[], &[IN_A_CLUSTER]).output().unwrap_or_else(|e| panic!("{e}"));
+    assert!(!output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("refuses to run inside a Kubernetes cluster"), "{stdout}");
+    assert!(stdout.contains("--allow-insecure-dev-in-cluster"), "{stdout}");
+}
+
+#[test]
+fn insecure_dev_is_never_ready_even_where_explicitly_allowed() {
+    for (flags, env) in [
+        (&["--allow-insecure-dev-in-cluster"][..], &[IN_A_CLUSTER][..]),
+        (&[][..], &[IN_A_CLUSTER, ("TOKEN_BROKER_ALLOW_INSECURE_DEV_IN_CLUSTER", "true")][..]),
+        // Outside a cluster it starts without being told.
+        (&[][..], &[][..]),
+    ] {
+        let listen = free_listen();
+        let mut child = insecure_dev(&listen, flags, env).spawn().unwrap_or_else(|e| panic!("{e}"));
+        let healthz = get(&listen, "/healthz");
+        let readyz = get(&listen, "/readyz");
+        let _ = child.kill();
+        let output = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+        let log = String::from_utf8_lossy(&output.stdout);
+        assert!(healthz.starts_with("HTTP/1.1 200"), "{flags:?} {env:?}: {healthz}\n{log}");
+        assert!(readyz.starts_with("HTTP/1.1 503"), "{readyz}");
+        assert!(readyz.contains("not ready: INSECURE-DEV IDENTITY MODE"), "{readyz}");
+        assert!(log.contains("identity mode insecure-dev"), "no warning in the log:\n{log}");
+    }
+}
+
+#[test]
+fn sidecar_sources_are_addresses_or_cidr_blocks() {
+    let output = broker(&["--sts-region", "us-east-1", "--sidecar-sources", "127.0.0.6,10.0.0.0/8,sidecar"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("\"sidecar\" is not an IP address or a CIDR block"), "{stderr}");
 }

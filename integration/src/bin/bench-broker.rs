@@ -3,7 +3,7 @@
 //! with a real Kubernetes API server (the broker as its own service account,
 //! with the rendered RBAC) and a scripted STS.
 //!
-//! Two parts, on one broker:
+//! Three parts. The first two on one broker:
 //! - cold start: 200 concurrent first requests, spread evenly over 5 pods
 //!   that run as 5 service accounts with 5 roles (5 cache keys), each
 //!   request for its own pod. Single flight means exactly one TokenRequest
@@ -17,6 +17,24 @@
 //!   `insecure-dev` identity headers, so the requests differ only in their
 //!   path.
 //!
+//! Then memory, on a broker of its own: [`SCALE_PODS`] opted-in pods shaped
+//! like Istio-injected workload pods are created in the API server, a
+//! broker started in a child process (this binary in its child mode:
+//! `token_broker::server::App` and `run`, as the `token-broker` binary
+//! serves them) watches them, and one credential request per pod fills its
+//! cache with as many keys (each pod has a role of its own; a scripted STS
+//! without delay). The child's RSS (`/proc/<pid>/status`) is read once its
+//! watch has synced and again with every key cached; a second child that
+//! keeps whole `Pod` objects in a kube reflector, as the broker did before,
+//! shows what the reduced store saves. A child process, so the figure is
+//! the broker's alone: in this process it would include the harness (the
+//! client that created the pods, the STS, the first broker), and a
+//! before/after difference would be blurred by memory the allocator keeps
+//! after the harness frees it. Not the `token-broker` binary itself: its
+//! fixed fetch rate (20 a second) would take over eight minutes to fill
+//! 10,000 keys; the child raises it, and serves otherwise the same. The
+//! whole-`Pod` child needs about 1.5 GB.
+//!
 //! Reading the output: the cold-start counts with PASS/MISS; then one line
 //! per round with req/s and p99 per case, the median per case over the
 //! rounds, and the median of the per-round `c/h` req/s ratios against 0.8.
@@ -27,19 +45,23 @@
 //!
 //! Usage: `just bench-broker`, or
 //! `cargo run -p integration --bin bench-broker -- [--workers N] [--rounds N]
-//! [--duration SECS] [--connections N]`.
+//! [--duration SECS] [--connections N]`. (`--memory-child MODE STS_URL` is
+//! the child mode, with `KUBECONFIG` set; not for use by hand.)
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use futures_util::{StreamExt, TryStreamExt};
 use integration::bench::{self, Options, Sample, WARM_UP_SECS, WRK_THREADS, Wrk, load_average, nproc, verdict};
 use integration::broker::Scripted;
 use integration::kube_cluster::{self, BROKER_USER, KubeCluster};
 use integration::{RealBroker, Req, ScriptedSts};
 use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use token_broker::authz::{ENABLED_LABEL, ENABLED_VALUE, ROLE_ARN_ANNOTATION};
 use token_broker::server::{DEV_NAMESPACE_HEADER, DEV_SERVICE_ACCOUNT_HEADER};
 
 /// `c/h` req/s target: a cached credential vs the trivial handler.
@@ -61,6 +83,12 @@ const H: usize = 0;
 const C: usize = 1;
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, mode, sts_endpoint] = &args[..]
+        && flag == MEMORY_CHILD_FLAG
+    {
+        return memory_child(mode, sts_endpoint);
+    }
     let options = match Options::from_args("bench-broker") {
         Ok(options) => options,
         Err(code) => return code,
@@ -150,7 +178,9 @@ async fn run(options: Options) -> Result<(), String> {
     println!("after load   TokenRequests {tokens}, STS calls {sts_calls} (still {COLD_KEYS}?): {verdict}");
     println!("metrics      {}", bench.cache_metrics().await);
     println!("load avg     {} (after)", load_average());
-    Ok(())
+    println!();
+
+    memory(&bench.kube).await
 }
 
 impl Bench {
@@ -255,6 +285,420 @@ impl Bench {
             [format!("{DEV_NAMESPACE_HEADER}: {NAMESPACE}"), format!("{DEV_SERVICE_ACCOUNT_HEADER}: bench-{HIT_KEY}")];
         self.wrk.run(&format!("http://{}{}", self.broker.addr, case.path), &identity, load).await
     }
+}
+
+// ---------------------------------------------------------------------------
+// Memory: the broker with SCALE_PODS pods watched and as many keys cached.
+
+/// Pods watched, and keys cached, in the memory part.
+const SCALE_PODS: usize = 10_000;
+/// Their namespace and service account.
+const SCALE_NAMESPACE: &str = "bench-scale";
+/// API calls (pod creates, status patches) and credential requests in
+/// flight at once while filling: enough to keep the API server busy on two
+/// cores, few enough not to queue for long.
+const SCALE_CONCURRENCY: usize = 32;
+/// The target for the broker's RSS with everything watched and cached.
+const RSS_TARGET_MB: f64 = 64.0;
+/// The first argument of the child mode.
+const MEMORY_CHILD_FLAG: &str = "--memory-child";
+
+async fn memory(kube: &KubeCluster) -> Result<(), String> {
+    println!(
+        "memory       {SCALE_PODS} opted-in pods (Istio-injected shape) watched and {SCALE_PODS} keys cached, \
+         by a broker in a child process; RSS from /proc/<pid>/status"
+    );
+    let started = Instant::now();
+    kube.service_account(SCALE_NAMESPACE, SCALE_NAMESPACE).await;
+    let pods = Api::<Pod>::namespaced(kube.admin(), SCALE_NAMESPACE);
+    let created = futures_util::stream::iter(0..SCALE_PODS)
+        .map(|i| {
+            let pods = pods.clone();
+            async move {
+                let pod = scale_pod(i);
+                pods.create(&PostParams::default(), &pod).await.map_err(|e| format!("create pod {i}: {e}"))?;
+                let status = scale_pod_status(i);
+                pods.patch_status(&scale_name(i), &PatchParams::default(), &Patch::Merge(&status))
+                    .await
+                    .map_err(|e| format!("patch pod {i}: {e}"))
+            }
+        })
+        .buffer_unordered(SCALE_CONCURRENCY)
+        .try_collect::<Vec<Pod>>()
+        .await?;
+    let stored = created.last().map(|pod| serde_json::to_vec(pod).map(|json| json.len()).unwrap_or_default());
+    println!(
+        "  pods       {} created in {:.0} s; one is {:.1} KB of JSON as the API server stores it \
+         (managed fields included)",
+        created.len(),
+        started.elapsed().as_secs_f64(),
+        stored.unwrap_or_default() as f64 / 1024.0
+    );
+    drop(created);
+
+    let sts = ScriptedSts::start(|call| sts_success(call, Duration::ZERO)).await;
+    let kubeconfig = kube.dir().join("bench-broker.kubeconfig");
+    kube.broker_config(&mesh_config::render::Options::default()).await;
+    let token = kube.token(&mesh_config::render::Options::default().namespace, mesh_config::render::BROKER).await;
+    std::fs::write(&kubeconfig, kube.kubeconfig(&token)).map_err(|e| format!("{}: {e}", kubeconfig.display()))?;
+
+    // The broker as it keeps pods now.
+    let (mut child, ready) = spawn_memory_child("broker", &sts.endpoint(), &kubeconfig).await?;
+    let synced = Rss::of(&child)?;
+    let addr: std::net::SocketAddr = ready.parse().map_err(|e| format!("child said {ready:?}: {e}"))?;
+    let started = Instant::now();
+    let requests = futures_util::stream::iter(0..SCALE_PODS)
+        .map(|i| async move { scale_request(i).send(addr).await.status })
+        .buffer_unordered(SCALE_CONCURRENCY)
+        .collect::<Vec<u16>>()
+        .await;
+    let ok = requests.iter().filter(|status| **status == 200).count();
+    let filled = started.elapsed();
+    let metrics = Req::get("/metrics").host("token-broker").send(addr).await.body_text();
+    let keys = metrics.lines().find_map(|line| line.strip_prefix("token_broker_cache_keys ")).unwrap_or("?").to_owned();
+    let cached = Rss::of(&child)?;
+    let _ = child.kill().await;
+
+    // The same watch keeping whole pods, as the broker did before.
+    let (mut whole, listed) = spawn_memory_child("whole-pods", &sts.endpoint(), &kubeconfig).await?;
+    let whole_rss = Rss::of(&whole)?;
+    let _ = whole.kill().await;
+
+    println!(
+        "  keys       {ok} of {SCALE_PODS} requests answered 200 in {:.0} s; cache_keys {keys}; \
+         TokenRequests {}, STS calls {}",
+        filled.as_secs_f64(),
+        kube.token_requests(BROKER_USER).len().saturating_sub(COLD_KEYS),
+        sts.request_count()
+    );
+    println!("{:<42} {:>9} {:>10}", "broker RSS (child process)", "measured", "goal");
+    println!("{:<42} {:>9}", format!("{SCALE_PODS} pods watched, nothing cached"), synced.current());
+    println!(
+        "{:<42} {:>9} {:>10} {}",
+        format!("{SCALE_PODS} pods watched, {keys} keys cached"),
+        cached.current(),
+        format!("<= {RSS_TARGET_MB:.0} MB"),
+        verdict(cached.current_mb() <= RSS_TARGET_MB)
+    );
+    println!("{:<42} {:>9}", "peak (VmHWM) since the child started", cached.peak());
+    println!("{:<42} {:>9}", format!("whole Pods in a reflector ({listed} listed)"), whole_rss.current());
+    println!();
+    Ok(())
+}
+
+/// Starts this binary in its child `mode` (`broker` or `whole-pods`) and
+/// waits for the line saying it has synced; returns the child and the rest
+/// of that line.
+async fn spawn_memory_child(
+    mode: &str,
+    sts_endpoint: &str,
+    kubeconfig: &std::path::Path,
+) -> Result<(tokio::process::Child, String), String> {
+    use tokio::io::AsyncBufReadExt;
+    let exe = std::env::current_exe().map_err(|e| format!("this binary: {e}"))?;
+    let mut child = tokio::process::Command::new(exe)
+        .args([MEMORY_CHILD_FLAG, mode, sts_endpoint])
+        .env("KUBECONFIG", kubeconfig)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("memory child: {e}"))?;
+    let stdout = child.stdout.take().ok_or("memory child: no stdout")?;
+    let line = tokio::time::timeout(Duration::from_secs(300), tokio::io::BufReader::new(stdout).lines().next_line())
+        .await
+        .map_err(|_| format!("memory child {mode}: not synced after 300 s"))?
+        .map_err(|e| format!("memory child {mode}: {e}"))?
+        .ok_or_else(|| format!("memory child {mode} exited"))?;
+    let ready = line.strip_prefix("synced ").ok_or_else(|| format!("memory child {mode} said {line:?}"))?;
+    Ok((child, ready.to_owned()))
+}
+
+/// A process's resident set, from `/proc/<pid>/status`.
+struct Rss {
+    current_kb: u64,
+    peak_kb: u64,
+}
+
+impl Rss {
+    fn of(child: &tokio::process::Child) -> Result<Self, String> {
+        let pid = child.id().ok_or("the memory child has exited")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| format!("{e}"))?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .unwrap_or_default()
+        };
+        Ok(Self { current_kb: field("VmRSS:"), peak_kb: field("VmHWM:") })
+    }
+
+    fn current_mb(&self) -> f64 {
+        self.current_kb as f64 / 1024.0
+    }
+
+    fn current(&self) -> String {
+        format!("{:.1} MB", self.current_mb())
+    }
+
+    fn peak(&self) -> String {
+        format!("{:.1} MB", self.peak_kb as f64 / 1024.0)
+    }
+}
+
+/// The child mode: `broker` serves `token_broker::server::run` on loopback
+/// (`insecure-dev`, the cache's fetch rate raised so the parent can fill
+/// it) and prints `synced <address>` once its watch has synced; `whole-pods`
+/// keeps the opted-in pods whole in a kube reflector and prints `synced
+/// <count>`. Either then runs until killed.
+fn memory_child(mode: &str, sts_endpoint: &str) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("memory child: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run_memory_child(mode, sts_endpoint)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(problem) => {
+            eprintln!("memory child: {problem}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_memory_child(mode: &str, sts_endpoint: &str) -> Result<(), String> {
+    use token_broker::server::{self, App, AppConfig, IdentityMode};
+    use token_broker::sts::{StsClient, StsConfig};
+    let config = kube::Config::infer().await.map_err(|e| format!("KUBECONFIG: {e}"))?;
+    let client = token_broker::kube::client(config).map_err(|e| e.to_string())?;
+    match mode {
+        "broker" => {
+            let mut config = AppConfig::new(IdentityMode::InsecureDev { trust_domain: "cluster.local".into() });
+            config.cache.fetches_per_second = 2000;
+            config.cache.fetch_burst = 2000;
+            config.cache.max_concurrent_fetches = SCALE_CONCURRENCY;
+            let sts = StsClient::new(StsConfig {
+                endpoint_url: Some(sts_endpoint.to_owned()),
+                ..StsConfig::new("us-east-1")
+            })
+            .map_err(|e| e.to_string())?;
+            let app = std::sync::Arc::new(App::new(config, client, sts, "bench-memory"));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+            let addr = listener.local_addr().map_err(|e| e.to_string())?;
+            let shutdown = server::Shutdown::default();
+            tokio::spawn(server::run(listener, std::sync::Arc::clone(&app), shutdown.signal()));
+            while !app.is_synced() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            println!("synced {addr}");
+            std::future::pending::<()>().await;
+        }
+        "whole-pods" => {
+            use kube::runtime::{WatchStreamExt, reflector, watcher};
+            let (store, writer) = reflector::store::<Pod>();
+            let selector = format!("{ENABLED_LABEL}={ENABLED_VALUE}");
+            let events = watcher(Api::<Pod>::all(client), watcher::Config::default().labels(&selector))
+                .default_backoff()
+                .reflect(writer);
+            tokio::spawn(events.for_each(|_| std::future::ready(())));
+            store.wait_until_ready().await.map_err(|e| e.to_string())?;
+            println!("synced {}", store.state().len());
+            std::future::pending::<()>().await;
+        }
+        other => return Err(format!("unknown mode {other:?}")),
+    }
+    Ok(())
+}
+
+fn scale_name(i: usize) -> String {
+    format!("scale-{i}")
+}
+
+fn scale_role(i: usize) -> String {
+    format!("arn:aws:iam::123456789012:role/scale-{i}")
+}
+
+/// Pod `i`'s own credential request, as the `insecure-dev` caller its
+/// service account is.
+fn scale_request(i: usize) -> Req {
+    let role = scale_role(i).replace(':', "%3A").replace('/', "%2F");
+    Req::get(format!("/v1/credentials?role_arn={role}&pod={}", scale_name(i)))
+        .host("token-broker")
+        .header(DEV_NAMESPACE_HEADER, SCALE_NAMESPACE)
+        .header(DEV_SERVICE_ACCOUNT_HEADER, SCALE_NAMESPACE)
+}
+
+/// Pod `i` as a Deployment's pod looks once Istio's injector has added its
+/// sidecar (native sidecar, `istio-init`) and the API server its token
+/// volume: the labels, annotations, containers, probes, environment and
+/// volumes a real workload pod carries, opted in with a role of its own.
+fn scale_pod(i: usize) -> Pod {
+    let env = |pairs: &[(&str, &str)]| -> Vec<serde_json::Value> {
+        pairs.iter().map(|(name, value)| serde_json::json!({ "name": name, "value": value })).collect()
+    };
+    let field = |name: &str, path: &str| serde_json::json!({ "name": name, "valueFrom": { "fieldRef": { "apiVersion": "v1", "fieldPath": path } } });
+    let mut proxy_env = env(&[
+        ("PILOT_CERT_PROVIDER", "istiod"),
+        ("CA_ADDR", "istiod.istio-system.svc:15012"),
+        ("ISTIO_CPU_LIMIT", "2"),
+        ("PROXY_CONFIG", "{}\n"),
+        ("ISTIO_META_POD_PORTS", "[{\"name\":\"http\",\"containerPort\":8080,\"protocol\":\"TCP\"}]"),
+        ("ISTIO_META_APP_CONTAINERS", "app"),
+        ("GOMEMLIMIT", "1073741824"),
+        ("GOMAXPROCS", "2"),
+        ("ISTIO_META_CLUSTER_ID", "Kubernetes"),
+        ("ISTIO_META_NODE_NAME", "node-1"),
+        ("ISTIO_META_INTERCEPTION_MODE", "REDIRECT"),
+        ("ISTIO_META_WORKLOAD_NAME", "scale"),
+        ("ISTIO_META_OWNER", "kubernetes://apis/apps/v1/namespaces/bench-scale/deployments/scale"),
+        ("ISTIO_META_MESH_ID", "cluster.local"),
+        ("TRUST_DOMAIN", "cluster.local"),
+    ]);
+    proxy_env.extend([
+        field("POD_NAME", "metadata.name"),
+        field("POD_NAMESPACE", "metadata.namespace"),
+        field("INSTANCE_IP", "status.podIP"),
+        field("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+        field("HOST_IP", "status.hostIP"),
+        field("ISTIO_CPU_LIMIT", "metadata.name"),
+    ]);
+    let mounts = |names: &[(&str, &str)]| -> Vec<serde_json::Value> {
+        names.iter().map(|(name, path)| serde_json::json!({ "name": name, "mountPath": path })).collect()
+    };
+    let resources = serde_json::json!({
+        "limits": { "cpu": "2", "memory": "1Gi" },
+        "requests": { "cpu": "100m", "memory": "128Mi" },
+    });
+    serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": scale_name(i),
+            "namespace": SCALE_NAMESPACE,
+            "generateName": "scale-7d9f8b6c5-",
+            "labels": {
+                "app": "scale",
+                "pod-template-hash": "7d9f8b6c5",
+                "security.istio.io/tlsMode": "istio",
+                "service.istio.io/canonical-name": "scale",
+                "service.istio.io/canonical-revision": "latest",
+                ENABLED_LABEL: ENABLED_VALUE,
+            },
+            "annotations": {
+                ROLE_ARN_ANNOTATION: scale_role(i),
+                "istio.io/rev": "default",
+                "kubectl.kubernetes.io/default-container": "app",
+                "kubectl.kubernetes.io/default-logs-container": "app",
+                "prometheus.io/path": "/stats/prometheus",
+                "prometheus.io/port": "15020",
+                "prometheus.io/scrape": "true",
+                "sidecar.istio.io/status": "{\"initContainers\":[\"istio-init\",\"istio-proxy\"],\"containers\":null,\
+                    \"volumes\":[\"workload-socket\",\"credential-socket\",\"workload-certs\",\"istio-envoy\",\
+                    \"istio-data\",\"istio-podinfo\",\"istio-token\",\"istiod-ca-cert\"],\"imagePullSecrets\":null,\
+                    \"revision\":\"default\"}",
+            },
+            "ownerReferences": [{
+                "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "scale-7d9f8b6c5",
+                "uid": "5b1e3c1a-0000-4000-8000-000000000001", "controller": true, "blockOwnerDeletion": true,
+            }],
+        },
+        "spec": {
+            "serviceAccountName": SCALE_NAMESPACE,
+            "nodeName": "node-1",
+            "initContainers": [
+                {
+                    "name": "istio-init",
+                    "image": "docker.io/istio/proxyv2:1.28.0",
+                    "args": ["istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT",
+                             "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020", "--log_output_level=default:info"],
+                    "resources": resources,
+                    "securityContext": { "allowPrivilegeEscalation": false, "privileged": false,
+                        "capabilities": { "add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"] },
+                        "readOnlyRootFilesystem": false, "runAsGroup": 0, "runAsNonRoot": false, "runAsUser": 0 },
+                },
+                {
+                    "name": "istio-proxy",
+                    "image": "docker.io/istio/proxyv2:1.28.0",
+                    "restartPolicy": "Always",
+                    "args": ["proxy", "sidecar", "--domain", "$(POD_NAMESPACE).svc.cluster.local",
+                             "--proxyLogLevel=warning", "--proxyComponentLogLevel=misc:error", "--log_output_level=default:info"],
+                    "env": proxy_env,
+                    "ports": [{ "containerPort": 15090, "name": "http-envoy-prom", "protocol": "TCP" }],
+                    "readinessProbe": { "httpGet": { "path": "/healthz/ready", "port": 15021 },
+                        "periodSeconds": 15, "timeoutSeconds": 3, "failureThreshold": 4 },
+                    "startupProbe": { "httpGet": { "path": "/healthz/ready", "port": 15021 },
+                        "periodSeconds": 1, "timeoutSeconds": 3, "failureThreshold": 600 },
+                    "resources": resources,
+                    "securityContext": { "allowPrivilegeEscalation": false, "privileged": false,
+                        "capabilities": { "drop": ["ALL"] }, "readOnlyRootFilesystem": true,
+                        "runAsGroup": 1337, "runAsNonRoot": true, "runAsUser": 1337 },
+                    "volumeMounts": mounts(&[
+                        ("workload-socket", "/var/run/secrets/workload-spiffe-uds"),
+                        ("credential-socket", "/var/run/secrets/credential-uds"),
+                        ("workload-certs", "/var/run/secrets/workload-spiffe-credentials"),
+                        ("istiod-ca-cert", "/var/run/secrets/istio"),
+                        ("istio-data", "/var/lib/istio/data"),
+                        ("istio-envoy", "/etc/istio/proxy"),
+                        ("istio-token", "/var/run/secrets/tokens"),
+                        ("istio-podinfo", "/etc/istio/pod"),
+                    ]),
+                },
+            ],
+            "containers": [{
+                "name": "app",
+                "image": "registry.example/team/app:1.4.2",
+                "env": env(&[("AWS_REGION", "eu-west-1"), ("LOG_LEVEL", "info"), ("PORT", "8080")]),
+                "ports": [{ "containerPort": 8080, "name": "http", "protocol": "TCP" }],
+                "readinessProbe": { "httpGet": { "path": "/app-health/app/readyz", "port": 15020 }, "periodSeconds": 10 },
+                "resources": { "limits": { "memory": "256Mi" }, "requests": { "cpu": "50m", "memory": "64Mi" } },
+            }],
+            "volumes": [
+                { "name": "workload-socket", "emptyDir": {} },
+                { "name": "credential-socket", "emptyDir": {} },
+                { "name": "workload-certs", "emptyDir": {} },
+                { "name": "istio-envoy", "emptyDir": { "medium": "Memory" } },
+                { "name": "istio-data", "emptyDir": {} },
+                { "name": "istio-podinfo", "downwardAPI": { "items": [
+                    { "path": "labels", "fieldRef": { "fieldPath": "metadata.labels" } },
+                    { "path": "annotations", "fieldRef": { "fieldPath": "metadata.annotations" } },
+                ] } },
+                { "name": "istio-token", "projected": { "sources": [{ "serviceAccountToken": {
+                    "audience": "istio-ca", "expirationSeconds": 43200, "path": "istio-token" } }] } },
+                { "name": "istiod-ca-cert", "configMap": { "name": "istio-ca-root-cert" } },
+            ],
+        },
+    }))
+    .unwrap_or_else(|e| panic!("scale pod: {e}"))
+}
+
+/// What a kubelet reports for pod `i`: running at its own IP, ready, its
+/// containers started.
+fn scale_pod_status(i: usize) -> serde_json::Value {
+    let ip = format!("10.{}.{}.{}", 64 + i / 65536, (i / 256) % 256, i % 256);
+    let started = serde_json::json!({ "running": { "startedAt": "2026-11-30T08:00:00Z" } });
+    let container = |name: &str, image: &str| {
+        serde_json::json!({
+            "name": name, "image": image, "imageID": format!("{image}@sha256:{}", "0".repeat(64)),
+            "containerID": format!("containerd://{}", "1".repeat(64)), "ready": true, "restartCount": 0,
+            "started": true, "state": started,
+        })
+    };
+    let conditions = ["PodReadyToStartContainers", "Initialized", "Ready", "ContainersReady", "PodScheduled"].map(
+        |kind| serde_json::json!({ "type": kind, "status": "True", "lastTransitionTime": "2026-11-30T08:00:00Z" }),
+    );
+    serde_json::json!({ "status": {
+        "phase": "Running",
+        "hostIP": "192.168.0.10",
+        "podIP": ip,
+        "podIPs": [{ "ip": ip }],
+        "qosClass": "Burstable",
+        "startTime": "2026-11-30T08:00:00Z",
+        "conditions": conditions,
+        "initContainerStatuses": [container("istio-init", "docker.io/istio/proxyv2:1.28.0"),
+                                  container("istio-proxy", "docker.io/istio/proxyv2:1.28.0")],
+        "containerStatuses": [container("app", "registry.example/team/app:1.4.2")],
+    }})
 }
 
 /// Pod `key`: `bench-{key}` in [`NAMESPACE`], running as service account
