@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use integration::broker::Scripted;
+use integration::broker::{Scripted, ScriptedBroker};
 use integration::kube_cluster::{self, BROKER_USER, KubeCluster, pod_ip};
 use integration::real_broker::SIDECAR_SOURCE;
 use integration::scripted_sts::{self, ScriptedSts};
@@ -26,11 +26,10 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use token_broker::authz::{ENABLED_LABEL, NamespacePolicy, ROLE_ARN_ANNOTATION};
 use token_broker::identity::{SpiffeId, XfccVerifier};
-use token_broker::kube::DENIAL_EVENT_REASON;
+use token_broker::kube::{Cluster, DENIAL_EVENT_REASON};
 use token_broker::peer::PEER_ADDRESS_HEADER;
 use token_broker::server::{self, AppConfig, IdentityMode};
-use tracing_subscriber::EnvFilter;
-use tracing_subscriber::filter::{LevelFilter, filter_fn};
+use token_broker::telemetry;
 use tracing_subscriber::prelude::*;
 
 const NS: &str = "default";
@@ -456,6 +455,61 @@ async fn sts_refusals_are_502_naming_the_sts_code() {
     );
 }
 
+#[tokio::test]
+async fn an_sts_access_denied_is_403_with_an_event_on_the_pod() {
+    let cluster = KubeCluster::start().await;
+    cluster.add_pod(pod("web-0", SA)).await;
+    let sts = ScriptedSts::always(scripted_sts::error(
+        "AccessDenied",
+        "Not authorized to perform sts:AssumeRoleWithWebIdentity",
+    ))
+    .await;
+    let broker = start(&cluster, sts.endpoint(), |_| {}).await;
+
+    let reply = dev_request(SA, "web-0").send(broker.addr).await;
+    assert_error(&reply, 403, "AccessDenied");
+    let note =
+        wait::until("a denial Event on web-0", || async { denial_events_on(&cluster, "web-0").await.next() }).await;
+    assert!(note.contains("STS refused role") && note.contains("AccessDenied"), "{note}");
+    assert!(note.contains(ROLE_ARN), "{note}");
+    assert!(has_metric(&broker, "token_broker_denials_total{rule=\"sts_denied\"} 1").await);
+
+    // Remembered (the cache's backoff): denied and counted again, but the
+    // per-pod budget records no second Event for the same reason.
+    assert_error(&dev_request(SA, "web-0").send(broker.addr).await, 403, "AccessDenied");
+    assert_eq!(sts.request_count(), 1);
+    wait::until("the second denial counted", || async {
+        has_metric(&broker, "token_broker_denials_total{rule=\"sts_denied\"} 2").await.then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(denial_events_on(&cluster, "web-0").await.count(), 1);
+}
+
+#[tokio::test]
+async fn an_sts_call_the_cache_abandons_leaves_no_call_in_flight() {
+    let cluster = KubeCluster::start().await;
+    cluster.add_pod(pod("web-0", SA)).await;
+    // STS never answers within the fetch's timeout: the cache aborts the
+    // fetch, dropping it in the middle of the STS call.
+    let sts = ScriptedSts::always(sts_success(Duration::from_secs(20))).await;
+    let broker = start(&cluster, sts.endpoint(), |config| config.cache.fetch_timeout = Duration::from_secs(2)).await;
+
+    let addr = broker.addr;
+    let request = tokio::spawn(async move { dev_request(SA, "web-0").send(addr).await });
+    wait::until("the STS call in flight", || async {
+        has_metric(&broker, "token_broker_sts_calls_in_flight 1").await.then_some(())
+    })
+    .await;
+    let reply = request.await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(reply.status >= 500, "{}", reply.body_text());
+    wait::until("no STS call in flight", || async {
+        has_metric(&broker, "token_broker_sts_calls_in_flight 0").await.then_some(())
+    })
+    .await;
+    assert!(has_metric(&broker, "token_broker_sts_calls_total 1").await);
+}
+
 /// A successful `AssumeRoleWithWebIdentity` answer, as STS writes it, after
 /// `delay`.
 fn sts_success(delay: Duration) -> Scripted {
@@ -700,6 +754,9 @@ impl std::io::Write for LogBuffer {
     }
 }
 
+/// The token in the scripted API server's undecodable TokenRequest answer.
+const UNDECODABLE_TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.undecodable-token-request-answer.c2lnbmF0dXJl";
+
 // The subscriber is the process's global default, not a scoped one: with a
 // scoped default, the other tests' threads (no subscriber) race it for
 // tracing's per-callsite interest cache, and a callsite can end up disabled
@@ -707,16 +764,12 @@ impl std::io::Write for LogBuffer {
 #[tokio::test(flavor = "current_thread")]
 async fn no_key_secret_or_token_reaches_the_broker_logs() {
     let logs = LogBuffer::default();
-    // The broker's own logging (main.rs `init_logging`): its default filter,
-    // the SDK capped at debug; both formats it offers.
-    let sdk_cap = filter_fn(|meta| {
-        let sdk = meta.target().starts_with("aws_smithy") || meta.target().starts_with("aws_sdk");
-        !sdk || *meta.level() <= LevelFilter::DEBUG
-    });
+    // The broker's own logging (main.rs `init_logging`): the filter it
+    // builds, at its default level, with its caps; both formats it offers.
+    let filter = telemetry::log_filter(telemetry::DEFAULT_LOG_FILTER).unwrap_or_else(|e| panic!("{e}"));
     let (text, json) = (logs.clone(), logs.clone());
     let subscriber = tracing_subscriber::registry()
-        .with(EnvFilter::new("info"))
-        .with(sdk_cap)
+        .with(filter)
         .with(tracing_subscriber::fmt::layer().with_ansi(false).with_writer(move || text.clone()))
         .with(tracing_subscriber::fmt::layer().json().with_writer(move || json.clone()));
     subscriber.try_init().unwrap_or_else(|e| panic!("{e}"));
@@ -741,6 +794,22 @@ async fn no_key_secret_or_token_reaches_the_broker_logs() {
     // The denial's Event is recorded in the background; its logs count too.
     wait::until("the denial Event", || async { denial_event_on(&cluster, "other-sa").await.then_some(()) }).await;
     drop(broker);
+    // kube-client logs a body it cannot decode at warn: an API server (or
+    // something in front of it) answering a TokenRequest with a token in a
+    // body of the wrong shape. The broker's TokenRequest code, against a
+    // scripted API server that answers so.
+    let undecodable = ScriptedBroker::start(|_| Scripted {
+        status: 201,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: json!({"kind": "TokenRequest", "status": {"token": UNDECODABLE_TOKEN}}).to_string(),
+        delay: Duration::ZERO,
+    })
+    .await;
+    let url = format!("http://{}", undecodable.addr()).parse().unwrap_or_else(|e| panic!("{e}"));
+    let client = token_broker::kube::client(kube::Config::new(url)).unwrap_or_else(|e| panic!("{e}"));
+    let token = Cluster::new(client, "broker-test-0").token(NS, SA, "web-0", "uid", "sts.amazonaws.com", 3600).await;
+    assert!(token.is_err(), "an undecodable TokenRequest answer gave a token");
+    assert_eq!(undecodable.call_count(), 1);
 
     let mut secrets: Vec<(String, String)> = ["AccessKeyId", "SecretAccessKey", "Token"]
         .iter()
@@ -754,6 +823,7 @@ async fn no_key_secret_or_token_reaches_the_broker_logs() {
     let some_token = cluster.token(NS, SA).await;
     let header = some_token.split('.').next().unwrap_or_default().to_owned();
     secrets.push(("a service-account token (its JWT header)".to_owned(), header));
+    secrets.push(("the token in an undecodable TokenRequest answer".to_owned(), UNDECODABLE_TOKEN.to_owned()));
     let log = logs.text();
     for (what, secret) in &secrets {
         assert!(!secret.is_empty(), "{what} is empty");

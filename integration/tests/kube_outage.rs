@@ -4,9 +4,10 @@
 //! watch already knows keep being served from the cache; what needs the
 //! API now (a TokenRequest, a pod the watch has not delivered) is 503
 //! `Unavailable`, never a wrong `PodNotFound`; once the server is back the
-//! watch follows it again without a restart.
+//! watch follows it again without a restart. A watch that keeps failing
+//! (here: its RBAC withdrawn) is trusted only for the staleness bound.
 
-use integration::kube_cluster::{self, KubeCluster};
+use integration::kube_cluster::{self, BROKER_USER, KubeCluster};
 use integration::{RealBroker, Reply, Req, Sts, wait};
 use mesh_config::render::Options;
 use token_broker::server;
@@ -76,4 +77,75 @@ async fn known_pods_are_served_through_an_api_server_outage_and_the_watch_follow
     })
     .await;
     assert_eq!(sts.seen().refused, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_pod_watch_that_keeps_failing_stops_authorizing_past_the_staleness_bound_and_recovers() {
+    // Short, so the test sees it pass; the broker relists an unconfirmed
+    // watch every third of it, which is how a withdrawn `list` shows.
+    const BOUND: std::time::Duration = std::time::Duration::from_secs(3);
+    let cluster = KubeCluster::start().await;
+    let sts = Sts::trusting(&cluster).await;
+    cluster.add_pod(kube_cluster::enabled_pod("default", "app-0", "app", ROLE)).await;
+    let options = Options::default();
+    let broker = RealBroker::with_kube(cluster.broker_config(&options).await, sts.endpoint())
+        .tune(|config| config.watch_staleness_bound = BOUND)
+        .start()
+        .await;
+    let before = request(&broker, "app", "app-0").await;
+    assert_eq!(before.status, 200, "{}", before.body_text());
+    assert_eq!(watch_errors(&broker).await, 0);
+
+    // The broker's ClusterRole as rendered, but pods only `get`: an RBAC
+    // change that leaves the running watch without its list and watch.
+    let identity = kube_cluster::broker_identity(&options);
+    let mut withdrawn = identity.clone();
+    for object in &mut withdrawn {
+        if object["kind"] == "ClusterRole" {
+            for rule in object["rules"].as_array_mut().into_iter().flatten() {
+                if rule["resources"] == serde_json::json!(["pods"]) {
+                    rule["verbs"] = serde_json::json!(["get"]);
+                }
+            }
+        }
+    }
+    cluster.apply(&withdrawn).await;
+
+    let refused = wait::until("the known pod to be refused as stale", || async {
+        let reply = request(&broker, "app", "app-0").await;
+        (reply.status == 503).then_some(reply)
+    })
+    .await;
+    assert_eq!(refused.json()["Code"], "Unavailable");
+    let message = refused.json()["Message"].as_str().unwrap_or_default().to_owned();
+    assert!(message.starts_with("pod data is stale: the pod watch has failed since "), "{message}");
+    assert!(message.ends_with("past the 3 s bound)"), "{message}");
+    let ready = broker.admin_get("/readyz").await;
+    assert_eq!(ready.status, 503);
+    assert!(
+        ready.body_text().contains("not ready: pod data is stale: the pod watch has failed since "),
+        "{}",
+        ready.body_text()
+    );
+    assert!(watch_errors(&broker).await > 0, "the failed relists are counted");
+    assert!(cluster.refusals(BROKER_USER).iter().any(|call| call == "list pods"));
+
+    cluster.apply(&identity).await;
+
+    wait::until("the known pod to be served again", || async {
+        (request(&broker, "app", "app-0").await.status == 200).then_some(())
+    })
+    .await;
+    let ready = broker.admin_get("/readyz").await;
+    assert!(!ready.body_text().contains("stale"), "{}", ready.body_text());
+}
+
+/// `token_broker_watch_errors_total{watch="pod"}` as the broker exports it.
+async fn watch_errors(broker: &RealBroker) -> u64 {
+    let metrics = broker.admin_get("/metrics").await.body_text();
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("token_broker_watch_errors_total{watch=\"pod\"} "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pod watch error count in {metrics}"))
 }

@@ -71,13 +71,31 @@ pub const TOKEN_AUDIENCE: &str = "sts.amazonaws.com";
 /// the broker to [`TOKEN_AUDIENCE`].
 pub const TOKEN_AUDIENCE_POLICY: &str = "imds-mesh-token-broker-audience";
 
+/// Seconds the broker keeps serving, not ready, after SIGTERM
+/// (`--shutdown-delay-seconds`): the time endpoints take to drop it.
+pub const BROKER_SHUTDOWN_DELAY_SECONDS: u32 = 5;
+
+/// Seconds the requests in flight may then take (`--shutdown-grace-seconds`):
+/// above the broker's 25 s credential deadline
+/// (`token_broker::server::DEFAULT_CREDENTIALS_DEADLINE`), so none is cut.
+pub const BROKER_SHUTDOWN_GRACE_SECONDS: u32 = 30;
+
+/// The broker pod's `terminationGracePeriodSeconds`: its delay and grace and
+/// 5 s to exit, so the kubelet never kills a draining broker.
+pub const BROKER_TERMINATION_GRACE_SECONDS: u32 = BROKER_SHUTDOWN_DELAY_SECONDS + BROKER_SHUTDOWN_GRACE_SECONDS + 5;
+
 /// The broker sidecar's `proxy.istio.io/config`. Its first calls (the pod
 /// watch, STS) go through the sidecar: start it first. The broker trusts
 /// the last XFCC element only because its sidecar appends it: pin
 /// `APPEND_FORWARD`, whatever the mesh's default (`ALWAYS_FORWARD_ONLY` or
 /// `FORWARD_ONLY` would pass a caller's forged element on as the last).
-pub const BROKER_PROXY_CONFIG: &str =
-    r#"{"holdApplicationUntilProxyStarts":true,"proxyHeaders":{"forwardedClientCert":"APPEND_FORWARD"}}"#;
+/// On SIGTERM the sidecar drains for `terminationDrainDuration` (Istio's
+/// default 5 s) and exits; the draining broker still needs it for its
+/// callers and its own calls (STS, the API), so it is the broker's delay
+/// plus grace, 35 s. Not `EXIT_ON_ZERO_ACTIVE_CONNECTIONS`: the broker's
+/// pod watch always holds a connection, and an idle moment during the
+/// delay is no sign the broker is done.
+pub const BROKER_PROXY_CONFIG: &str = r#"{"holdApplicationUntilProxyStarts":true,"proxyHeaders":{"forwardedClientCert":"APPEND_FORWARD"},"terminationDrainDuration":"35s"}"#;
 
 /// What [`render`] renders; [`Default`] is the committed rendering.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -498,6 +516,8 @@ fn broker_args(options: &Options) -> Vec<String> {
         format!("--trust-domain={}", options.trust_domain),
         format!("--sts-region={}", options.sts_region),
         "--log-format=json".to_owned(),
+        format!("--shutdown-delay-seconds={BROKER_SHUTDOWN_DELAY_SECONDS}"),
+        format!("--shutdown-grace-seconds={BROKER_SHUTDOWN_GRACE_SECONDS}"),
     ];
     if let Some(url) = &options.sts_endpoint_url {
         args.push(format!("--sts-endpoint-url={url}"));
@@ -590,6 +610,7 @@ fn deployment(options: &Options) -> Deployment {
                 }),
                 spec: Some(PodSpec {
                     service_account_name: Some(BROKER.to_owned()),
+                    termination_grace_period_seconds: Some(i64::from(BROKER_TERMINATION_GRACE_SECONDS)),
                     containers: vec![container],
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
@@ -973,6 +994,23 @@ mod tests {
     use serde::de::DeserializeOwned;
 
     use super::*;
+
+    #[test]
+    fn a_terminating_broker_outlives_its_drain_and_its_sidecar_outlives_the_broker() {
+        let deployment = deployment(&Options::default());
+        let pod = deployment.spec.unwrap().template;
+        let spec = pod.spec.unwrap();
+        let (delay, grace) = (BROKER_SHUTDOWN_DELAY_SECONDS, BROKER_SHUTDOWN_GRACE_SECONDS);
+        // 25 s: the broker's credential deadline, the longest a request waits.
+        assert!(grace > 25);
+        assert!(spec.termination_grace_period_seconds.unwrap() > i64::from(delay + grace));
+        let args = spec.containers[0].args.clone().unwrap();
+        assert!(args.contains(&format!("--shutdown-delay-seconds={delay}")), "{args:?}");
+        assert!(args.contains(&format!("--shutdown-grace-seconds={grace}")), "{args:?}");
+        let proxy: serde_json::Value = serde_json::from_str(BROKER_PROXY_CONFIG).unwrap();
+        assert_eq!(proxy["terminationDrainDuration"], format!("{}s", delay + grace));
+        assert_eq!(pod.metadata.unwrap().annotations.unwrap()["proxy.istio.io/config"], BROKER_PROXY_CONFIG);
+    }
 
     fn all_options() -> Vec<Options> {
         vec![

@@ -62,6 +62,14 @@ pub const REFRESH_BEFORE: Duration = Duration::from_secs(35 * 60);
 /// flight.
 pub const MIN_SERVED_LIFETIME: Duration = Duration::from_secs(5 * 60);
 
+/// Credentials upstream hands out must live longer than this: anything
+/// shorter is inside [`REFRESH_BEFORE`] with at most [`MIN_SERVED_LIFETIME`]
+/// of useful life, so every key in use would be refetched every
+/// [`MIN_REFRESH_INTERVAL`]. The broker refuses to start with an STS session
+/// duration this short (40 minutes).
+pub const MIN_UPSTREAM_LIFETIME: Duration =
+    Duration::from_secs(REFRESH_BEFORE.as_secs() + MIN_SERVED_LIFETIME.as_secs());
+
 /// Floor between a successful fetch and the refresh of its result, for an
 /// upstream that hands out credentials already inside the refresh window
 /// (a role whose session duration is under [`REFRESH_BEFORE`]).

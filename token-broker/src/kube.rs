@@ -11,7 +11,10 @@
 //!   for the same pod, remembered for [`DIRECT_READ_REMEMBERED`] and
 //!   rate-limited ([`DIRECT_READS_PER_SECOND`]), so requests naming pods
 //!   that do not exist cannot turn into API load. Once synced, the cache
-//!   keeps answering while the API server is unreachable.
+//!   keeps answering while the API server is unreachable, but only for
+//!   the watch's staleness bound ([`DEFAULT_WATCH_STALENESS_BOUND`]): past
+//!   it, [`PodWatch::stale`] says since when, and the broker stops
+//!   authorizing from frozen data ([`WatchHealth`]).
 //! - [`NamespaceWatch`] does the same for namespaces, as [`NamespaceRule`]s,
 //!   when the namespace policy is on.
 //! - [`Cluster`] makes the one-off calls: TokenRequest and Event create.
@@ -31,10 +34,11 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use futures_util::{FutureExt, StreamExt, TryStreamExt};
+use futures_util::{FutureExt, StreamExt};
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Pod, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
@@ -82,6 +86,25 @@ const LIST_PAGE_SIZE: u32 = 100;
 /// Bound on direct reads remembered (running, or within
 /// [`DIRECT_READ_REMEMBERED`]); the rate limit keeps it far below this.
 const MAX_DIRECT_READS: usize = 4096;
+
+/// How long a synced watch's data is trusted without the watch showing it
+/// still works (an event, or a completed relist): past it, requests that
+/// rely on the watch's data answer 503 and `/readyz` fails. Long enough
+/// that an API-server outage or upgrade of a few minutes keeps known pods
+/// served from the cache; short enough that a watch that keeps failing
+/// (its RBAC withdrawn, a connection stuck) stops authorizing from data that
+/// no longer follows the cluster.
+pub const DEFAULT_WATCH_STALENESS_BOUND: Duration = Duration::from_secs(300);
+
+/// A watch nothing has confirmed for its staleness bound divided by this is
+/// restarted (a relist), so that it confirms itself. kube's watcher makes
+/// no event for a quiet watch (bookmarks and its own re-watches are
+/// silent), and a watch that was established before its RBAC was withdrawn
+/// keeps running without error until the API server ends it: only a new
+/// list shows whether the broker may still list. Three tries per bound,
+/// so one failed relist does not make the data stale. A watch that
+/// delivers events never relists.
+const RELISTS_PER_BOUND: u32 = 3;
 
 /// `reportingController` of the Events the broker records.
 pub const REPORTING_CONTROLLER: &str = "imds-mesh-token-broker";
@@ -363,22 +386,45 @@ pub struct PodWatch {
     store: Store<PodFacts>,
     task: JoinHandle<()>,
     direct: DirectReads,
+    health: Arc<WatchHealth>,
 }
 
 impl PodWatch {
     /// Starts watching pods labelled [`ENABLED_LABEL`]=[`ENABLED_VALUE`] in
-    /// all namespaces. Must be called within a tokio runtime.
+    /// all namespaces, with [`DEFAULT_WATCH_STALENESS_BOUND`]. Must be called
+    /// within a tokio runtime.
     pub fn spawn(client: Client) -> Self {
+        Self::with_staleness_bound(client, DEFAULT_WATCH_STALENESS_BOUND)
+    }
+
+    /// [`PodWatch::spawn`] with its data trusted for `bound` without the
+    /// watch confirming it ([`PodWatch::stale`]).
+    pub fn with_staleness_bound(client: Client, bound: Duration) -> Self {
         let config =
             watcher::Config::default().labels(&format!("{ENABLED_LABEL}={ENABLED_VALUE}")).page_size(LIST_PAGE_SIZE);
-        let (store, task) = spawn_reflector(Api::<PodView>::all(client.clone()), config, "pod", PodFacts::from);
-        Self { client, store, task, direct: DirectReads::default() }
+        let health = Arc::new(WatchHealth::new("pod", bound));
+        let api = Api::<PodView>::all(client.clone());
+        let (store, task) = spawn_reflector(api, config, Arc::clone(&health), PodFacts::from);
+        Self { client, store, task, direct: DirectReads::default(), health }
     }
 
     /// Whether the initial list has completed (the broker is ready). Stays
-    /// true when the API server goes away later: the cache is still used.
+    /// true when the API server goes away later: the cache is still used,
+    /// until [`PodWatch::stale`].
     pub fn is_synced(&self) -> bool {
         is_ready(&self.store)
+    }
+
+    /// Since when the synced data has not been confirmed, once that is
+    /// longer than the staleness bound; `None` before the sync (nothing is
+    /// served from the cache then) and while the watch works.
+    pub fn stale(&self) -> Option<Stale> {
+        self.is_synced().then(|| self.health.stale(Instant::now())).flatten()
+    }
+
+    /// The watch's health, for metrics.
+    pub fn health(&self) -> Arc<WatchHealth> {
+        Arc::clone(&self.health)
     }
 
     /// Waits until [`PodWatch::is_synced`].
@@ -428,7 +474,8 @@ impl PodWatch {
 impl PodWatch {
     /// A watch over `store` (filled by the test), with no task.
     fn over(client: Client, store: Store<PodFacts>) -> Self {
-        Self { client, store, task: tokio::spawn(async {}), direct: DirectReads::default() }
+        let health = Arc::new(WatchHealth::new("pod", DEFAULT_WATCH_STALENESS_BOUND));
+        Self { client, store, task: tokio::spawn(async {}), direct: DirectReads::default(), health }
     }
 }
 
@@ -532,20 +579,40 @@ impl Default for TokenBucket {
 pub struct NamespaceWatch {
     store: Store<NamespaceRule>,
     task: JoinHandle<()>,
+    health: Arc<WatchHealth>,
 }
 
 impl NamespaceWatch {
-    /// Starts watching all namespaces for `policy`. Must be called within a
-    /// tokio runtime.
+    /// Starts watching all namespaces for `policy`, with
+    /// [`DEFAULT_WATCH_STALENESS_BOUND`]. Must be called within a tokio
+    /// runtime.
     pub fn spawn(client: Client, policy: NamespacePolicy) -> Self {
+        Self::with_staleness_bound(client, policy, DEFAULT_WATCH_STALENESS_BOUND)
+    }
+
+    /// [`NamespaceWatch::spawn`] with its data trusted for `bound` without
+    /// the watch confirming it ([`NamespaceWatch::stale`]).
+    pub fn with_staleness_bound(client: Client, policy: NamespacePolicy, bound: Duration) -> Self {
         let api = Api::<Namespace>::all(client);
-        let (store, task) = spawn_reflector(api, watcher::Config::default(), "namespace", move |ns| policy.rule(ns));
-        Self { store, task }
+        let health = Arc::new(WatchHealth::new("namespace", bound));
+        let (store, task) =
+            spawn_reflector(api, watcher::Config::default(), Arc::clone(&health), move |ns| policy.rule(ns));
+        Self { store, task, health }
     }
 
     /// Whether the initial list has completed.
     pub fn is_synced(&self) -> bool {
         is_ready(&self.store)
+    }
+
+    /// As [`PodWatch::stale`].
+    pub fn stale(&self) -> Option<Stale> {
+        self.is_synced().then(|| self.health.stale(Instant::now())).flatten()
+    }
+
+    /// The watch's health, for metrics.
+    pub fn health(&self) -> Arc<WatchHealth> {
+        Arc::clone(&self.health)
     }
 
     /// Waits until [`NamespaceWatch::is_synced`].
@@ -565,39 +632,156 @@ impl Drop for NamespaceWatch {
     }
 }
 
+/// Whether a watch still follows the cluster: when it last showed it
+/// works (an event, a completed relist) and how often it failed. Shared by
+/// the watch's task, the request path and the metrics.
+#[derive(Debug)]
+pub struct WatchHealth {
+    what: &'static str,
+    bound: Duration,
+    /// When the watch last worked, on the monotonic clock and the wall
+    /// clock (for messages).
+    confirmed: Mutex<(Instant, SystemTime)>,
+    errors: AtomicU64,
+}
+
+impl WatchHealth {
+    /// A watch of `what` (`pod`, `namespace`), trusted for `bound`, counted
+    /// as working from now (before its sync nothing relies on it).
+    pub fn new(what: &'static str, bound: Duration) -> Self {
+        Self { what, bound, confirmed: Mutex::new((Instant::now(), SystemTime::now())), errors: AtomicU64::new(0) }
+    }
+
+    /// The watch's name: `pod`, `namespace`.
+    pub fn what(&self) -> &'static str {
+        self.what
+    }
+
+    /// Errors the watch has met (each retried with backoff).
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    /// How long since the watch last worked, at `now`.
+    pub fn unconfirmed_for(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.confirmed().0)
+    }
+
+    /// `Some` once the watch has not worked for longer than its bound.
+    pub fn stale(&self, now: Instant) -> Option<Stale> {
+        let (at, since) = self.confirmed();
+        let age = now.saturating_duration_since(at);
+        (age > self.bound).then_some(Stale { what: self.what, since, age, bound: self.bound })
+    }
+
+    fn confirmed(&self) -> (Instant, SystemTime) {
+        *self.confirmed.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn confirm(&self) {
+        *self.confirmed.lock().unwrap_or_else(PoisonError::into_inner) = (Instant::now(), SystemTime::now());
+    }
+
+    fn failed(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A watch whose data is past its staleness bound: the reason a request is
+/// refused (503) and `/readyz` fails.
+#[derive(Debug, Clone)]
+pub struct Stale {
+    /// The watch: `pod`, `namespace`.
+    pub what: &'static str,
+    /// When it last worked (wall clock).
+    pub since: SystemTime,
+    /// How long ago that was.
+    pub age: Duration,
+    /// The bound it is past.
+    pub bound: Duration,
+}
+
+impl fmt::Display for Stale {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let since = Timestamp::try_from(self.since)
+            .and_then(|at| Timestamp::from_second(at.as_second()))
+            .map_or_else(|_| "?".to_owned(), |at| at.to_string());
+        write!(
+            f,
+            "{what} data is stale: the {what} watch has failed since {since} ({} s, past the {} s bound)",
+            self.age.as_secs(),
+            self.bound.as_secs(),
+            what = self.what,
+        )
+    }
+}
+
 /// Starts a reflector over `api` that keeps `keep(object)` of each object,
 /// and returns its store and task. The watcher relists and rewatches by
 /// itself after errors, with backoff; the store keeps its last state
-/// meanwhile and is replaced whole once a relist completes.
+/// meanwhile and is replaced whole once a relist completes. Every event and
+/// completed relist confirms `health`; every error counts in it; a watch
+/// unconfirmed for a [`RELISTS_PER_BOUND`]th of the bound is restarted,
+/// which relists.
 fn spawn_reflector<K, F>(
     api: Api<K>,
     config: watcher::Config,
-    what: &'static str,
+    health: Arc<WatchHealth>,
     keep: impl Fn(K) -> F + Send + 'static,
 ) -> (Store<F>, JoinHandle<()>)
 where
     K: kube::Resource + Clone + DeserializeOwned + fmt::Debug + Send + 'static,
     F: Lookup<DynamicType = ()> + Clone + Send + Sync + 'static,
 {
-    let (store, writer) = reflector::store();
-    // Each object is reduced as it arrives: the whole object lives only
-    // while it is decoded, never in the store.
-    let kept = watcher(api, config).default_backoff().map_ok(move |event| match event {
-        watcher::Event::Apply(object) => watcher::Event::Apply(keep(object)),
-        watcher::Event::Delete(object) => watcher::Event::Delete(keep(object)),
-        watcher::Event::InitApply(object) => watcher::Event::InitApply(keep(object)),
-        watcher::Event::Init => watcher::Event::Init,
-        watcher::Event::InitDone => watcher::Event::InitDone,
-    });
-    let events = reflector::reflector(writer, kept);
-    let task = tokio::spawn(events.for_each(move |event| {
-        match event {
-            Ok(watcher::Event::InitDone) => tracing::info!("{what} watch listed everything"),
-            Ok(_) => {}
-            Err(error) => tracing::warn!(%error, "{what} watch failed; serving cached {what}s while it retries"),
+    let (store, mut writer) = reflector::store();
+    let what = health.what;
+    let relist_after = (health.bound / RELISTS_PER_BOUND).max(Duration::from_millis(100));
+    let task = tokio::spawn(async move {
+        let mut listed = false;
+        loop {
+            let started = Instant::now();
+            let mut events = watcher(api.clone(), config.clone()).default_backoff().boxed();
+            loop {
+                let due = health.confirmed().0.max(started) + relist_after;
+                let event = tokio::select! {
+                    event = events.next() => event,
+                    () = tokio::time::sleep_until(due) => break,
+                };
+                // Each object is reduced as it arrives: the whole object
+                // lives only while it is decoded, never in the store.
+                let event = match event {
+                    // The watcher retries forever; were it to end, start anew.
+                    None => break,
+                    Some(Ok(event)) => match event {
+                        watcher::Event::Apply(object) => watcher::Event::Apply(keep(object)),
+                        watcher::Event::Delete(object) => watcher::Event::Delete(keep(object)),
+                        watcher::Event::InitApply(object) => watcher::Event::InitApply(keep(object)),
+                        watcher::Event::Init => watcher::Event::Init,
+                        watcher::Event::InitDone => watcher::Event::InitDone,
+                    },
+                    Some(Err(error)) => {
+                        health.failed();
+                        tracing::warn!(%error, "{what} watch failed; serving cached {what}s while it retries");
+                        continue;
+                    }
+                };
+                writer.apply_watcher_event(&event);
+                match event {
+                    // Sent before the list is asked for: proves nothing.
+                    watcher::Event::Init => {}
+                    watcher::Event::InitDone => {
+                        health.confirm();
+                        if !listed {
+                            tracing::info!("{what} watch listed everything");
+                        }
+                        listed = true;
+                    }
+                    _ => health.confirm(),
+                }
+            }
+            tracing::debug!("{what} watch unconfirmed for {relist_after:?}; relisting");
         }
-        std::future::ready(())
-    }));
+    });
     (store, task)
 }
 
@@ -876,6 +1060,23 @@ mod tests {
     use super::*;
 
     type ApiServerHandle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+    #[tokio::test(start_paused = true)]
+    async fn watch_data_turns_stale_only_past_the_bound_and_fresh_again_when_confirmed() {
+        let health = WatchHealth::new("pod", Duration::from_secs(300));
+        tokio::time::advance(Duration::from_secs(300)).await;
+        assert!(health.stale(Instant::now()).is_none(), "at the bound, still trusted");
+        health.failed();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let stale = health.stale(Instant::now()).expect("past the bound");
+        assert_eq!((stale.what, stale.age, health.errors()), ("pod", Duration::from_secs(301), 1));
+        let message = stale.to_string();
+        assert!(message.starts_with("pod data is stale: the pod watch has failed since "), "{message}");
+        assert!(message.ends_with(" (301 s, past the 300 s bound)"), "{message}");
+        health.confirm();
+        assert!(health.stale(Instant::now()).is_none());
+        assert_eq!(health.unconfirmed_for(Instant::now()), Duration::ZERO);
+    }
 
     /// Fails a test whose mock API server does not finish in time (a request
     /// never made, or one the code under test awaits forever).

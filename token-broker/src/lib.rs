@@ -32,6 +32,8 @@
 //!   number, closed when they send no request head in time.
 //! - [`tls`]: the `mtls` mode's listener: TLS with required client
 //!   certificates, the caller from their SPIFFE URI SAN, certificate reload.
+//! - [`telemetry`]: the log filter, with hard caps on the targets that can
+//!   log tokens (the AWS SDK's, kube-client's body logs).
 #![forbid(unsafe_code)]
 
 pub mod authz;
@@ -44,4 +46,5 @@ pub mod peer;
 pub mod server;
 pub mod session;
 pub mod sts;
+pub mod telemetry;
 pub mod tls;

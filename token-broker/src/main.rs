@@ -16,15 +16,14 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use futures_util::future::BoxFuture;
 use token_broker::authz::NamespacePolicy;
+use token_broker::cache::{MIN_SERVED_LIFETIME, MIN_UPSTREAM_LIFETIME, REFRESH_BEFORE};
 use token_broker::connections::{self, HttpLimits};
 use token_broker::identity::{SpiffeId, XfccVerifier};
 use token_broker::peer::{DEFAULT_SIDECAR_SOURCES, SourceRange};
 use token_broker::server::{self, App, AppConfig, IdentityMode};
 use token_broker::sts::{StsClient, StsConfig};
+use token_broker::telemetry;
 use token_broker::tls::{MtlsFiles, MtlsListener};
-use tracing::Level;
-use tracing_subscriber::EnvFilter;
-use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::prelude::*;
 
 /// Turns a workload's mesh identity into AWS credentials for the role its
@@ -121,8 +120,9 @@ struct Args {
     #[arg(long, env = "TOKEN_BROKER_STS_ENDPOINT_URL")]
     sts_endpoint_url: Option<String>,
 
-    /// DurationSeconds of each STS session (900..=43200; the role's maximum
-    /// session duration must allow it).
+    /// DurationSeconds of each STS session (2401..=43200: more than the
+    /// cache's 35-minute refresh margin plus its 5-minute serving floor; the
+    /// role's maximum session duration must allow it).
     #[arg(long, env = "TOKEN_BROKER_SESSION_DURATION_SECONDS", default_value_t = 3600)]
     session_duration_seconds: u32,
 
@@ -142,19 +142,37 @@ struct Args {
     #[arg(long, env = "TOKEN_BROKER_NAMESPACE_POLICY_ANNOTATION")]
     namespace_policy_annotation: Option<String>,
 
+    /// Seconds the pod (and namespace) watch's data is trusted without the
+    /// watch showing it still works (an event, a completed relist). Past it,
+    /// credential requests answer 503 and /readyz fails until the watch
+    /// works again. Keep it above the API-server outages known pods should
+    /// be served through.
+    #[arg(long, env = "TOKEN_BROKER_WATCH_STALENESS_SECONDS",
+          default_value_t = token_broker::kube::DEFAULT_WATCH_STALENESS_BOUND.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    watch_staleness_seconds: u64,
+
     /// Log format.
     #[arg(long, env = "TOKEN_BROKER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 
-    /// Log filter directives (tracing EnvFilter syntax). The AWS SDK's crates
-    /// are capped at debug whatever this says: at trace they log the web
-    /// identity token.
-    #[arg(long, env = "TOKEN_BROKER_LOG", default_value = "info")]
+    /// Log filter directives (tracing EnvFilter syntax). Whatever this says,
+    /// the AWS SDK's crates are capped at debug (at trace they log the web
+    /// identity token) and kube-client's body logs (target
+    /// kube_client::client, which can print a TokenRequest's token) are off.
+    #[arg(long, env = "TOKEN_BROKER_LOG", default_value = telemetry::DEFAULT_LOG_FILTER)]
     log: String,
 
-    /// Seconds to drain in-flight requests after SIGTERM or ctrl-c before
-    /// exiting anyway.
-    #[arg(long, env = "TOKEN_BROKER_SHUTDOWN_GRACE_SECONDS", default_value_t = 20)]
+    /// Seconds to keep serving after SIGTERM or ctrl-c, with /readyz
+    /// answering 503, before no longer accepting connections: the time the
+    /// replica takes to leave the Service's endpoints.
+    #[arg(long, env = "TOKEN_BROKER_SHUTDOWN_DELAY_SECONDS", default_value_t = server::DEFAULT_SHUTDOWN_DELAY.as_secs())]
+    shutdown_delay_seconds: u64,
+
+    /// Seconds in-flight requests may take to finish once the broker stops
+    /// accepting connections (after --shutdown-delay-seconds), before it
+    /// exits anyway. Keep it above the credential deadline (25 s).
+    #[arg(long, env = "TOKEN_BROKER_SHUTDOWN_GRACE_SECONDS", default_value_t = server::DEFAULT_SHUTDOWN_GRACE.as_secs())]
     shutdown_grace_seconds: u64,
 
     /// Connections --listen holds open at once; more wait, unserved, in the
@@ -210,14 +228,10 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(args: &Args) -> Result<(), String> {
-    let filter = EnvFilter::try_new(&args.log).map_err(|e| format!("--log {:?}: {e}", args.log))?;
-    // A hard cap, not a default: no directive can turn on the SDK's trace
-    // logs, which include the request body and so the web identity token.
-    let sdk_cap = filter_fn(|meta| {
-        let sdk = meta.target().starts_with("aws_smithy") || meta.target().starts_with("aws_sdk");
-        !sdk || *meta.level() <= Level::DEBUG
-    });
-    let registry = tracing_subscriber::registry().with(filter).with(sdk_cap);
+    // Hard caps, not defaults: no directive can turn on the SDK's trace
+    // logs or kube-client's body logs, which can hold a token.
+    let filter = telemetry::log_filter(&args.log).map_err(|e| format!("--log {:?}: {e}", args.log))?;
+    let registry = tracing_subscriber::registry().with(filter);
     let result = match args.log_format {
         LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).try_init(),
         LogFormat::Json => registry.with(tracing_subscriber::fmt::layer().json()).try_init(),
@@ -250,6 +264,21 @@ async fn serve(args: Args) -> Result<(), String> {
     }
     if args.own_spiffe_id.is_some() && args.identity_mode != Mode::Xfcc {
         return Err("--own-spiffe-id applies only to --identity-mode xfcc".into());
+    }
+    // Refused, not warned about: a session this short sits in the cache's
+    // refresh window from the start, so every key in use would cost a
+    // TokenRequest and an STS call every minute, and what is served would
+    // have less than the filter's refresh margin left (it refetches too).
+    let shortest = MIN_UPSTREAM_LIFETIME.as_secs();
+    if u64::from(args.session_duration_seconds) <= shortest {
+        return Err(format!(
+            "--session-duration-seconds {} is too short: it must be more than {shortest} (the cache refreshes \
+             credentials {} s before they expire and serves none with {} s or less left), or every key \
+             in use would be refreshed every minute",
+            args.session_duration_seconds,
+            REFRESH_BEFORE.as_secs(),
+            MIN_SERVED_LIFETIME.as_secs(),
+        ));
     }
     // Checked before anything connects, so a bad file fails fast.
     let tls_files = match (&args.tls_cert, &args.tls_key, &args.tls_client_ca) {
@@ -288,6 +317,7 @@ async fn serve(args: Args) -> Result<(), String> {
         header_timeout: Duration::from_secs(args.header_timeout_seconds),
     };
     config.pod_address_check = !args.skip_pod_address_check;
+    config.watch_staleness_bound = Duration::from_secs(args.watch_staleness_seconds);
     config.sidecar_sources = args.sidecar_sources.clone();
     let app = Arc::new(App::new(config, client, sts, args.instance.clone()));
 
@@ -316,7 +346,7 @@ async fn serve(args: Args) -> Result<(), String> {
         None => Box::pin(server::run(listener, Arc::clone(&app), shutdown.signal())),
     };
     let admin: BoxFuture<'static, std::io::Result<()>> = match admin_listener {
-        Some(listener) => Box::pin(server::run_admin(listener, app, shutdown.signal())),
+        Some(listener) => Box::pin(server::run_admin(listener, Arc::clone(&app), shutdown.signal())),
         None => Box::pin(std::future::ready(Ok(()))),
     };
     // Either server failing stops both.
@@ -324,6 +354,15 @@ async fn serve(args: Args) -> Result<(), String> {
     tokio::select! {
         result = &mut server => return finished(result),
         () = shutdown_signal() => {}
+    }
+    // Readiness off first, serving on: the replica leaves the Service's
+    // endpoints (and the callers' sidecars' load balancing) while it still
+    // answers whatever they send meanwhile.
+    app.drain();
+    tracing::info!(delay_seconds = args.shutdown_delay_seconds, "shutting down: not ready, serving on for the delay");
+    tokio::select! {
+        result = &mut server => return finished(result),
+        () = tokio::time::sleep(Duration::from_secs(args.shutdown_delay_seconds)) => {}
     }
     tracing::info!(grace_seconds = args.shutdown_grace_seconds, "shutting down: draining in-flight requests");
     shutdown.trigger();

@@ -40,6 +40,7 @@ use axum::routing::get;
 use percent_encoding::percent_decode_str;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
@@ -56,7 +57,7 @@ use crate::cache::{
 use crate::connections::{self, HttpLimits};
 use crate::error::BrokerError;
 use crate::identity::{self, CallerIdentity, IdentityError, SpiffeId, XfccVerifier};
-use crate::kube::{Cluster, KubeError, LookupError, NamespaceWatch, PodWatch};
+use crate::kube::{Cluster, KubeError, LookupError, NamespaceWatch, PodWatch, Stale, WatchHealth};
 use crate::peer::{self, PeerError, SourceRange};
 use crate::session;
 use crate::sts::StsClient;
@@ -167,6 +168,9 @@ pub struct AppConfig {
     pub namespace_policy: Option<NamespacePolicy>,
     /// See [`DEFAULT_CREDENTIALS_DEADLINE`].
     pub credentials_deadline: Duration,
+    /// How long the pod (and namespace) watch's data is trusted without the
+    /// watch confirming it: [`crate::kube::DEFAULT_WATCH_STALENESS_BOUND`].
+    pub watch_staleness_bound: Duration,
     /// The cache's limits and clock.
     pub cache: CacheConfig,
     /// Connections per listener and how long one may take to send a
@@ -193,6 +197,7 @@ impl AppConfig {
             token_lifetime_seconds: DEFAULT_TOKEN_LIFETIME_SECONDS,
             namespace_policy: None,
             credentials_deadline: DEFAULT_CREDENTIALS_DEADLINE,
+            watch_staleness_bound: crate::kube::DEFAULT_WATCH_STALENESS_BOUND,
             cache: CacheConfig::default(),
             http: HttpLimits::default(),
             pod_address_check: true,
@@ -212,6 +217,8 @@ pub struct App {
     bindings: Arc<Bindings>,
     metrics: Arc<Metrics>,
     registry: Registry,
+    /// Set by [`App::drain`]: `/readyz` answers 503 from then on.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for App {
@@ -224,8 +231,12 @@ impl App {
     /// Starts the pod watch and the cache; `instance` names this replica in
     /// the Events it records. Must be called inside a tokio runtime.
     pub fn new(config: AppConfig, client: ::kube::Client, sts: StsClient, instance: impl Into<String>) -> Self {
-        let pods = PodWatch::spawn(client.clone());
-        let namespaces = config.namespace_policy.clone().map(|policy| NamespaceWatch::spawn(client.clone(), policy));
+        let bound = config.watch_staleness_bound;
+        let pods = PodWatch::with_staleness_bound(client.clone(), bound);
+        let namespaces = config
+            .namespace_policy
+            .clone()
+            .map(|policy| NamespaceWatch::with_staleness_bound(client.clone(), policy, bound));
         let cluster = Arc::new(Cluster::new(client, instance));
         let metrics = Arc::new(Metrics::default());
         let bindings = Arc::new(Bindings::new(config.cache.max_keys));
@@ -244,6 +255,8 @@ impl App {
         let mut registry = Registry::with_prefix("token_broker");
         metrics.register(&mut registry);
         registry.register_collector(Box::new(CacheCollector(Arc::clone(&cache))));
+        let watches = std::iter::once(pods.health()).chain(namespaces.as_ref().map(NamespaceWatch::health)).collect();
+        registry.register_collector(Box::new(WatchCollector(watches)));
         if config.identity.is_insecure() {
             tracing::warn!(
                 "identity mode insecure-dev: callers are identified by plain headers anyone can set, and \
@@ -256,14 +269,37 @@ impl App {
                  of that service account"
             );
         }
-        Self { config, pods, namespaces, cluster, cache, bindings, metrics, registry }
+        let draining = std::sync::atomic::AtomicBool::new(false);
+        Self { config, pods, namespaces, cluster, cache, bindings, metrics, registry, draining }
     }
 
     /// Whether the broker should get traffic (what `/readyz` answers): the
-    /// pod watch has synced, and the identity mode is not `insecure-dev`,
-    /// which is never ready, so no Service sends it callers.
+    /// pod watch has synced and its data is not stale, and the identity
+    /// mode is not `insecure-dev`, which is never ready, so no Service sends
+    /// it callers.
     pub fn is_ready(&self) -> bool {
-        self.is_synced() && !self.config.identity.is_insecure()
+        self.is_synced()
+            && self.stale_watches().is_empty()
+            && !self.config.identity.is_insecure()
+            && !self.is_draining()
+    }
+
+    /// Turns readiness off for good, the first step of a graceful shutdown
+    /// ([`DEFAULT_SHUTDOWN_DELAY`]): requests are still served.
+    pub fn drain(&self) {
+        self.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether [`App::drain`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The synced watches whose data is past the staleness bound: requests
+    /// relying on them answer 503 and `/readyz` fails, until they work again.
+    pub fn stale_watches(&self) -> Vec<Stale> {
+        let namespaces = self.namespaces.as_ref().and_then(NamespaceWatch::stale);
+        self.pods.stale().into_iter().chain(namespaces).collect()
     }
 
     /// Whether the pod watch, and with the namespace policy the namespace
@@ -294,6 +330,11 @@ impl App {
         let (role_arn, pod_name) = parse_query(query)?;
         let ns = caller.namespace.as_str();
 
+        // Every answer below rests on the pod watch (a cached credential
+        // too: it is served only to a pod the watch still vouches for).
+        if let Some(stale) = self.pods.stale() {
+            return Err(BrokerError::Unavailable(stale.to_string()));
+        }
         let pod = match self.pods.pod(ns, &pod_name).await {
             Ok(Some(pod)) => pod,
             Ok(None) => return Err(BrokerError::PodNotFound { namespace: ns.to_owned(), name: pod_name.into_owned() }),
@@ -318,7 +359,12 @@ impl App {
         let wait = Box::pin(tokio::time::timeout(self.config.credentials_deadline, self.cache.get(&key)));
         match wait.await {
             Ok(Ok(credentials)) => Ok(credentials),
-            Ok(Err(error)) => Err(fetch_error_response(&error)),
+            Ok(Err(error)) => {
+                if error.kind == FetchErrorKind::Denied {
+                    self.sts_denied(&key, &pod, &error.detail);
+                }
+                Err(fetch_error_response(&error))
+            }
             Err(_) => Err(BrokerError::Unavailable("timed out waiting for credentials; retry".into())),
         }
     }
@@ -331,6 +377,9 @@ impl App {
             return Err(self.deny(caller, pod, denial));
         }
         let Some(namespaces) = &self.namespaces else { return Ok(()) };
+        if let Some(stale) = namespaces.stale() {
+            return Err(BrokerError::Unavailable(stale.to_string()));
+        }
         // From the namespace watch: no API call, and it answers through an
         // API server outage. A namespace it has not delivered yet (created
         // a moment ago) is not denied: that would be remembered as a denial.
@@ -346,6 +395,21 @@ impl App {
         self.metrics.denials.get_or_create(&RuleLabel { rule: denial.label() }).inc();
         self.cluster.spawn_denial_event(Arc::clone(pod), reason.clone());
         BrokerError::AccessDenied { label: denial.label(), reason }
+    }
+
+    /// STS refused the role (its trust policy said no to this identity):
+    /// logged, counted (rule `sts_denied`) and recorded as an Event on the
+    /// pod like the broker's own denials, within the same per-pod budget.
+    /// A remembered refusal (the cache's backoff) counts again; its Event
+    /// does not repeat within the budget's window.
+    fn sts_denied(&self, key: &CacheKey, pod: &Arc<PodFacts>, detail: &str) {
+        let reason = format!(
+            "STS refused role {} to service account {}/{}: {detail}",
+            key.role_arn, key.namespace, key.service_account
+        );
+        tracing::warn!(rule = STS_DENIED_RULE, %reason, "credentials denied");
+        self.metrics.denials.get_or_create(&RuleLabel { rule: STS_DENIED_RULE }).inc();
+        self.cluster.spawn_denial_event(Arc::clone(pod), reason);
     }
 
     /// Where the caller's connection comes from, when the pod check needs
@@ -392,6 +456,10 @@ impl App {
     }
 }
 
+/// The denial rule of an STS `AccessDenied` (in `denials_total` and the
+/// 403's label).
+pub const STS_DENIED_RULE: &str = "sts_denied";
+
 /// Maps a failed fetch to the contract:
 /// - `Throttled` → 429 with `Retry-After` (STS's own hint, else
 ///   [`DEFAULT_THROTTLE_RETRY`]);
@@ -406,7 +474,9 @@ pub fn fetch_error_response(error: &FetchError) -> BrokerError {
         (FetchErrorKind::Throttled, _) => {
             BrokerError::Throttled { retry_after: error.retry_after.unwrap_or(DEFAULT_THROTTLE_RETRY) }
         }
-        (FetchErrorKind::Denied, _) => BrokerError::AccessDenied { label: "sts_denied", reason: error.detail.clone() },
+        (FetchErrorKind::Denied, _) => {
+            BrokerError::AccessDenied { label: STS_DENIED_RULE, reason: error.detail.clone() }
+        }
         (FetchErrorKind::Failed, FailedAt::Kubernetes) => {
             BrokerError::Unavailable(format!("Kubernetes API: {}", error.detail))
         }
@@ -569,16 +639,35 @@ impl Fetcher {
 
         let session_name = session::role_session_name(ns, sa);
         self.metrics.sts_calls.inc();
-        self.metrics.sts_in_flight.inc();
+        // A guard, not inc/dec around the await: the cache aborts a fetch
+        // past its timeout, dropping this future mid-call.
+        let in_flight = InFlight::enter(&self.metrics.sts_in_flight);
         let started = std::time::Instant::now();
         let result = self.sts.assume_role_with_web_identity(&key.role_arn, &session_name, token.expose()).await;
         self.metrics.sts_duration.observe(started.elapsed().as_secs_f64());
-        self.metrics.sts_in_flight.dec();
+        drop(in_flight);
         result.map_err(|error| {
             tracing::warn!(%error, role_arn = key.role_arn, namespace = ns, service_account = sa, "STS call failed");
             self.metrics.sts_errors.get_or_create(&CodeLabel { code: error.metric_label() }).inc();
             error.fetch_error()
         })
+    }
+}
+
+/// One unit of a gauge of things in progress, given back when dropped:
+/// on completion or when the future holding it is cancelled.
+struct InFlight(Gauge);
+
+impl InFlight {
+    fn enter(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -711,8 +800,48 @@ impl Collector for CacheCollector {
     }
 }
 
+/// Exports each watch's [`WatchHealth`] at scrape time, labelled `watch`.
+#[derive(Debug)]
+struct WatchCollector(Vec<Arc<WatchHealth>>);
+
+impl Collector for WatchCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let help = "Errors of the pod (and namespace) watch, each retried with backoff";
+        let mut family = encoder.encode_descriptor("watch_errors", help, None, MetricType::Counter)?;
+        for health in &self.0 {
+            let counter = ConstCounter::new(health.errors());
+            counter.encode(family.encode_family(&WatchLabel { watch: health.what() })?)?;
+        }
+        let help = "Seconds since the watch last showed it works (an event or a completed relist)";
+        let mut family = encoder.encode_descriptor("watch_unconfirmed_seconds", help, None, MetricType::Gauge)?;
+        let now = tokio::time::Instant::now();
+        for health in &self.0 {
+            let gauge = ConstGauge::new(health.unconfirmed_for(now).as_secs_f64());
+            gauge.encode(family.encode_family(&WatchLabel { watch: health.what() })?)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WatchLabel {
+    watch: &'static str,
+}
+
 // ---------------------------------------------------------------------------
 // HTTP.
+
+/// How long a broker told to stop (SIGTERM) keeps serving, not ready,
+/// before it stops accepting connections: the time the endpoints
+/// controller, kube-proxy and the callers' sidecars take to stop sending it
+/// requests once it is terminating. Without it, requests sent in that
+/// window meet a closed port.
+pub const DEFAULT_SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
+
+/// How long the requests in flight when a broker stops accepting may take
+/// to finish: above [`DEFAULT_CREDENTIALS_DEADLINE`], the longest a
+/// credential request waits, so none is cut off.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// One shutdown for the several servers of a broker (service and admin
 /// listeners): every [`Shutdown::signal`] completes once [`Shutdown::trigger`]
@@ -832,6 +961,12 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
     let mut body = String::new();
     for watch in app.unsynced_watches() {
         let _ = writeln!(body, "not ready: the {watch} watch has not synced");
+    }
+    for stale in app.stale_watches() {
+        let _ = writeln!(body, "not ready: {stale}");
+    }
+    if app.is_draining() {
+        let _ = writeln!(body, "not ready: shutting down");
     }
     if app.config.identity.is_insecure() {
         let _ = writeln!(

@@ -24,7 +24,9 @@ const FLAGS: &[(&str, &str)] = &[
     ("--namespace-policy-annotation", "TOKEN_BROKER_NAMESPACE_POLICY_ANNOTATION"),
     ("--log-format", "TOKEN_BROKER_LOG_FORMAT"),
     ("--log", "TOKEN_BROKER_LOG"),
+    ("--shutdown-delay-seconds", "TOKEN_BROKER_SHUTDOWN_DELAY_SECONDS"),
     ("--shutdown-grace-seconds", "TOKEN_BROKER_SHUTDOWN_GRACE_SECONDS"),
+    ("--watch-staleness-seconds", "TOKEN_BROKER_WATCH_STALENESS_SECONDS"),
     ("--sidecar-sources", "TOKEN_BROKER_SIDECAR_SOURCES"),
     ("--max-connections", "TOKEN_BROKER_MAX_CONNECTIONS"),
     ("--header-timeout-seconds", "TOKEN_BROKER_HEADER_TIMEOUT_SECONDS"),
@@ -111,6 +113,28 @@ fn mtls_mode_with_an_unreadable_file_fails_at_start_naming_it() {
 }
 
 #[test]
+fn a_session_duration_inside_the_refresh_window_is_refused_at_start() {
+    for short in ["900", "2400"] {
+        let output = broker(&[
+            "--identity-mode",
+            "insecure-dev",
+            "--sts-region",
+            "us-east-1",
+            "--kube-api-url",
+            "http://127.0.0.1:9",
+            "--listen",
+            "127.0.0.1:0",
+            "--session-duration-seconds",
+            short,
+        ]);
+        assert!(!output.status.success(), "{output:?}");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(stdout.contains(&format!("--session-duration-seconds {short} is too short")), "{stdout}");
+        assert!(stdout.contains("must be more than 2400"), "{stdout}");
+    }
+}
+
+#[test]
 fn flags_of_another_identity_mode_are_refused_not_ignored() {
     let base = ["--sts-region", "us-east-1", "--kube-api-url", "http://127.0.0.1:9", "--listen", "127.0.0.1:0"];
     let output = broker(&[&base[..], &["--identity-mode", "insecure-dev", "--tls-cert", "/tmp/tls.crt"]].concat());
@@ -137,6 +161,7 @@ fn sigterm_stops_the_broker_within_the_grace_period() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_token-broker"))
         .args(["--identity-mode", "insecure-dev", "--sts-region", "us-east-1"])
         .args(["--kube-api-url", "http://127.0.0.1:9", "--listen", &listen, "--shutdown-grace-seconds", "5"])
+        .args(["--shutdown-delay-seconds", "1"])
         .env_clear()
         .stdout(std::process::Stdio::null())
         .spawn()
