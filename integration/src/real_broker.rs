@@ -23,6 +23,22 @@ use token_broker::tls::{MtlsFiles, MtlsListener};
 use crate::kube_cluster::KubeCluster;
 use crate::{Req, wait};
 
+/// `GET /v1/credentials` for `role_arn` on behalf of `pod`, encoded as the
+/// filter encodes it (`imds_filter::broker::request_path`), to the broker's
+/// service host.
+pub fn credentials_request(role_arn: &str, pod: &str) -> Req {
+    let role = imds_filter::arn::RoleArn::parse(role_arn).unwrap_or_else(|e| panic!("{role_arn}: {e:?}"));
+    Req::get(imds_filter::broker::request_path(&role, pod)).host("token-broker")
+}
+
+/// [`credentials_request`] from the `insecure-dev` caller
+/// `namespace/service_account`.
+pub fn dev_credentials_request(namespace: &str, service_account: &str, role_arn: &str, pod: &str) -> Req {
+    credentials_request(role_arn, pod)
+        .header(server::DEV_NAMESPACE_HEADER, namespace)
+        .header(server::DEV_SERVICE_ACCOUNT_HEADER, service_account)
+}
+
 /// The trust domain of every harness identity.
 pub const TRUST_DOMAIN: &str = "cluster.local";
 

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use integration::kube_cluster::{self, BROKER_USER, KubeCluster};
+use integration::real_broker::dev_credentials_request;
 use integration::{ROLE_ARN, RealBroker, Reply, Req, Sts, wait};
 use mesh_config::render::Options;
 use serde_json::json;
@@ -18,7 +19,6 @@ use token_broker::authz::{ENABLED_LABEL, NamespacePolicy};
 use token_broker::kube::{
     DENIAL_EVENT_REASON, DENIAL_EVENTS_PER_POD, DIRECT_READ_BURST, DIRECT_READS_PER_SECOND, KUBE_CALL_TIMEOUT,
 };
-use token_broker::server;
 
 const NS: &str = "default";
 const SA: &str = "app";
@@ -32,11 +32,7 @@ fn request(pod: &str, role_arn: &str) -> Req {
 
 /// [`request`] as the caller `default/<service_account>`.
 fn request_as(service_account: &str, pod: &str, role_arn: &str) -> Req {
-    let role = role_arn.replace(':', "%3A").replace('/', "%2F");
-    Req::get(format!("/v1/credentials?role_arn={role}&pod={pod}"))
-        .host("token-broker")
-        .header(server::DEV_NAMESPACE_HEADER, NS)
-        .header(server::DEV_SERVICE_ACCOUNT_HEADER, service_account)
+    dev_credentials_request(NS, service_account, role_arn, pod)
 }
 
 /// The broker's direct reads of pods named `prefix*` in [`NS`].

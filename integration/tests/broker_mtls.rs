@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use integration::kube_cluster::{self, BROKER_USER, KubeCluster, pod_ip};
 use integration::pki::{self, MeshCa, TlsClient};
+use integration::real_broker;
 use integration::{ROLE_ARN, RealBroker, Req, Sts, wait};
 use k8s_openapi::api::core::v1::Pod;
 use mesh_config::render::Options;
@@ -25,8 +26,7 @@ fn pod(name: &str) -> Pod {
 /// A request for web-0's credentials, connecting from `source` (the TLS
 /// peer address the broker checks against web-0's).
 fn credentials_request(source: IpAddr) -> Req {
-    let role = ROLE_ARN.replace(':', "%3A").replace('/', "%2F");
-    Req::get(format!("/v1/credentials?role_arn={role}&pod=web-0")).host("token-broker").source(source)
+    real_broker::credentials_request(ROLE_ARN, "web-0").source(source)
 }
 
 /// The broker's certificate from `ca`, trusting `ca` for clients, written to

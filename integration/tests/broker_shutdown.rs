@@ -11,6 +11,7 @@ use std::time::Duration;
 use integration::broker::Scripted;
 use integration::kube_cluster::{self, KubeCluster};
 use integration::real_broker::SIDECAR_SOURCE;
+use integration::real_broker::credentials_request;
 use integration::{Req, ScriptedSts, paths, pki, process, wait};
 use mesh_config::render::{self, Options};
 use time::OffsetDateTime;
@@ -74,9 +75,7 @@ async fn sigterm_turns_readiness_off_at_once_and_a_request_in_flight_still_compl
     process::until_answering(&mut child, "token-broker", &log, admin, "/readyz").await;
 
     // This test stands in for the broker's sidecar.
-    let role = ROLE.replace(':', "%3A").replace('/', "%2F");
-    let request = Req::get(format!("/v1/credentials?role_arn={role}&pod=app-0"))
-        .host("token-broker")
+    let request = credentials_request(ROLE, "app-0")
         .source(SIDECAR_SOURCE)
         .header(PEER_ADDRESS_HEADER, &app_ip.to_string())
         .header(

@@ -12,6 +12,7 @@
 use integration::clients::SdkClient;
 use integration::kube_cluster::{self, BROKER_USER, KubeCluster, pod_ip};
 use integration::pki::{self, Mesh};
+use integration::real_broker::credentials_request;
 use integration::{CREDENTIALS_PATH, Envoy, Pod, ROLE_ARN, RealBroker, Req, Sts, wait};
 use k8s_openapi::api::core::v1::Pod as KubePod;
 use token_broker::kube::DENIAL_EVENT_REASON;
@@ -85,8 +86,7 @@ async fn only_the_brokers_sidecar_can_vouch_for_a_caller() {
     let mesh = Mesh::new(&pod.namespace, &pod.service_account);
     let broker = RealBroker::on(&cluster, sts.endpoint()).await.xfcc().start().await;
     let broker_sidecar = Envoy::broker_sidecar(broker.addr, &mesh.broker).await;
-    let role = ROLE_ARN.replace(':', "%3A").replace('/', "%2F");
-    let request = Req::get(format!("/v1/credentials?role_arn={role}&pod={}", pod.name)).host("token-broker").source(ip);
+    let request = credentials_request(ROLE_ARN, &pod.name).source(ip);
 
     // Over plaintext (PERMISSIVE) the sidecar drops a forged XFCC element.
     let app_id = pki::spiffe_id(&pod.namespace, &pod.service_account);
@@ -118,8 +118,7 @@ async fn a_pod_without_the_label_cannot_borrow_its_siblings_role_through_the_bro
     let mesh = Mesh::new(&pod.namespace, &pod.service_account);
     let broker = RealBroker::on(&cluster, sts.endpoint()).await.xfcc().start().await;
     let broker_sidecar = Envoy::broker_sidecar(broker.addr, &mesh.broker).await;
-    let role = ROLE_ARN.replace(':', "%3A").replace('/', "%2F");
-    let request = Req::get(format!("/v1/credentials?role_arn={role}&pod={}", pod.name)).host("token-broker");
+    let request = credentials_request(ROLE_ARN, &pod.name);
     let identity = mesh.ca.client(Some(&mesh.ca.workload(&[&pki::spiffe_id(&pod.namespace, &pod.service_account)])));
 
     // It claims to be at its sibling's address, in the broker's header and

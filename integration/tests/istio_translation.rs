@@ -10,6 +10,7 @@ use integration::istio::{self, AppSidecar, Cluster, SidecarXds, proxy_of};
 use integration::kube_cluster::{BROKER_USER, KubeCluster};
 use integration::pki::Mesh;
 use integration::real_broker::SIDECAR_SOURCE;
+use integration::real_broker::credentials_request;
 use integration::{Pod, ROLE_ARN, RealBroker, Req, Sts, wait};
 use mesh_config::metadata;
 use mesh_config::render::BROKER_PORT;
@@ -249,8 +250,7 @@ async fn only_the_brokers_own_sidecar_vouches_for_a_caller_on_istios_output() {
     let _sidecar = istio::start_broker_sidecar(&broker_xds, inbound, broker.addr, &mesh.broker).await;
 
     let app_id = integration::pki::spiffe_id(&pod.namespace, &pod.service_account);
-    let role = ROLE_ARN.replace(':', "%3A").replace('/', "%2F");
-    let request = Req::get(format!("/v1/credentials?role_arn={role}&pod={}", pod.name)).host("token-broker");
+    let request = credentials_request(ROLE_ARN, &pod.name);
     // Another workload, with a valid mesh certificate, claims to be the app.
     let forged = request
         .clone()
@@ -288,8 +288,7 @@ async fn a_pod_without_the_label_cannot_borrow_its_siblings_role_on_istios_outpu
     // the app's. It names the enabled pod and claims the app's address, in
     // the broker's header and in `X-Forwarded-For` (which Istio's inbound
     // side, `use_remote_address: false`, would take as the remote address).
-    let role = ROLE_ARN.replace(':', "%3A").replace('/', "%2F");
-    let request = Req::get(format!("/v1/credentials?role_arn={role}&pod={}", pod.name)).host("token-broker");
+    let request = credentials_request(ROLE_ARN, &pod.name);
     let identity =
         mesh.ca.client(Some(&mesh.ca.workload(&[&integration::pki::spiffe_id(&pod.namespace, &pod.service_account)])));
     let borrowed =

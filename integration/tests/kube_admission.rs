@@ -10,7 +10,8 @@
 //! (the refusal's message names it), so it is refused too.
 
 use integration::kube_cluster::{BROKER_USER, ISSUER, KubeCluster};
-use integration::{ROLE_ARN, RealBroker, Req, Sts, wait};
+use integration::real_broker::dev_credentials_request;
+use integration::{ROLE_ARN, RealBroker, Sts, wait};
 use k8s_openapi::api::authentication::v1::{SelfSubjectReview, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::api::{Api, PostParams};
@@ -130,13 +131,7 @@ async fn the_real_broker_gets_sts_credentials_with_the_policy_in_force() {
     let refused_before = cluster.refusals(BROKER_USER).len();
 
     let broker = RealBroker::with_kube(config, sts.endpoint()).start().await;
-    let role = ROLE_ARN.replace(':', "%3A").replace('/', "%2F");
-    let reply = Req::get(format!("/v1/credentials?role_arn={role}&pod=app-0"))
-        .host("token-broker")
-        .header(server::DEV_NAMESPACE_HEADER, "default")
-        .header(server::DEV_SERVICE_ACCOUNT_HEADER, "app")
-        .send(broker.addr)
-        .await;
+    let reply = dev_credentials_request("default", "app", ROLE_ARN, "app-0").send(broker.addr).await;
     assert_eq!(reply.status, 200, "{}", reply.body_text());
     assert_eq!(sts.seen().accepted.len(), 1, "{:?}", sts.seen());
     // The broker's own TokenRequest (bound to the pod) passed the policy.

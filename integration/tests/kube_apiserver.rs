@@ -7,21 +7,17 @@
 //! where it needs it. Together the rules suffice; each is needed.
 
 use integration::kube_cluster::{self, BROKER_USER, KubeCluster};
+use integration::real_broker::dev_credentials_request;
 use integration::{ROLE_ARN, RealBroker, Req, Sts, wait};
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::api::{Api, PostParams};
 use mesh_config::render::{BROKER, Options};
-use token_broker::server;
 
 /// A credential request for `pod` as the `insecure-dev` caller
 /// `default/<service_account>`.
 fn request_as(service_account: &str, pod: &str) -> Req {
-    let role = ROLE_ARN.replace(':', "%3A").replace('/', "%2F");
-    Req::get(format!("/v1/credentials?role_arn={role}&pod={pod}"))
-        .host("token-broker")
-        .header(server::DEV_NAMESPACE_HEADER, "default")
-        .header(server::DEV_SERVICE_ACCOUNT_HEADER, service_account)
+    dev_credentials_request("default", service_account, ROLE_ARN, pod)
 }
 
 fn request(pod: &str) -> Req {

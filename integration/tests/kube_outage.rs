@@ -8,22 +8,16 @@
 //! (here: its RBAC withdrawn) is trusted only for the staleness bound.
 
 use integration::kube_cluster::{self, BROKER_USER, KubeCluster};
-use integration::{RealBroker, Reply, Req, Sts, wait};
+use integration::real_broker::dev_credentials_request;
+use integration::{RealBroker, Reply, Sts, wait};
 use mesh_config::render::Options;
-use token_broker::server;
 
 const ROLE: &str = "arn:aws:iam::123456789012:role/app";
 
 /// A credential request for `pod` as the `insecure-dev` caller
 /// `default/<service_account>`.
 async fn request(broker: &RealBroker, service_account: &str, pod: &str) -> Reply {
-    let role = ROLE.replace(':', "%3A").replace('/', "%2F");
-    Req::get(format!("/v1/credentials?role_arn={role}&pod={pod}"))
-        .host("token-broker")
-        .header(server::DEV_NAMESPACE_HEADER, "default")
-        .header(server::DEV_SERVICE_ACCOUNT_HEADER, service_account)
-        .send(broker.addr)
-        .await
+    dev_credentials_request("default", service_account, ROLE, pod).send(broker.addr).await
 }
 
 #[tokio::test]

@@ -524,11 +524,7 @@ fn scale_role(i: usize) -> String {
 /// Pod `i`'s own credential request, as the `insecure-dev` caller its
 /// service account is.
 fn scale_request(i: usize) -> Req {
-    let role = scale_role(i).replace(':', "%3A").replace('/', "%2F");
-    Req::get(format!("/v1/credentials?role_arn={role}&pod={}", scale_name(i)))
-        .host("token-broker")
-        .header(DEV_NAMESPACE_HEADER, SCALE_NAMESPACE)
-        .header(DEV_SERVICE_ACCOUNT_HEADER, SCALE_NAMESPACE)
+    integration::real_broker::dev_credentials_request(SCALE_NAMESPACE, SCALE_NAMESPACE, &scale_role(i), &scale_name(i))
 }
 
 /// Pod `i` as a Deployment's pod looks once Istio's injector has added its

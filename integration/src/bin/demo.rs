@@ -99,8 +99,7 @@ async fn demo() -> Result<(), String> {
 
     step("Another workload asks the broker for the app pod's role");
     let intruder = stack.workload_client("intruder");
-    let role = ROLE_ARN.replace(':', "%3A").replace('/', "%2F");
-    let request = Req::get(format!("/v1/credentials?role_arn={role}&pod={}", pod.name)).host("token-broker");
+    let request = integration::real_broker::credentials_request(ROLE_ARN, &pod.name);
     let refused = request.send_tls(&intruder, stack.broker_sidecar.addr).await.map_err(|e| e.to_string())?;
     let body = refused.json();
     show("answer", format!("{} {}", refused.status, body["Code"].as_str().unwrap_or_default()));
