@@ -270,6 +270,13 @@ async fn namespace_watch_keeps_each_namespaces_policy_and_follows_changes() {
     assert!(requests.iter().any(|uri| uri.starts_with("/api/v1/namespaces?")), "{requests:?}");
 }
 
+/// The Events the broker recorded in [`NS`] (the API server records some
+/// of its own there, e.g. when it repairs the `kubernetes` Service's IP).
+async fn broker_events(cluster: &KubeCluster) -> Vec<k8s_openapi::api::events::v1::Event> {
+    let events = cluster.events(NS).await.into_iter();
+    events.filter(|e| e.reporting_controller.as_deref() == Some(REPORTING_CONTROLLER)).collect()
+}
+
 #[tokio::test]
 async fn denial_is_recorded_as_a_warning_event_on_the_pod() {
     let mut cluster = KubeCluster::start().await;
@@ -278,7 +285,7 @@ async fn denial_is_recorded_as_a_warning_event_on_the_pod() {
 
     let stored = PodFacts::from(stored);
     broker.record_denial(&stored, "pod \"app\" is not enabled").await;
-    let events = cluster.events(NS).await;
+    let events = broker_events(&cluster).await;
     let [event] = &events[..] else { panic!("{events:?}") };
     assert_eq!(event.metadata.namespace.as_deref(), Some(NS));
     assert_eq!(event.type_.as_deref(), Some("Warning"));
@@ -296,6 +303,6 @@ async fn denial_is_recorded_as_a_warning_event_on_the_pod() {
     cluster.stop_apiserver();
     broker.record_denial(&stored, "pod \"app\" runs as another service account").await;
     cluster.start_apiserver().await;
-    let notes: Vec<String> = cluster.events(NS).await.into_iter().filter_map(|e| e.note).collect();
+    let notes: Vec<String> = broker_events(&cluster).await.into_iter().filter_map(|e| e.note).collect();
     assert_eq!(notes, ["pod \"app\" is not enabled", "pod \"app\" has no role annotation"]);
 }
