@@ -46,6 +46,30 @@ impl ScriptedSts {
     }
 }
 
+/// A successful `AssumeRoleWithWebIdentity` answer as STS writes it, for
+/// the service account `default/app`: access key `ASIASCRIPTED<call>`
+/// (seven digits), an hour to live, sent after `delay`.
+pub fn success(call: usize, delay: Duration) -> Scripted {
+    use time::format_description::well_known::Rfc3339;
+    let expiration = (time::OffsetDateTime::now_utc() + Duration::from_secs(3600)).replace_nanosecond(0);
+    let expiration = expiration.map(|t| t.format(&Rfc3339).unwrap_or_default()).unwrap_or_default();
+    let body = format!(
+        "<AssumeRoleWithWebIdentityResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">\
+         <AssumeRoleWithWebIdentityResult>\
+         <Credentials><AccessKeyId>ASIASCRIPTED{call:07}</AccessKeyId>\
+         <SecretAccessKey>scripted-secret-access-key</SecretAccessKey>\
+         <SessionToken>scripted-session-token</SessionToken>\
+         <Expiration>{expiration}</Expiration></Credentials>\
+         <SubjectFromWebIdentityToken>system:serviceaccount:default:app</SubjectFromWebIdentityToken>\
+         <AssumedRoleUser><AssumedRoleId>AROA:default.app</AssumedRoleId>\
+         <Arn>arn:aws:sts::123456789012:assumed-role/app/default.app</Arn></AssumedRoleUser>\
+         </AssumeRoleWithWebIdentityResult>\
+         <ResponseMetadata><RequestId>c6104cbe-af31-11e0-8154-cbc7ccf896c7</RequestId></ResponseMetadata>\
+         </AssumeRoleWithWebIdentityResponse>"
+    );
+    Scripted { status: 200, headers: vec![("content-type".into(), "text/xml".into())], body, delay }
+}
+
 /// An STS error reply exactly as STS sends one: HTTP 400 (403 for
 /// `AccessDenied`, as STS does), `text/xml`, an `ErrorResponse` document
 /// with `Type`, `Code`, `Message` and a `RequestId`.

@@ -518,24 +518,7 @@ fn sts_success(delay: Duration) -> Scripted {
 
 /// [`sts_success`] with access key `ASIASCRIPTED<call>`.
 fn sts_success_numbered(call: usize, delay: Duration) -> Scripted {
-    let expiration =
-        (OffsetDateTime::now_utc() + Duration::from_secs(3600)).replace_nanosecond(0).unwrap_or_else(|e| panic!("{e}"));
-    let expiration = expiration.format(&Rfc3339).unwrap_or_else(|e| panic!("{e}"));
-    let body = format!(
-        "<AssumeRoleWithWebIdentityResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">\
-         <AssumeRoleWithWebIdentityResult>\
-         <Credentials><AccessKeyId>ASIASCRIPTED{call:07}</AccessKeyId>\
-         <SecretAccessKey>scripted-secret-access-key</SecretAccessKey>\
-         <SessionToken>scripted-session-token</SessionToken>\
-         <Expiration>{expiration}</Expiration></Credentials>\
-         <SubjectFromWebIdentityToken>system:serviceaccount:{NS}:{SA}</SubjectFromWebIdentityToken>\
-         <AssumedRoleUser><AssumedRoleId>AROA:default.app</AssumedRoleId>\
-         <Arn>arn:aws:sts::123456789012:assumed-role/app/default.app</Arn></AssumedRoleUser>\
-         </AssumeRoleWithWebIdentityResult>\
-         <ResponseMetadata><RequestId>c6104cbe-af31-11e0-8154-cbc7ccf896c7</RequestId></ResponseMetadata>\
-         </AssumeRoleWithWebIdentityResponse>"
-    );
-    Scripted { status: 200, headers: vec![("content-type".into(), "text/xml".into())], body, delay }
+    scripted_sts::success(call, delay)
 }
 
 #[tokio::test]

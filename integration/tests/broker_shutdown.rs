@@ -8,38 +8,15 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use integration::broker::Scripted;
 use integration::kube_cluster::{self, KubeCluster};
 use integration::real_broker::SIDECAR_SOURCE;
 use integration::real_broker::credentials_request;
+use integration::scripted_sts;
 use integration::{Req, ScriptedSts, paths, pki, process, wait};
 use mesh_config::render::{self, Options};
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 use token_broker::peer::PEER_ADDRESS_HEADER;
 
 const ROLE: &str = "arn:aws:iam::123456789012:role/app";
-
-/// An STS success for `default/app`, sent after `delay`.
-fn sts_success(delay: Duration) -> Scripted {
-    let expiration = (OffsetDateTime::now_utc() + Duration::from_secs(3600)).replace_nanosecond(0);
-    let expiration = expiration.map(|t| t.format(&Rfc3339).unwrap_or_default()).unwrap_or_default();
-    let body = format!(
-        "<AssumeRoleWithWebIdentityResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">\
-         <AssumeRoleWithWebIdentityResult>\
-         <Credentials><AccessKeyId>ASIASCRIPTED0000001</AccessKeyId>\
-         <SecretAccessKey>scripted-secret-access-key</SecretAccessKey>\
-         <SessionToken>scripted-session-token</SessionToken>\
-         <Expiration>{expiration}</Expiration></Credentials>\
-         <SubjectFromWebIdentityToken>system:serviceaccount:default:app</SubjectFromWebIdentityToken>\
-         <AssumedRoleUser><AssumedRoleId>AROA:default.app</AssumedRoleId>\
-         <Arn>arn:aws:sts::123456789012:assumed-role/app/default.app</Arn></AssumedRoleUser>\
-         </AssumeRoleWithWebIdentityResult>\
-         <ResponseMetadata><RequestId>c6104cbe-af31-11e0-8154-cbc7ccf896c7</RequestId></ResponseMetadata>\
-         </AssumeRoleWithWebIdentityResponse>"
-    );
-    Scripted { status: 200, headers: vec![("content-type".into(), "text/xml".into())], body, delay }
-}
 
 fn free_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).unwrap_or_else(|e| panic!("{e}"))
@@ -51,7 +28,7 @@ async fn sigterm_turns_readiness_off_at_once_and_a_request_in_flight_still_compl
     let app_ip =
         kube_cluster::pod_ip(&cluster.add_pod(kube_cluster::enabled_pod("default", "app-0", "app", ROLE)).await);
     // STS holds its answer: the credential request is in flight meanwhile.
-    let sts = ScriptedSts::start(|_| sts_success(Duration::from_secs(4))).await;
+    let sts = ScriptedSts::start(|_| scripted_sts::success(1, Duration::from_secs(4))).await;
     let options = Options::default();
     cluster.broker_config(&options).await;
     let kubeconfig = cluster.dir().join("broker.kubeconfig");
