@@ -65,9 +65,10 @@ test-wasm:
 
 # Every crate's tests/ (real Envoy, STS, clients, Istio's own xDS
 # generator, the binaries' command lines).
-test-integration: build istio-xds kube-apiserver
+test-integration: build istio-xds kube-apiserver sdk-go sdk-java
     IMDS_MESH_VENV="{{venv}}" IMDS_MESH_WASM="{{wasm}}" IMDS_MESH_BROKER_BIN="{{target}}/debug/token-broker" \
-        IMDS_MESH_ISTIO_XDS="{{target}}/imds-mesh/istio-xds" cargo test --workspace --test '*'
+        IMDS_MESH_ISTIO_XDS="{{target}}/imds-mesh/istio-xds" IMDS_MESH_SDK_GO="{{target}}/imds-mesh/sdk-go" \
+        IMDS_MESH_SDK_JAVA="{{target}}/imds-mesh/sdk-java/sdk-java.jar" cargo test --workspace --test '*'
 
 # A real Kubernetes API server and etcd (integration/kube-apiserver, Go test
 # tooling, pinned k8s.io/kubernetes and go.etcd.io/etcd/server/v3) built into
@@ -79,6 +80,18 @@ kube-apiserver:
 # downloads and build cache under the target dir.
 istio-xds:
     scripts/build-istio-xds.sh "{{target}}"
+
+# An app on the AWS SDK for Go v2's default credential chain
+# (integration/sdk-go, test tooling, the SDK pinned in its go.mod); module
+# downloads and build cache under the target dir.
+sdk-go:
+    scripts/build-sdk-go.sh "{{target}}"
+
+# An app on the AWS SDK for Java v2's instance profile provider
+# (integration/sdk-java, test tooling, the SDK's BOM pinned in its pom.xml);
+# Maven's local repository under the target dir.
+sdk-java:
+    scripts/build-sdk-java.sh "{{target}}"
 
 # fmt check and clippy (warnings denied) for the host and the wasm target.
 lint:

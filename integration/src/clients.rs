@@ -1,13 +1,17 @@
 //! Real AWS SDK clients run as child processes against an Envoy, with
 //! nothing from the developer's `~/.aws` or `AWS_*` environment steering them
-//! (a profile can set the endpoint or disable IMDSv1).
+//! (a profile can set the endpoint or disable IMDSv1); and credentials STS
+//! really issued, for clients that go on to use them.
 
 use std::ffi::OsStr;
 
 use serde_json::Value;
 use tempfile::TempDir;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
-use crate::{Envoy, paths, wait};
+use crate::sts::xml_element;
+use crate::{Envoy, Scripted, Sts, paths, wait};
 
 /// A client program pointed at `envoy`'s IMDS endpoint.
 pub struct SdkClient {
@@ -50,6 +54,26 @@ impl SdkClient {
         client
     }
 
+    /// The AWS SDK for Go v2 app (`integration/sdk-go`, `just sdk-go`):
+    /// `config.LoadDefaultConfig`'s chain, then STS `GetCallerIdentity`.
+    pub fn go(envoy: &Envoy) -> Self {
+        Self::new(paths::sdk_go(), &[], envoy)
+    }
+
+    /// The AWS SDK for Java v2 app (`integration/sdk-java`, `just
+    /// sdk-java`): `InstanceProfileCredentialsProvider`, then STS
+    /// `GetCallerIdentity`.
+    pub fn java(envoy: &Envoy) -> Self {
+        let jar = paths::sdk_java();
+        Self::new("java", &[OsStr::new("-jar"), jar.as_os_str()], envoy)
+    }
+
+    /// Sends the client's STS calls to `sts`, in `us-east-1`, as an app is
+    /// pointed at an endpoint: by `AWS_ENDPOINT_URL_STS`.
+    pub fn sts(self, sts: &Sts) -> Self {
+        self.env("AWS_ENDPOINT_URL_STS", &sts.endpoint()).env("AWS_REGION", "us-east-1")
+    }
+
     /// Asks for `http://169.254.169.254` as an app in a pod does, with
     /// `sidecar` as the HTTP proxy: the sidecar's port-80 listener gets the
     /// request a captured connection would carry (`Host: 169.254.169.254`)
@@ -80,4 +104,60 @@ impl SdkClient {
         assert!(output.status.success(), "{} failed with {}:\n{stderr}{stdout}", self.name, output.status);
         serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{} printed no JSON ({e}):\n{stdout}", self.name))
     }
+}
+
+/// Credentials STS (moto) issued for a role, for a scripted broker to hand
+/// the sidecar: what an SDK in the pod should end up holding, and whose
+/// STS then says they are (moto recognises the keys it issued).
+pub struct IssuedCredentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: String,
+    /// In whole seconds, as the broker and IMDS write it.
+    pub expiration: OffsetDateTime,
+}
+
+impl IssuedCredentials {
+    /// `AssumeRoleWithWebIdentity` for `role_arn` as session `session`,
+    /// as the broker asks (plain moto takes any token).
+    pub async fn assume(sts: &Sts, role_arn: &str, session: &str) -> Self {
+        let reply = sts.assume_role_with_web_identity(role_arn, session, "harness-web-identity-token").await;
+        let xml = reply.body_text();
+        assert_eq!(reply.status, 200, "{xml}\n{}", sts.log());
+        let field = |name| xml_element(&xml, name).unwrap_or_else(|| panic!("no <{name}> in {xml}")).to_owned();
+        let expiration = field("Expiration");
+        let expiration =
+            OffsetDateTime::parse(&expiration, &Rfc3339).unwrap_or_else(|e| panic!("Expiration {expiration}: {e}"));
+        Self {
+            access_key_id: field("AccessKeyId"),
+            secret_access_key: field("SecretAccessKey"),
+            session_token: field("SessionToken"),
+            expiration: whole_seconds(expiration),
+        }
+    }
+
+    /// The broker's v1 success carrying these credentials, for every call.
+    pub fn script(&self) -> impl FnMut(usize) -> Scripted + Send + 'static {
+        let format = |at: OffsetDateTime| at.format(&Rfc3339).unwrap_or_else(|e| panic!("{at}: {e}"));
+        let body = serde_json::json!({
+            "Code": "Success",
+            "LastUpdated": format(whole_seconds(OffsetDateTime::now_utc())),
+            "Type": "AWS-HMAC",
+            "AccessKeyId": self.access_key_id,
+            "SecretAccessKey": self.secret_access_key,
+            "Token": self.session_token,
+            "Expiration": format(self.expiration),
+        });
+        let answer = Scripted {
+            status: 200,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: body.to_string(),
+            delay: std::time::Duration::ZERO,
+        };
+        move |_| answer.clone()
+    }
+}
+
+fn whole_seconds(at: OffsetDateTime) -> OffsetDateTime {
+    at.replace_nanosecond(0).unwrap_or(at)
 }

@@ -52,6 +52,26 @@ pub fn istio_xds() -> PathBuf {
     binary
 }
 
+/// The AWS SDK for Go v2 app (`integration/sdk-go`, built by `just
+/// sdk-go`): `IMDS_MESH_SDK_GO`, else the target directory.
+pub fn sdk_go() -> PathBuf {
+    built("IMDS_MESH_SDK_GO", "sdk-go", "just sdk-go")
+}
+
+/// The AWS SDK for Java v2 app's jar (`integration/sdk-java`, built by `just
+/// sdk-java`, its dependencies in `lib/` beside it): `IMDS_MESH_SDK_JAVA`,
+/// else the target directory.
+pub fn sdk_java() -> PathBuf {
+    built("IMDS_MESH_SDK_JAVA", "sdk-java/sdk-java.jar", "just sdk-java")
+}
+
+/// `$variable`, else `name` under `target/imds-mesh`; it must exist.
+fn built(variable: &str, name: &str, recipe: &str) -> PathBuf {
+    let path = std::env::var_os(variable).map_or_else(|| target_dir().join("imds-mesh").join(name), PathBuf::from);
+    assert!(path.exists(), "{} is missing: run `{recipe}`", path.display());
+    path
+}
+
 /// A binary `just` builds into `target/imds-mesh` (`etcd`,
 /// `kube-apiserver`: `just kube-apiserver`).
 pub fn target_binary(name: &str) -> PathBuf {
