@@ -8,11 +8,12 @@ use serde::{Deserialize, Serialize};
 use crate::arn::RoleArn;
 
 /// The label that enables the emulator on a pod; only the exact value
-/// [`ENABLED_VALUE`] enables it.
+/// [`ENABLED_VALUE`] enables it, as on GKE multi-cloud where this label comes
+/// from. The broker reads the same label (its pod watch selects on it).
 pub const ENABLE_LABEL: &str = "gkemulticloud.googleapis.com/aws-imds-emulator-enabled";
-/// The exact label value that enables the emulator.
+/// The exact label value that enables the emulator: not `true`, not ` True`.
 pub const ENABLED_VALUE: &str = "True";
-/// The annotation that names the pod's role ARN.
+/// The annotation that names the pod's role ARN: the one role the pod may use.
 pub const ROLE_ANNOTATION: &str = "gkemulticloud.googleapis.com/aws-imds-emulator-role-arn";
 
 /// One address of the instance metadata service.

@@ -20,6 +20,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+use imds_filter::config::{ENABLE_LABEL, ENABLED_VALUE, ROLE_ANNOTATION};
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
@@ -30,7 +31,6 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use serde_json::json;
 use tempfile::TempDir;
-use token_broker::authz::{ENABLED_LABEL, ENABLED_VALUE, ROLE_ARN_ANNOTATION};
 
 use crate::{paths, wait};
 
@@ -535,8 +535,8 @@ pub fn enabled_pod(namespace: &str, name: &str, service_account: &str, role_arn:
         "metadata": {
             "name": name,
             "namespace": namespace,
-            "labels": { ENABLED_LABEL: ENABLED_VALUE },
-            "annotations": { ROLE_ARN_ANNOTATION: role_arn },
+            "labels": { ENABLE_LABEL: ENABLED_VALUE },
+            "annotations": { ROLE_ANNOTATION: role_arn },
         },
         "spec": { "serviceAccountName": service_account, "containers": [{ "name": "app", "image": "app" }] },
     }))

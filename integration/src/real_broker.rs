@@ -16,7 +16,10 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use token_broker::server::{self, App, AppConfig, IdentityMode};
+use token_broker::app::{App, AppConfig};
+use token_broker::identity::{self, IdentityMode};
+use token_broker::server;
+use token_broker::shutdown::Shutdown;
 use token_broker::sts::{StsClient, StsConfig};
 use token_broker::tls::{MtlsFiles, MtlsListener};
 
@@ -35,8 +38,8 @@ pub fn credentials_request(role_arn: &str, pod: &str) -> Req {
 /// `namespace/service_account`.
 pub fn dev_credentials_request(namespace: &str, service_account: &str, role_arn: &str, pod: &str) -> Req {
     credentials_request(role_arn, pod)
-        .header(server::DEV_NAMESPACE_HEADER, namespace)
-        .header(server::DEV_SERVICE_ACCOUNT_HEADER, service_account)
+        .header(identity::DEV_NAMESPACE_HEADER, namespace)
+        .header(identity::DEV_SERVICE_ACCOUNT_HEADER, service_account)
 }
 
 /// The trust domain of every harness identity.
@@ -56,7 +59,7 @@ pub struct RealBroker {
     /// Health and metrics only, always plain HTTP.
     pub admin_addr: SocketAddr,
     app: Arc<App>,
-    shutdown: server::Shutdown,
+    shutdown: Shutdown,
 }
 
 impl Drop for RealBroker {
@@ -141,7 +144,7 @@ impl RealBrokerBuilder {
         })
         .unwrap_or_else(|e| panic!("{e}"));
         let app = Arc::new(App::new(self.config, client, sts, "broker-test-0"));
-        let shutdown = server::Shutdown::default();
+        let shutdown = Shutdown::default();
 
         let listener = bind().await;
         let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));

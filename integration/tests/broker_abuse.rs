@@ -10,12 +10,13 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use imds_filter::config::ENABLE_LABEL;
 use integration::kube_cluster::{self, BROKER_USER, KubeCluster};
 use integration::real_broker::dev_credentials_request;
 use integration::{ROLE_ARN, RealBroker, Reply, Req, Sts, wait};
 use mesh_config::render::Options;
 use serde_json::json;
-use token_broker::authz::{ENABLED_LABEL, NamespacePolicy};
+use token_broker::authz::NamespacePolicy;
 use token_broker::kube::{
     DENIAL_EVENT_REASON, DENIAL_EVENTS_PER_POD, DIRECT_READ_BURST, DIRECT_READS_PER_SECOND, KUBE_CALL_TIMEOUT,
 };
@@ -144,7 +145,7 @@ async fn a_thousand_denials_with_distinct_roles_record_a_bounded_number_of_event
     let sts = Sts::trusting(&cluster).await;
     cluster.add_pod(kube_cluster::enabled_pod(NS, "app-0", SA, ROLE_ARN)).await;
     let mut marker = kube_cluster::enabled_pod(NS, "marker-0", SA, ROLE_ARN);
-    marker.metadata.labels.get_or_insert_default().remove(ENABLED_LABEL);
+    marker.metadata.labels.get_or_insert_default().remove(ENABLE_LABEL);
     cluster.add_pod(marker).await;
     let broker = RealBroker::on(&cluster, sts.endpoint()).await.start().await;
 

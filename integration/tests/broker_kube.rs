@@ -5,12 +5,13 @@
 //! server is down, the namespace watch, TokenRequest and denial Events.
 //! What the broker asked for comes from the server's audit log.
 
+use imds_filter::config::ENABLE_LABEL;
 use integration::kube_cluster::{self, BROKER_USER, KubeCluster};
 use integration::{ROLE_ARN, Sts, wait};
 use k8s_openapi::api::core::v1::Pod;
 use mesh_config::render::{BROKER, Options};
 use serde_json::json;
-use token_broker::authz::{ENABLED_LABEL, NamespacePolicy, PodFacts};
+use token_broker::authz::{NamespacePolicy, PodFacts};
 use token_broker::kube::{Cluster, DENIAL_EVENT_REASON, KubeError, NamespaceWatch, PodWatch, REPORTING_CONTROLLER};
 
 const NS: &str = "default";
@@ -34,7 +35,7 @@ async fn client(cluster: &KubeCluster) -> kube::Client {
 fn pod(name: &str, enabled: bool) -> Pod {
     let mut pod = kube_cluster::enabled_pod(NS, name, SA, ROLE_ARN);
     if !enabled {
-        pod.metadata.labels.get_or_insert_default().remove(ENABLED_LABEL);
+        pod.metadata.labels.get_or_insert_default().remove(ENABLE_LABEL);
     }
     pod
 }

@@ -144,8 +144,8 @@ async fn certificates_that_do_not_name_one_caller_in_the_trust_domain_are_401() 
     }
     // Identity headers mean nothing in this mode.
     let spoofed = credentials_request(s.web)
-        .header(token_broker::server::DEV_NAMESPACE_HEADER, NS)
-        .header(token_broker::server::DEV_SERVICE_ACCOUNT_HEADER, SA)
+        .header(token_broker::identity::DEV_NAMESPACE_HEADER, NS)
+        .header(token_broker::identity::DEV_SERVICE_ACCOUNT_HEADER, SA)
         .header("x-forwarded-client-cert", &format!("By={BROKER_ID};URI={ours}"));
     let reply = spoofed.send_tls(&client(&s.ca, &[]), s.broker.addr).await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(reply.status, 401, "{}", reply.body_text());

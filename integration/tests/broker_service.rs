@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use imds_filter::config::{ENABLE_LABEL, ROLE_ANNOTATION};
 use integration::broker::{Scripted, ScriptedBroker};
 use integration::kube_cluster::{self, BROKER_USER, KubeCluster, pod_ip};
 use integration::real_broker::SIDECAR_SOURCE;
@@ -24,11 +25,11 @@ use mesh_config::render::Options;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use token_broker::authz::{ENABLED_LABEL, NamespacePolicy, ROLE_ARN_ANNOTATION};
-use token_broker::identity::{SpiffeId, XfccVerifier};
+use token_broker::app::AppConfig;
+use token_broker::authz::NamespacePolicy;
+use token_broker::identity::{self, IdentityMode, SpiffeId, XfccVerifier};
 use token_broker::kube::{Cluster, DENIAL_EVENT_REASON};
 use token_broker::peer::PEER_ADDRESS_HEADER;
-use token_broker::server::{self, AppConfig, IdentityMode};
 use token_broker::telemetry;
 use tracing_subscriber::prelude::*;
 
@@ -83,8 +84,8 @@ fn credentials_path(role_arn: &str, pod: &str) -> String {
 fn dev_request(sa: &str, pod: &str) -> Req {
     Req::get(credentials_path(ROLE_ARN, pod))
         .host("token-broker")
-        .header(server::DEV_NAMESPACE_HEADER, NS)
-        .header(server::DEV_SERVICE_ACCOUNT_HEADER, sa)
+        .header(identity::DEV_NAMESPACE_HEADER, NS)
+        .header(identity::DEV_SERVICE_ACCOUNT_HEADER, sa)
 }
 
 async fn get(addr: SocketAddr, path: &str) -> Reply {
@@ -326,12 +327,12 @@ async fn every_deny_rule_is_403_with_an_event_on_the_pod() {
     let mut terminating = pod("terminating", SA);
     terminating.metadata.finalizers = Some(vec!["imds-mesh.io/test".to_owned()]);
     let mut not_enabled = pod("not-enabled", SA);
-    not_enabled.metadata.labels = Some(BTreeMap::from([(ENABLED_LABEL.to_owned(), "true".to_owned())]));
+    not_enabled.metadata.labels = Some(BTreeMap::from([(ENABLE_LABEL.to_owned(), "true".to_owned())]));
     let mut no_annotation = pod("no-annotation", SA);
     no_annotation.metadata.annotations = None;
     let mut other_role = pod("other-role", SA);
     other_role.metadata.annotations =
-        Some(BTreeMap::from([(ROLE_ARN_ANNOTATION.to_owned(), "arn:aws:iam::123456789012:role/other".to_owned())]));
+        Some(BTreeMap::from([(ROLE_ANNOTATION.to_owned(), "arn:aws:iam::123456789012:role/other".to_owned())]));
     for pod in [pod("other-sa", "admin"), pod("finished", SA), terminating, not_enabled, no_annotation, other_role] {
         cluster.add_pod(pod).await;
     }
@@ -402,15 +403,15 @@ async fn unknown_pods_missing_identity_and_bad_parameters_get_their_status() {
     let anonymous = Req::get(credentials_path(ROLE_ARN, "web-0")).host("token-broker");
     assert_error(&anonymous.send(broker.addr).await, 401, "Unauthenticated");
     let bad_names =
-        Req::get(credentials_path(ROLE_ARN, "web-0")).header(server::DEV_NAMESPACE_HEADER, "Not_A_Namespace");
+        Req::get(credentials_path(ROLE_ARN, "web-0")).header(identity::DEV_NAMESPACE_HEADER, "Not_A_Namespace");
     assert_error(
-        &bad_names.header(server::DEV_SERVICE_ACCOUNT_HEADER, SA).send(broker.addr).await,
+        &bad_names.header(identity::DEV_SERVICE_ACCOUNT_HEADER, SA).send(broker.addr).await,
         401,
         "Unauthenticated",
     );
 
     let dev = |path: String| {
-        Req::get(path).header(server::DEV_NAMESPACE_HEADER, NS).header(server::DEV_SERVICE_ACCOUNT_HEADER, SA)
+        Req::get(path).header(identity::DEV_NAMESPACE_HEADER, NS).header(identity::DEV_SERVICE_ACCOUNT_HEADER, SA)
     };
     for path in [
         credentials_path("arn:aws:iam::123:role/app", "web-0"),

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::api::{Api, PostParams};
 use time::OffsetDateTime;
 use token_broker::session::{self, InvalidRequest};
-use token_broker::sts::{StsClient, StsConfig, StsError};
+use token_broker::sts::{Credentials, StsClient, StsConfig, StsError};
 
 /// Stands in for a service-account token where STS never checks it; unique
 /// enough that finding it in an error means the token leaked.
@@ -33,7 +33,7 @@ fn client_with(endpoint: String, tune: impl FnOnce(StsConfig) -> StsConfig) -> S
     StsClient::new(tune(config)).unwrap_or_else(|e| panic!("{e}"))
 }
 
-async fn exchange(client: &StsClient, role_arn: &str) -> Result<token_broker::cache::Credentials, StsError> {
+async fn exchange(client: &StsClient, role_arn: &str) -> Result<Credentials, StsError> {
     client.assume_role_with_web_identity(role_arn, &session::role_session_name("team-a", "app"), TOKEN).await
 }
 

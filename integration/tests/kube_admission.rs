@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::api::{Api, PostParams};
 use kube::core::Status;
 use mesh_config::render::{self, Object, Options, TOKEN_AUDIENCE, TOKEN_AUDIENCE_POLICY};
-use token_broker::server;
+use token_broker::app;
 
 fn restricted() -> Options {
     Options { restrict_token_audience: true, ..Options::default() }
@@ -116,7 +116,7 @@ async fn the_broker_may_request_tokens_only_for_sts_and_everyone_else_is_left_al
 #[tokio::test]
 async fn the_real_broker_gets_sts_credentials_with_the_policy_in_force() {
     // What the policy allows is what the broker asks for by default.
-    assert_eq!(TOKEN_AUDIENCE, server::DEFAULT_TOKEN_AUDIENCE);
+    assert_eq!(TOKEN_AUDIENCE, app::DEFAULT_TOKEN_AUDIENCE);
     let cluster = KubeCluster::start().await;
     let sts = Sts::trusting(&cluster).await;
     let options = restricted();

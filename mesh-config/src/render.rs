@@ -61,7 +61,7 @@ pub const BROKER_PEER_ADDRESS: &str = "token-broker-peer-address";
 /// The query parameter the broker's load balancing hashes on.
 pub const HASH_PARAMETER: &str = "role_arn";
 /// The audience of the tokens the broker requests (its default
-/// `--token-audience`, `token_broker::server::DEFAULT_TOKEN_AUDIENCE`, which
+/// `--token-audience`, `token_broker::app::DEFAULT_TOKEN_AUDIENCE`, which
 /// `integration/tests/kube_admission.rs` checks equal): what the roles' STS
 /// trust policies condition on, and, with
 /// [`Options::restrict_token_audience`], the only audience the broker may
@@ -77,7 +77,7 @@ pub const BROKER_SHUTDOWN_DELAY_SECONDS: u32 = 5;
 
 /// Seconds the requests in flight may then take (`--shutdown-grace-seconds`):
 /// above the broker's 25 s credential deadline
-/// (`token_broker::server::DEFAULT_CREDENTIALS_DEADLINE`), so none is cut.
+/// (`token_broker::app::DEFAULT_CREDENTIALS_DEADLINE`), so none is cut.
 pub const BROKER_SHUTDOWN_GRACE_SECONDS: u32 = 30;
 
 /// The broker pod's `terminationGracePeriodSeconds`: its delay and grace and

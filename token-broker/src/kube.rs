@@ -4,7 +4,7 @@
 //! denied.
 //!
 //! - [`PodWatch`] keeps a reflector over the opted-in pods of every
-//!   namespace (label [`ENABLED_LABEL`]=[`ENABLED_VALUE`]), so a request
+//!   namespace (label [`ENABLE_LABEL`]=[`ENABLED_VALUE`]), so a request
 //!   costs no API call. It keeps [`PodFacts`], not whole pods. A pod's first
 //!   request can beat the watch, so a miss reads the pod directly before
 //!   answering "no such pod"; those reads are shared by concurrent requests
@@ -39,6 +39,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use futures_util::{FutureExt, StreamExt};
+use imds_filter::config::{ENABLE_LABEL, ENABLED_VALUE};
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Pod, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
@@ -53,7 +54,7 @@ use tokio::sync::{OnceCell, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::authz::{ENABLED_LABEL, ENABLED_VALUE, NamespacePolicy, NamespaceRule, PodFacts};
+use crate::authz::{NamespacePolicy, NamespaceRule, PodFacts};
 
 /// Longest any one-off Kubernetes call (direct pod read, TokenRequest, Event
 /// create) may take before it fails as [`KubeError::Timeout`]: far above
@@ -390,7 +391,7 @@ pub struct PodWatch {
 }
 
 impl PodWatch {
-    /// Starts watching pods labelled [`ENABLED_LABEL`]=[`ENABLED_VALUE`] in
+    /// Starts watching pods labelled [`ENABLE_LABEL`]=[`ENABLED_VALUE`] in
     /// all namespaces, with [`DEFAULT_WATCH_STALENESS_BOUND`]. Must be called
     /// within a tokio runtime.
     pub fn spawn(client: Client) -> Self {
@@ -401,7 +402,7 @@ impl PodWatch {
     /// watch confirming it ([`PodWatch::stale`]).
     pub fn with_staleness_bound(client: Client, bound: Duration) -> Self {
         let config =
-            watcher::Config::default().labels(&format!("{ENABLED_LABEL}={ENABLED_VALUE}")).page_size(LIST_PAGE_SIZE);
+            watcher::Config::default().labels(&format!("{ENABLE_LABEL}={ENABLED_VALUE}")).page_size(LIST_PAGE_SIZE);
         let health = Arc::new(WatchHealth::new("pod", bound));
         let api = Api::<PodView>::all(client.clone());
         let (store, task) = spawn_reflector(api, config, Arc::clone(&health), PodFacts::from);
@@ -1270,7 +1271,7 @@ mod tests {
                 name: Some(name.to_owned()),
                 namespace: Some(namespace.to_owned()),
                 uid: Some(UID.to_owned()),
-                labels: Some(BTreeMap::from([(ENABLED_LABEL.to_owned(), ENABLED_VALUE.to_owned())])),
+                labels: Some(BTreeMap::from([(ENABLE_LABEL.to_owned(), ENABLED_VALUE.to_owned())])),
                 ..ObjectMeta::default()
             },
             spec: Some(PodSpec { service_account_name: Some(SA.to_owned()), ..PodSpec::default() }),
@@ -1532,8 +1533,8 @@ mod tests {
             "kind": "Pod",
             "metadata": {
                 "name": POD, "namespace": NS, "uid": UID, "resourceVersion": "42",
-                "labels": { ENABLED_LABEL: ENABLED_VALUE, "app": "web" },
-                "annotations": { crate::authz::ROLE_ARN_ANNOTATION: "arn:aws:iam::123456789012:role/app" },
+                "labels": { ENABLE_LABEL: ENABLED_VALUE, "app": "web" },
+                "annotations": { imds_filter::config::ROLE_ANNOTATION: "arn:aws:iam::123456789012:role/app" },
                 "deletionTimestamp": "2026-11-30T08:00:00Z",
                 "managedFields": [{ "manager": "kubectl", "operation": "Update", "fieldsType": "FieldsV1",
                     "fieldsV1": { "f:spec": { "f:containers": { "k:{\"name\":\"app\"}": {} } } } }],

@@ -10,7 +10,8 @@
 //! flags, logging and signals).
 //!
 //! Layout:
-//! - [`identity`]: who is calling: SPIFFE IDs and `X-Forwarded-Client-Cert`.
+//! - [`identity`]: who is calling: SPIFFE IDs, `X-Forwarded-Client-Cert`, and
+//!   the identity mode that says which source counts.
 //! - [`peer`]: where the caller is: the connection's peer address, which
 //!   must be the named pod's, and in `xfcc` mode the broker's own sidecar.
 //! - [`authz`]: may this caller use this role: the pod and namespace rules.
@@ -24,10 +25,17 @@
 //!   facts, not whole objects; a bounded direct read on a pod miss),
 //!   TokenRequest, denial Events (a budget per pod); every call under a
 //!   deadline.
-//! - [`sts`]: STS `AssumeRoleWithWebIdentity` (unsigned, rustls on ring) and
-//!   what its errors mean for the contract.
+//! - [`sts`]: STS `AssumeRoleWithWebIdentity` (unsigned, rustls on ring), the
+//!   [`Credentials`](sts::Credentials) it returns, and what its errors mean
+//!   for the contract.
+//! - [`app`]: one credential request, check by check: identity, peer,
+//!   query, pod, authorization, the cache; readiness and drain.
+//! - [`fetch`]: the cache's fetch: a TokenRequest bound to the pod, then STS,
+//!   rendered once into the IMDS document.
 //! - [`server`]: the HTTP service: `/v1/credentials` per the contract,
-//!   `/healthz`, `/readyz`, `/metrics`, graceful shutdown.
+//!   `/healthz`, `/readyz`, `/metrics`, and the listeners.
+//! - [`metrics`]: the Prometheus metrics and their fixed label vocabularies.
+//! - [`shutdown`]: one graceful shutdown for every listener, and its delays.
 //! - [`connections`]: each listener's HTTP/1.1 connections, capped in
 //!   number, closed when they send no request head in time.
 //! - [`tls`]: the `mtls` mode's listener: TLS with required client
@@ -36,15 +44,19 @@
 //!   log tokens (the AWS SDK's, kube-client's body logs).
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod authz;
 pub mod cache;
 pub mod connections;
 pub mod error;
+pub mod fetch;
 pub mod identity;
 pub mod kube;
+pub mod metrics;
 pub mod peer;
 pub mod server;
 pub mod session;
+pub mod shutdown;
 pub mod sts;
 pub mod telemetry;
 pub mod tls;

@@ -4,7 +4,7 @@
 //! or ctrl-c, then drains in-flight requests for at most the grace period.
 //!
 //! Layout: everything here is start-up; the service is
-//! [`token_broker::server`].
+//! [`token_broker::server`], over the request flow of [`token_broker::app`].
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
@@ -15,12 +15,14 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use futures_util::future::BoxFuture;
+use token_broker::app::{self, App, AppConfig};
 use token_broker::authz::NamespacePolicy;
 use token_broker::cache::{MIN_SERVED_LIFETIME, MIN_UPSTREAM_LIFETIME, REFRESH_BEFORE};
 use token_broker::connections::{self, HttpLimits};
-use token_broker::identity::{SpiffeId, XfccVerifier};
+use token_broker::identity::{IdentityMode, SpiffeId, XfccVerifier};
 use token_broker::peer::{DEFAULT_SIDECAR_SOURCES, SourceRange};
-use token_broker::server::{self, App, AppConfig, IdentityMode};
+use token_broker::server;
+use token_broker::shutdown::{DEFAULT_SHUTDOWN_DELAY, DEFAULT_SHUTDOWN_GRACE, Shutdown};
 use token_broker::sts::{StsClient, StsConfig};
 use token_broker::telemetry;
 use token_broker::tls::{MtlsFiles, MtlsListener};
@@ -128,11 +130,11 @@ struct Args {
 
     /// Audience of the service-account tokens exchanged at STS (the role's
     /// trust policy checks it).
-    #[arg(long, env = "TOKEN_BROKER_TOKEN_AUDIENCE", default_value = server::DEFAULT_TOKEN_AUDIENCE)]
+    #[arg(long, env = "TOKEN_BROKER_TOKEN_AUDIENCE", default_value = app::DEFAULT_TOKEN_AUDIENCE)]
     token_audience: String,
 
     /// Lifetime asked of each TokenRequest, in seconds (at least 600).
-    #[arg(long, env = "TOKEN_BROKER_TOKEN_LIFETIME_SECONDS", default_value_t = server::DEFAULT_TOKEN_LIFETIME_SECONDS,
+    #[arg(long, env = "TOKEN_BROKER_TOKEN_LIFETIME_SECONDS", default_value_t = app::DEFAULT_TOKEN_LIFETIME_SECONDS,
           value_parser = clap::value_parser!(i64).range(600..))]
     token_lifetime_seconds: i64,
 
@@ -166,13 +168,13 @@ struct Args {
     /// Seconds to keep serving after SIGTERM or ctrl-c, with /readyz
     /// answering 503, before no longer accepting connections: the time the
     /// replica takes to leave the Service's endpoints.
-    #[arg(long, env = "TOKEN_BROKER_SHUTDOWN_DELAY_SECONDS", default_value_t = server::DEFAULT_SHUTDOWN_DELAY.as_secs())]
+    #[arg(long, env = "TOKEN_BROKER_SHUTDOWN_DELAY_SECONDS", default_value_t = DEFAULT_SHUTDOWN_DELAY.as_secs())]
     shutdown_delay_seconds: u64,
 
     /// Seconds in-flight requests may take to finish once the broker stops
     /// accepting connections (after --shutdown-delay-seconds), before it
     /// exits anyway. Keep it above the credential deadline (25 s).
-    #[arg(long, env = "TOKEN_BROKER_SHUTDOWN_GRACE_SECONDS", default_value_t = server::DEFAULT_SHUTDOWN_GRACE.as_secs())]
+    #[arg(long, env = "TOKEN_BROKER_SHUTDOWN_GRACE_SECONDS", default_value_t = DEFAULT_SHUTDOWN_GRACE.as_secs())]
     shutdown_grace_seconds: u64,
 
     /// Connections --listen holds open at once; more wait, unserved, in the
@@ -336,7 +338,7 @@ async fn serve(args: Args) -> Result<(), String> {
         None => None,
     };
 
-    let shutdown = server::Shutdown::default();
+    let shutdown = Shutdown::default();
     let main: BoxFuture<'static, std::io::Result<()>> = match tls_files {
         Some(files) => {
             let listener = MtlsListener::new(listener, files, Duration::from_secs(args.tls_reload_seconds))

@@ -18,6 +18,7 @@
 //! stays free of the form body (which holds the token), so the broker caps the
 //! SDK's crates below `trace` whatever its log filter says.
 
+use std::fmt;
 use std::time::Duration;
 
 use aws_sdk_sts::config::http::HttpResponse;
@@ -31,7 +32,7 @@ use aws_sdk_sts::operation::assume_role_with_web_identity::{
 use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 use time::OffsetDateTime;
 
-use crate::cache::{Credentials, FailedAt, FetchError, FetchErrorKind};
+use crate::cache::{Expiring, FailedAt, FetchError, FetchErrorKind};
 use crate::session::{self, InvalidRequest};
 
 /// Default time to set up a TCP and TLS connection to STS.
@@ -145,6 +146,39 @@ impl StsClient {
             .await
             .map_err(|error| StsError::from_sdk(&error, web_identity_token))?;
         credentials(&output).map_err(|message| StsError::Failed { code: "InvalidResponse".into(), message })
+    }
+}
+
+/// Temporary AWS credentials as STS returned them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: String,
+    /// When STS says they stop working.
+    pub expiration: OffsetDateTime,
+    /// When the broker received them: the IMDS document's `LastUpdated`.
+    pub last_updated: OffsetDateTime,
+}
+
+impl fmt::Debug for Credentials {
+    // All three strings are redacted: the secret and token are secrets, and
+    // the key ID is kept out too so the log test's rule ("no key, secret or
+    // token in any line") needs no exceptions.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("access_key_id", &"<redacted>")
+            .field("secret_access_key", &"<redacted>")
+            .field("session_token", &"<redacted>")
+            .field("expiration", &self.expiration)
+            .field("last_updated", &self.last_updated)
+            .finish()
+    }
+}
+
+impl Expiring for Credentials {
+    fn expiration(&self) -> OffsetDateTime {
+        self.expiration
     }
 }
 
@@ -433,5 +467,21 @@ mod tests {
         assert_eq!(StsClient::new(config).unwrap_err(), InvalidRequest::Duration(899));
         let client = StsClient::new(StsConfig { duration_seconds: 43_200, ..StsConfig::new("us-east-1") }).unwrap();
         assert_eq!(client.duration_seconds(), 43_200);
+    }
+
+    #[test]
+    fn credentials_debug_never_shows_the_strings() {
+        let credentials = Credentials {
+            access_key_id: "ASIAEXAMPLEKEYID".into(),
+            secret_access_key: "wJalrXUtnFEMIsecret".into(),
+            session_token: "FwoGZXIvYXdzEtoken".into(),
+            expiration: OffsetDateTime::UNIX_EPOCH,
+            last_updated: OffsetDateTime::UNIX_EPOCH,
+        };
+        let shown = format!("{credentials:?} {credentials:#?}");
+        for secret in ["ASIAEXAMPLEKEYID", "wJalrXUtnFEMIsecret", "FwoGZXIvYXdzEtoken"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(shown.contains("expiration"));
     }
 }

@@ -20,7 +20,7 @@
 //! Then memory, on a broker of its own: [`SCALE_PODS`] opted-in pods shaped
 //! like Istio-injected workload pods are created in the API server, a
 //! broker started in a child process (this binary in its child mode:
-//! `token_broker::server::App` and `run`, as the `token-broker` binary
+//! `token_broker::app::App` and `server::run`, as the `token-broker` binary
 //! serves them) watches them, and one credential request per pod fills its
 //! cache with as many keys (each pod has a role of its own; a scripted STS
 //! without delay). The child's RSS (`/proc/<pid>/status`) is read once its
@@ -53,6 +53,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use futures_util::{StreamExt, TryStreamExt};
+use imds_filter::config::{ENABLE_LABEL, ENABLED_VALUE, ROLE_ANNOTATION};
 use integration::bench::{self, Options, Sample, WARM_UP_SECS, WRK_THREADS, Wrk, load_average, nproc, verdict};
 use integration::broker::Scripted;
 use integration::kube_cluster::{self, BROKER_USER, KubeCluster};
@@ -61,8 +62,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use token_broker::authz::{ENABLED_LABEL, ENABLED_VALUE, ROLE_ARN_ANNOTATION};
-use token_broker::server::{DEV_NAMESPACE_HEADER, DEV_SERVICE_ACCOUNT_HEADER};
+use token_broker::identity::{DEV_NAMESPACE_HEADER, DEV_SERVICE_ACCOUNT_HEADER};
 
 /// `c/h` req/s target: a cached credential vs the trivial handler.
 const HIT_TARGET: f64 = 0.80;
@@ -470,7 +470,10 @@ fn memory_child(mode: &str, sts_endpoint: &str) -> ExitCode {
 }
 
 async fn run_memory_child(mode: &str, sts_endpoint: &str) -> Result<(), String> {
-    use token_broker::server::{self, App, AppConfig, IdentityMode};
+    use token_broker::app::{App, AppConfig};
+    use token_broker::identity::IdentityMode;
+    use token_broker::server;
+    use token_broker::shutdown::Shutdown;
     use token_broker::sts::{StsClient, StsConfig};
     let config = kube::Config::infer().await.map_err(|e| format!("KUBECONFIG: {e}"))?;
     let client = token_broker::kube::client(config).map_err(|e| e.to_string())?;
@@ -488,7 +491,7 @@ async fn run_memory_child(mode: &str, sts_endpoint: &str) -> Result<(), String> 
             let app = std::sync::Arc::new(App::new(config, client, sts, "bench-memory"));
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
             let addr = listener.local_addr().map_err(|e| e.to_string())?;
-            let shutdown = server::Shutdown::default();
+            let shutdown = Shutdown::default();
             tokio::spawn(server::run(listener, std::sync::Arc::clone(&app), shutdown.signal()));
             while !app.is_synced() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -499,7 +502,7 @@ async fn run_memory_child(mode: &str, sts_endpoint: &str) -> Result<(), String> 
         "whole-pods" => {
             use kube::runtime::{WatchStreamExt, reflector, watcher};
             let (store, writer) = reflector::store::<Pod>();
-            let selector = format!("{ENABLED_LABEL}={ENABLED_VALUE}");
+            let selector = format!("{ENABLE_LABEL}={ENABLED_VALUE}");
             let events = watcher(Api::<Pod>::all(client), watcher::Config::default().labels(&selector))
                 .default_backoff()
                 .reflect(writer);
@@ -579,10 +582,10 @@ fn scale_pod(i: usize) -> Pod {
                 "security.istio.io/tlsMode": "istio",
                 "service.istio.io/canonical-name": "scale",
                 "service.istio.io/canonical-revision": "latest",
-                ENABLED_LABEL: ENABLED_VALUE,
+                ENABLE_LABEL: ENABLED_VALUE,
             },
             "annotations": {
-                ROLE_ARN_ANNOTATION: scale_role(i),
+                ROLE_ANNOTATION: scale_role(i),
                 "istio.io/rev": "default",
                 "kubectl.kubernetes.io/default-container": "app",
                 "kubectl.kubernetes.io/default-logs-container": "app",
