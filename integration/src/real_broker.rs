@@ -102,6 +102,11 @@ impl RealBroker {
         Req::get(path).host("token-broker").send(self.admin_addr).await
     }
 
+    /// Whether the broker's pod watch holds pod `namespace/name`.
+    pub fn watches_pod(&self, namespace: &str, name: &str) -> bool {
+        self.app.watches_pod(namespace, name)
+    }
+
     /// Whether the pod watch has synced. `/readyz` says so too, but an
     /// `insecure-dev` broker (the harness's default) is never ready.
     pub fn is_synced(&self) -> bool {

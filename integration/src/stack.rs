@@ -159,6 +159,9 @@ impl BrokerProcess {
             .args(["--sts-region", "us-east-1", "--sts-endpoint-url", &sts.endpoint()])
             .args(["--listen", &addr.to_string(), "--admin-listen", &admin.to_string()])
             .args(["--instance", "token-broker-local"])
+            // As the rendered Deployment runs it: one JSON object per line,
+            // the audit log among them.
+            .args(["--log-format", "json"])
             .env_clear()
             .env("KUBECONFIG", kubeconfig)
             .stdin(Stdio::null())

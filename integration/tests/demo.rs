@@ -13,5 +13,13 @@ fn the_demo_runs_end_to_end() {
     assert!(stdout.contains("403 AccessDenied"), "{stdout}");
     assert!(stdout.contains("Event on the pod (API server)  Warning ImdsCredentialsDenied"), "{stdout}");
     assert!(stdout.contains("tokens STS accepted / refused  1 / 0"), "{stdout}");
+    assert!(
+        stdout.contains("broker audit log               issued spiffe://cluster.local/ns/default/sa/app"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("broker audit log               denied spiffe://cluster.local/ns/default/sa/intruder"),
+        "{stdout}"
+    );
     assert!(stdout.contains("imds-mesh demo: OK"), "{stdout}");
 }

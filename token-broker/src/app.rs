@@ -13,12 +13,16 @@
 //!    direct-read budget is spent, 503 when the Kubernetes API cannot say);
 //! 4. the authorization rules and the optional namespace policy, then that
 //!    the caller is the pod (its address one of the pod's IPs), else 403,
-//!    logged with the rule and recorded as an Event on the pod;
+//!    recorded in the audit trail ([`crate::audit`]) with the rule and as
+//!    an Event on the pod;
 //! 5. credentials for (role, namespace, service account) from the
 //!    [`Cache`], whose fetch mints a pod-bound TokenRequest and exchanges it
 //!    at STS (failures: see [`fetch_error_response`]);
 //! 6. the IMDS credential document ([`crate::fetch::credential_document`]),
-//!    which [`crate::server`] sends.
+//!    which [`crate::server`] sends, recorded in the audit trail.
+//!
+//! Apart from requests, [`crate::prefetch`] warms the cache for pods the
+//! watch sees appear (on by default: [`AppConfig::prefetch`]).
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -28,15 +32,17 @@ use axum::http::HeaderMap;
 use percent_encoding::percent_decode_str;
 use prometheus_client::registry::Registry;
 
+use crate::audit;
 use crate::authz::{self, Denial, NamespacePolicy, PodFacts};
 use crate::cache::{Cache, CacheConfig, CacheKey, FailedAt, FetchError, FetchErrorKind, FetchFuture};
 use crate::connections::HttpLimits;
 use crate::error::BrokerError;
 use crate::fetch::{Bindings, Fetcher, Served};
-use crate::identity::{self, CallerIdentity, IdentityMode};
+use crate::identity::{self, CallerIdentity, IdentityMode, SpiffeId};
 use crate::kube::{Cluster, KubeError, LookupError, NamespaceWatch, PodWatch, Stale};
 use crate::metrics::{CacheCollector, Metrics, RuleLabel, WatchCollector};
 use crate::peer::{self, PeerError, SourceRange};
+use crate::prefetch::{self, Prefetcher};
 use crate::server::Connection;
 use crate::session;
 use crate::sts::StsClient;
@@ -92,6 +98,9 @@ pub struct AppConfig {
     /// ([`peer::DEFAULT_SIDECAR_SOURCES`]); every other connection skipped
     /// the sidecar and is refused (401).
     pub sidecar_sources: Vec<SourceRange>,
+    /// Whether a pod the watch sees appear gets its credentials fetched
+    /// before it asks ([`crate::prefetch`]). On by default.
+    pub prefetch: bool,
 }
 
 impl AppConfig {
@@ -108,6 +117,7 @@ impl AppConfig {
             http: HttpLimits::default(),
             pod_address_check: true,
             sidecar_sources: peer::default_sidecar_sources(),
+            prefetch: true,
         }
     }
 }
@@ -117,7 +127,9 @@ pub struct App {
     pub(crate) config: AppConfig,
     pods: PodWatch,
     /// Only with the namespace policy.
-    namespaces: Option<NamespaceWatch>,
+    namespaces: Option<Arc<NamespaceWatch>>,
+    /// Only with [`AppConfig::prefetch`]; stopped with the app.
+    prefetcher: Option<tokio::task::JoinHandle<()>>,
     cluster: Arc<Cluster>,
     cache: Arc<Cache<Served>>,
     bindings: Arc<Bindings>,
@@ -127,6 +139,14 @@ pub struct App {
     draining: std::sync::atomic::AtomicBool,
 }
 
+impl Drop for App {
+    fn drop(&mut self) {
+        if let Some(prefetcher) = &self.prefetcher {
+            prefetcher.abort();
+        }
+    }
+}
+
 impl std::fmt::Debug for App {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("App").field("config", &self.config).finish_non_exhaustive()
@@ -134,15 +154,21 @@ impl std::fmt::Debug for App {
 }
 
 impl App {
-    /// Starts the pod watch and the cache; `instance` names this replica in
-    /// the Events it records. Must be called inside a tokio runtime.
+    /// Starts the pod watch, the cache and, if on, the prefetch;
+    /// `instance` names this replica in the Events it records. Must be
+    /// called inside a tokio runtime.
     pub fn new(config: AppConfig, client: ::kube::Client, sts: StsClient, instance: impl Into<String>) -> Self {
         let bound = config.watch_staleness_bound;
-        let pods = PodWatch::with_staleness_bound(client.clone(), bound);
+        let (pods, arrivals) = if config.prefetch {
+            let (sender, arrivals) = tokio::sync::mpsc::channel(prefetch::ARRIVALS_QUEUE);
+            (PodWatch::with_arrivals(client.clone(), bound, sender), Some(arrivals))
+        } else {
+            (PodWatch::with_staleness_bound(client.clone(), bound), None)
+        };
         let namespaces = config
             .namespace_policy
             .clone()
-            .map(|policy| NamespaceWatch::with_staleness_bound(client.clone(), policy, bound));
+            .map(|policy| Arc::new(NamespaceWatch::with_staleness_bound(client.clone(), policy, bound)));
         let cluster = Arc::new(Cluster::new(client, instance));
         let metrics = Arc::new(Metrics::default());
         let bindings = Arc::new(Bindings::new(config.cache.max_keys));
@@ -161,7 +187,7 @@ impl App {
         let mut registry = Registry::with_prefix("token_broker");
         metrics.register(&mut registry);
         registry.register_collector(Box::new(CacheCollector(Arc::clone(&cache))));
-        let watches = std::iter::once(pods.health()).chain(namespaces.as_ref().map(NamespaceWatch::health)).collect();
+        let watches = std::iter::once(pods.health()).chain(namespaces.as_deref().map(NamespaceWatch::health)).collect();
         registry.register_collector(Box::new(WatchCollector(watches)));
         if config.identity.is_insecure() {
             tracing::warn!(
@@ -175,8 +201,23 @@ impl App {
                  of that service account"
             );
         }
+        let prefetcher = arrivals.map(|arrivals| {
+            let prefetcher = Prefetcher {
+                cache: Arc::clone(&cache),
+                bindings: Arc::clone(&bindings),
+                namespaces: namespaces.clone(),
+                metrics: Arc::clone(&metrics),
+            };
+            prefetcher.spawn(arrivals)
+        });
         let draining = std::sync::atomic::AtomicBool::new(false);
-        Self { config, pods, namespaces, cluster, cache, bindings, metrics, registry, draining }
+        Self { config, pods, namespaces, prefetcher, cluster, cache, bindings, metrics, registry, draining }
+    }
+
+    /// Whether the pod watch holds pod `namespace/name` (no API call): for
+    /// tests and tools that must know the broker has seen a pod.
+    pub fn watches_pod(&self, namespace: &str, name: &str) -> bool {
+        self.pods.cached(namespace, name).is_some()
     }
 
     /// Whether the broker should get traffic (what `/readyz` answers): the
@@ -205,7 +246,7 @@ impl App {
     /// The synced watches whose data is past the staleness bound: requests
     /// relying on them answer 503 and `/readyz` fails, until they work again.
     pub fn stale_watches(&self) -> Vec<Stale> {
-        let namespaces = self.namespaces.as_ref().and_then(NamespaceWatch::stale);
+        let namespaces = self.namespaces.as_deref().and_then(NamespaceWatch::stale);
         self.pods.stale().into_iter().chain(namespaces).collect()
     }
 
@@ -250,25 +291,37 @@ impl App {
         };
         self.authorize(&caller, &role_arn, &pod)?;
         if let Some(address) = address {
-            self.check_caller_is_pod(&caller, address, &pod)?;
+            self.check_caller_is_pod(&caller, &role_arn, address, &pod)?;
         }
 
-        // The caller's names move into the key: it is not needed after this.
-        let CallerIdentity { namespace, service_account, .. } = caller;
+        // The caller's names move into the key: only its SPIFFE ID, for the
+        // audit trail, is needed after this.
+        let CallerIdentity { namespace, service_account, spiffe_id } = caller;
         let key = CacheKey { role_arn, namespace, service_account };
         // The fetch binds its token to the pod that asked last for this key.
         self.bindings.bind(&key, &pod_name, &pod.uid);
-        if let Some(credentials) = self.cache.get_cached(&key) {
-            return Ok(credentials);
-        }
-        // A miss waits, under the deadline. Boxed: the wait is the rare path,
-        // and its future would otherwise enlarge every request's.
-        let wait = Box::pin(tokio::time::timeout(self.config.credentials_deadline, self.cache.get(&key)));
-        match wait.await {
+        let served = match self.cache.get_cached(&key) {
+            Some(served) => served,
+            // Boxed: the wait is the rare path, and its future would
+            // otherwise enlarge every request's.
+            None => Box::pin(self.wait_for(&key, &spiffe_id, &pod)).await?,
+        };
+        audit::issued(&spiffe_id, &pod, &key.role_arn, &served.access_key_id, served.expiration);
+        Ok(served)
+    }
+
+    /// A cache miss: waits for the fetch under the deadline.
+    async fn wait_for(
+        &self,
+        key: &CacheKey,
+        caller: &SpiffeId,
+        pod: &Arc<PodFacts>,
+    ) -> Result<Arc<Served>, BrokerError> {
+        match tokio::time::timeout(self.config.credentials_deadline, self.cache.get(key)).await {
             Ok(Ok(credentials)) => Ok(credentials),
             Ok(Err(error)) => {
                 if error.kind == FetchErrorKind::Denied {
-                    self.sts_denied(&key, &pod, &error.detail);
+                    self.sts_denied(key, caller, pod, &error.detail);
                 }
                 Err(fetch_error_response(&error))
             }
@@ -281,7 +334,7 @@ impl App {
     fn authorize(&self, caller: &CallerIdentity, role_arn: &str, pod: &Arc<PodFacts>) -> Result<(), BrokerError> {
         let (ns, sa) = (caller.namespace.as_str(), caller.service_account.as_str());
         if let Err(denial) = authz::authorize(ns, sa, role_arn, pod) {
-            return Err(self.deny(caller, pod, denial));
+            return Err(self.deny(caller, role_arn, pod, denial));
         }
         let Some(namespaces) = &self.namespaces else { return Ok(()) };
         if let Some(stale) = namespaces.stale() {
@@ -293,28 +346,30 @@ impl App {
         let Some(namespace) = namespaces.get(ns) else {
             return Err(BrokerError::Unavailable(format!("namespace {ns} not known to the broker yet; retry")));
         };
-        namespace.check(role_arn).map_err(|denial| self.deny(caller, pod, denial))
+        namespace.check(role_arn).map_err(|denial| self.deny(caller, role_arn, pod, denial))
     }
 
-    fn deny(&self, caller: &CallerIdentity, pod: &Arc<PodFacts>, denial: Denial) -> BrokerError {
+    /// A denial: in the audit trail, counted, and recorded as an Event on
+    /// the pod in the background.
+    fn deny(&self, caller: &CallerIdentity, role_arn: &str, pod: &Arc<PodFacts>, denial: Denial) -> BrokerError {
         let reason = denial.reason();
-        tracing::warn!(caller = %caller.spiffe_id, rule = denial.label(), %reason, "credentials denied");
+        audit::denied(&caller.spiffe_id, pod, role_arn, denial.label(), &reason);
         self.metrics.denials.get_or_create(&RuleLabel { rule: denial.label() }).inc();
         self.cluster.spawn_denial_event(Arc::clone(pod), reason.clone());
         BrokerError::AccessDenied { label: denial.label(), reason }
     }
 
     /// STS refused the role (its trust policy said no to this identity):
-    /// logged, counted (rule `sts_denied`) and recorded as an Event on the
-    /// pod like the broker's own denials, within the same per-pod budget.
-    /// A remembered refusal (the cache's backoff) counts again; its Event
-    /// does not repeat within the budget's window.
-    fn sts_denied(&self, key: &CacheKey, pod: &Arc<PodFacts>, detail: &str) {
+    /// in the audit trail, counted (rule `sts_denied`) and recorded as an
+    /// Event on the pod like the broker's own denials, within the same
+    /// per-pod budget. A remembered refusal (the cache's backoff) counts
+    /// again; its Event does not repeat within the budget's window.
+    fn sts_denied(&self, key: &CacheKey, caller: &SpiffeId, pod: &Arc<PodFacts>, detail: &str) {
         let reason = format!(
             "STS refused role {} to service account {}/{}: {detail}",
             key.role_arn, key.namespace, key.service_account
         );
-        tracing::warn!(rule = STS_DENIED_RULE, %reason, "credentials denied");
+        audit::denied(caller, pod, &key.role_arn, STS_DENIED_RULE, &reason);
         self.metrics.denials.get_or_create(&RuleLabel { rule: STS_DENIED_RULE }).inc();
         self.cluster.spawn_denial_event(Arc::clone(pod), reason);
     }
@@ -335,7 +390,7 @@ impl App {
             IdentityMode::Mtls { .. } | IdentityMode::InsecureDev { .. } => Ok(None),
         };
         address.map_err(|error| {
-            tracing::info!(%error, "caller not authenticated");
+            tracing::debug!(%error, "caller not authenticated");
             BrokerError::Unauthenticated { label: error.label() }
         })
     }
@@ -346,6 +401,7 @@ impl App {
     fn check_caller_is_pod(
         &self,
         caller: &CallerIdentity,
+        role_arn: &str,
         address: IpAddr,
         pod: &Arc<PodFacts>,
     ) -> Result<(), BrokerError> {
@@ -353,7 +409,7 @@ impl App {
             let namespace = pod.namespace.clone().unwrap_or_default();
             return Err(BrokerError::PodHasNoAddress { namespace, name: pod.name.clone() });
         }
-        authz::caller_is_pod(address, pod).map_err(|denial| self.deny(caller, pod, denial))
+        authz::caller_is_pod(address, pod).map_err(|denial| self.deny(caller, role_arn, pod, denial))
     }
 
     fn kube_unavailable(&self, error: &KubeError) -> BrokerError {

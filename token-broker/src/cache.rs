@@ -509,6 +509,29 @@ impl<T: Expiring> Cache<T> {
         self.inner.serve(key, entry, now)
     }
 
+    /// Starts a fetch for `key` ahead of any request (prefetch), unless a
+    /// servable credential is cached, a fetch is running, or the key is
+    /// backing off after a failure; returns whether it started one. Counts
+    /// no hit or miss. The key counts as used now, so it is kept and
+    /// refreshed like a key a pod asked for, and evicted like one if no pod
+    /// ever does. The fetch queues for the same permits and rate as any
+    /// other.
+    pub fn prefetch(&self, key: &CacheKey) -> bool {
+        let now = Instant::now();
+        let mut entries = self.inner.lock_entries();
+        if !entries.contains_key(key) {
+            self.inner.make_room(&mut entries, now);
+        }
+        let entry = entries.entry(key.clone()).or_insert_with(|| Entry::new(now));
+        entry.last_used = now;
+        entry.forget_unservable(now);
+        if entry.current.is_some() || entry.inflight.is_some() || now < entry.retry_at {
+            return false;
+        }
+        self.inner.start_fetch(key, entry);
+        true
+    }
+
     /// The counters so far.
     pub fn stats(&self) -> CacheStats {
         let counters = &self.inner.counters;

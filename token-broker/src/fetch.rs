@@ -34,7 +34,7 @@ pub fn credential_document(credentials: &Credentials) -> serde_json::Value {
 }
 
 /// RFC 3339 in UTC with `Z` and whole seconds, as IMDS writes times.
-fn imds_time(at: OffsetDateTime) -> String {
+pub fn imds_time(at: OffsetDateTime) -> String {
     let at = at.to_offset(time::UtcOffset::UTC);
     at.replace_nanosecond(0).unwrap_or(at).format(&Rfc3339).unwrap_or_default()
 }
@@ -44,7 +44,10 @@ fn imds_time(at: OffsetDateTime) -> String {
 /// bytes instead of building JSON per request. No `Debug`: the bytes hold
 /// the secret and the session token.
 pub(crate) struct Served {
-    expiration: OffsetDateTime,
+    pub(crate) expiration: OffsetDateTime,
+    /// Not a secret: what CloudTrail records for each call made with the
+    /// credential, and what the audit trail names ([`crate::audit`]).
+    pub(crate) access_key_id: String,
     /// [`credential_document`], serialized.
     pub(crate) document: Bytes,
 }
@@ -52,7 +55,11 @@ pub(crate) struct Served {
 impl Served {
     pub(crate) fn new(credentials: Credentials) -> Self {
         let document = credential_document(&credentials).to_string();
-        Self { expiration: credentials.expiration, document: Bytes::from(document) }
+        Self {
+            expiration: credentials.expiration,
+            access_key_id: credentials.access_key_id,
+            document: Bytes::from(document),
+        }
     }
 }
 

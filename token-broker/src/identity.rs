@@ -561,7 +561,7 @@ impl IdentityMode {
         peer: Option<&ClientCertificate>,
     ) -> Result<CallerIdentity, BrokerError> {
         let unauthenticated = |error: IdentityError| {
-            tracing::info!(%error, "caller not authenticated");
+            tracing::debug!(%error, "caller not authenticated");
             BrokerError::Unauthenticated { label: error.label() }
         };
         match self {

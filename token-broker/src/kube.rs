@@ -14,7 +14,10 @@
 //!   keeps answering while the API server is unreachable, but only for
 //!   the watch's staleness bound ([`DEFAULT_WATCH_STALENESS_BOUND`]): past
 //!   it, [`PodWatch::stale`] says since when, and the broker stops
-//!   authorizing from frozen data ([`WatchHealth`]).
+//!   authorizing from frozen data ([`WatchHealth`]). Started with
+//!   [`PodWatch::with_arrivals`], it also hands on each pod that appears
+//!   after the initial list, so the broker can warm its credentials before
+//!   the pod asks.
 //! - [`NamespaceWatch`] does the same for namespaces, as [`NamespaceRule`]s,
 //!   when the namespace policy is on.
 //! - [`Cluster`] makes the one-off calls: TokenRequest and Event create.
@@ -50,7 +53,7 @@ use kube::api::{Api, PostParams};
 use kube::runtime::reflector::{self, Lookup, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde::de::DeserializeOwned;
-use tokio::sync::{OnceCell, Semaphore};
+use tokio::sync::{OnceCell, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -401,11 +404,30 @@ impl PodWatch {
     /// [`PodWatch::spawn`] with its data trusted for `bound` without the
     /// watch confirming it ([`PodWatch::stale`]).
     pub fn with_staleness_bound(client: Client, bound: Duration) -> Self {
+        Self::start(client, bound, |_| {})
+    }
+
+    /// [`PodWatch::with_staleness_bound`], also sending each pod that
+    /// appears once the initial list is done (created, or labelled later) to
+    /// `arrivals`. Best effort: when the channel is full the pod is left out
+    /// (its first request then fetches as usual). Pods listed at start or
+    /// found by a relist after a watch gap are not arrivals: they have been
+    /// running, and a start-up of thousands of them must not become a burst
+    /// of fetches nobody asked for.
+    pub fn with_arrivals(client: Client, bound: Duration, arrivals: mpsc::Sender<Arc<PodFacts>>) -> Self {
+        Self::start(client, bound, move |pod| {
+            if arrivals.try_send(pod).is_err() {
+                tracing::debug!("arrivals queue full or closed; a new pod is not prefetched");
+            }
+        })
+    }
+
+    fn start(client: Client, bound: Duration, on_arrival: impl Fn(Arc<PodFacts>) + Send + 'static) -> Self {
         let config =
             watcher::Config::default().labels(&format!("{ENABLE_LABEL}={ENABLED_VALUE}")).page_size(LIST_PAGE_SIZE);
         let health = Arc::new(WatchHealth::new("pod", bound));
         let api = Api::<PodView>::all(client.clone());
-        let (store, task) = spawn_reflector(api, config, Arc::clone(&health), PodFacts::from);
+        let (store, task) = spawn_reflector(api, config, Arc::clone(&health), PodFacts::from, on_arrival);
         Self { client, store, task, direct: DirectReads::default(), health }
     }
 
@@ -597,7 +619,7 @@ impl NamespaceWatch {
         let api = Api::<Namespace>::all(client);
         let health = Arc::new(WatchHealth::new("namespace", bound));
         let (store, task) =
-            spawn_reflector(api, watcher::Config::default(), Arc::clone(&health), move |ns| policy.rule(ns));
+            spawn_reflector(api, watcher::Config::default(), Arc::clone(&health), move |ns| policy.rule(ns), |_| {});
         Self { store, task, health }
     }
 
@@ -718,7 +740,9 @@ impl fmt::Display for Stale {
 }
 
 /// Starts a reflector over `api` that keeps `keep(object)` of each object,
-/// and returns its store and task. The watcher relists and rewatches by
+/// calls `on_arrival` with each object that appears once the first list is
+/// done (an applied object the store did not hold), and returns its store
+/// and task. The watcher relists and rewatches by
 /// itself after errors, with backoff; the store keeps its last state
 /// meanwhile and is replaced whole once a relist completes. Every event and
 /// completed relist confirms `health`; every error counts in it; a watch
@@ -729,12 +753,14 @@ fn spawn_reflector<K, F>(
     config: watcher::Config,
     health: Arc<WatchHealth>,
     keep: impl Fn(K) -> F + Send + 'static,
+    on_arrival: impl Fn(Arc<F>) + Send + 'static,
 ) -> (Store<F>, JoinHandle<()>)
 where
     K: kube::Resource + Clone + DeserializeOwned + fmt::Debug + Send + 'static,
     F: Lookup<DynamicType = ()> + Clone + Send + Sync + 'static,
 {
     let (store, mut writer) = reflector::store();
+    let reader = store.clone();
     let what = health.what;
     let relist_after = (health.bound / RELISTS_PER_BOUND).max(Duration::from_millis(100));
     let task = tokio::spawn(async move {
@@ -766,7 +792,17 @@ where
                         continue;
                     }
                 };
+                let arrival = match &event {
+                    watcher::Event::Apply(object) if listed => {
+                        let at = ObjectRef::from_obj(object);
+                        reader.get(&at).is_none().then_some(at)
+                    }
+                    _ => None,
+                };
                 writer.apply_watcher_event(&event);
+                if let Some(object) = arrival.and_then(|at| reader.get(&at)) {
+                    on_arrival(object);
+                }
                 match event {
                     // Sent before the list is asked for: proves nothing.
                     watcher::Event::Init => {}

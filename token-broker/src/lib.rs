@@ -42,9 +42,14 @@
 //!   certificates, the caller from their SPIFFE URI SAN, certificate reload.
 //! - [`telemetry`]: the log filter, with hard caps on the targets that can
 //!   log tokens (the AWS SDK's, kube-client's body logs).
+//! - [`audit`]: one structured event per credential issued and per caller
+//!   refused, for a SIEM.
+//! - [`prefetch`]: credentials fetched for a pod the watch sees appear,
+//!   before it asks.
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod audit;
 pub mod authz;
 pub mod cache;
 pub mod connections;
@@ -54,6 +59,7 @@ pub mod identity;
 pub mod kube;
 pub mod metrics;
 pub mod peer;
+pub mod prefetch;
 pub mod server;
 pub mod session;
 pub mod shutdown;

@@ -98,6 +98,11 @@ struct Args {
     #[arg(long, env = "TOKEN_BROKER_SKIP_POD_ADDRESS_CHECK")]
     skip_pod_address_check: bool,
 
+    /// Do not fetch a new pod's credentials when the pod watch sees it
+    /// appear; its first request fetches them instead.
+    #[arg(long, env = "TOKEN_BROKER_NO_PREFETCH")]
+    no_prefetch: bool,
+
     /// insecure-dev mode: start even inside a Kubernetes cluster
     /// (KUBERNETES_SERVICE_HOST set), where it refuses to by default. Any
     /// caller can then claim any identity.
@@ -319,6 +324,7 @@ async fn serve(args: Args) -> Result<(), String> {
         header_timeout: Duration::from_secs(args.header_timeout_seconds),
     };
     config.pod_address_check = !args.skip_pod_address_check;
+    config.prefetch = !args.no_prefetch;
     config.watch_staleness_bound = Duration::from_secs(args.watch_staleness_seconds);
     config.sidecar_sources = args.sidecar_sources.clone();
     let app = Arc::new(App::new(config, client, sts, args.instance.clone()));

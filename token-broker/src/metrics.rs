@@ -62,6 +62,8 @@ pub(crate) struct Metrics {
     pub(crate) sts_duration: Histogram,
     pub(crate) sts_in_flight: Gauge,
     kube_errors: Family<ErrorLabel, Counter>,
+    /// By [`crate::prefetch::Outcome::label`].
+    pub(crate) prefetches: Family<OutcomeLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -79,6 +81,7 @@ impl Default for Metrics {
             sts_duration: latency_histogram(),
             sts_in_flight: Gauge::default(),
             kube_errors: Family::default(),
+            prefetches: Family::default(),
         }
     }
 }
@@ -106,6 +109,11 @@ impl Metrics {
         registry.register("sts_call_duration_seconds", "Time of one STS call", self.sts_duration.clone());
         registry.register("sts_calls_in_flight", "STS calls running now", self.sts_in_flight.clone());
         registry.register("kube_api_errors", "Failed Kubernetes API calls by kind", self.kube_errors.clone());
+        registry.register(
+            "prefetches",
+            "Pods the watch saw appear, by what their prefetch did (started, cached, refused)",
+            self.prefetches.clone(),
+        );
     }
 
     pub(crate) fn kube_error(&self, error: &KubeError) {

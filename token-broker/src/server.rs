@@ -107,6 +107,7 @@ async fn credentials_handler(State(app): State<Arc<App>>, request: Request) -> R
         Err(error) => {
             app.metrics.requests.get_or_create(&OutcomeLabel { outcome: error.code() }).inc();
             if let BrokerError::Unauthenticated { label } = &error {
+                crate::audit::unauthenticated(label, connection.peer.map(|peer| peer.ip().to_canonical()));
                 app.metrics.unauthenticated.get_or_create(&ReasonLabel { reason: label }).inc();
             }
             error_response(&error)

@@ -24,12 +24,22 @@ pub const KUBE_CLIENT_BODY_TARGET: &str = "kube_client::client";
 ///   `trace` they describe each request, whose body holds the web identity
 ///   token;
 /// - [`KUBE_CLIENT_BODY_TARGET`] off at every level.
+///
+/// The audit trail ([`crate::audit::TARGET`]) stays at `info` unless a
+/// directive names it: a quieter `--log` must not silence it by accident.
 pub fn log_filter<S>(directives: &str) -> Result<impl Layer<S> + Send + Sync + 'static, ParseError>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
-    let filter = EnvFilter::try_new(directives)?;
+    let filter = EnvFilter::try_new(with_audit(directives))?;
     Ok(filter.and_then(filter_fn(allowed_whatever_the_directives)))
+}
+
+/// `directives` with `<audit target>=info` added unless one of them names
+/// the audit target (a directive is `target[span{field}]=level`).
+fn with_audit(directives: &str) -> String {
+    let names_audit = directives.split(',').any(|directive| directive.trim().starts_with(crate::audit::TARGET));
+    if names_audit { directives.to_owned() } else { format!("{directives},{}=info", crate::audit::TARGET) }
 }
 
 /// The caps of [`log_filter`], as a pure check of an event's metadata.

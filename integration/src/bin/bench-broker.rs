@@ -3,7 +3,7 @@
 //! with a real Kubernetes API server (the broker as its own service account,
 //! with the rendered RBAC) and a scripted STS.
 //!
-//! Three parts. The first two on one broker:
+//! Four parts. The first two on one broker:
 //! - cold start: 200 concurrent first requests, spread evenly over 5 pods
 //!   that run as 5 service accounts with 5 roles (5 cache keys), each
 //!   request for its own pod. Single flight means exactly one TokenRequest
@@ -16,6 +16,11 @@
 //!   connection and runtime, the baseline for c. Both cases send the same
 //!   `insecure-dev` identity headers, so the requests differ only in their
 //!   path.
+//!
+//! Then prefetch, on two brokers of their own (prefetch on, then off):
+//! [`NEW_PODS`] pods created one by one, each sending its first request
+//! [`APP_START`] after its creation; the latency of those first requests,
+//! and how many the cache answered (all, with prefetch on).
 //!
 //! Then memory, on a broker of its own: [`SCALE_PODS`] opted-in pods shaped
 //! like Istio-injected workload pods are created in the API server, a
@@ -180,6 +185,7 @@ async fn run(options: Options) -> Result<(), String> {
     println!("load avg     {} (after)", load_average());
     println!();
 
+    bench.first_requests().await?;
     memory(&bench.kube).await
 }
 
@@ -197,7 +203,10 @@ impl Bench {
 
         // The same service the broker tests run (insecure-dev identity),
         // ready once its pod watch has synced.
-        let broker = RealBroker::on(&kube, sts.endpoint()).await.start().await;
+        // Prefetch off: its pods exist before it starts (so it would not
+        // prefetch them anyway), and the memory part's 10,000 new pods must
+        // not become 10,000 fetches of this broker.
+        let broker = RealBroker::on(&kube, sts.endpoint()).await.tune(|config| config.prefetch = false).start().await;
 
         let wrk = Wrk::new()?;
         let cases = [
@@ -288,6 +297,63 @@ impl Bench {
 }
 
 // ---------------------------------------------------------------------------
+// Prefetch: a new pod's first request, with and without.
+
+/// New pods per mode, each with a key of its own (service account and role).
+const NEW_PODS: usize = 10;
+/// Keys of the new pods start here, clear of the cold-start keys.
+const NEW_POD_KEYS: usize = 100;
+/// How long after its pod is created the pod's first request comes: a
+/// stand-in for the time its containers take to start, which in a cluster
+/// is seconds (image pull, the sidecar first).
+const APP_START: Duration = Duration::from_secs(1);
+
+impl Bench {
+    /// For each mode, a broker of its own on the same API server and STS;
+    /// [`NEW_PODS`] pods are created one by one, and each sends its first
+    /// request [`APP_START`] after it was created. Prints the latency of
+    /// those first requests and how the broker's cache answered them.
+    async fn first_requests(&self) -> Result<(), String> {
+        println!(
+            "new pods     {NEW_PODS} per mode, each its own key; first request {} ms after the pod is created; \
+                  STS answers after {} ms",
+            APP_START.as_millis(),
+            STS_DELAY.as_millis()
+        );
+        for (mode, prefetch) in [("prefetch on", true), ("prefetch off", false)] {
+            let broker = RealBroker::on(&self.kube, self.sts.endpoint())
+                .await
+                .tune(|config| config.prefetch = prefetch)
+                .start()
+                .await;
+            let first = NEW_POD_KEYS + if prefetch { 0 } else { NEW_PODS };
+            let mut latencies = Vec::with_capacity(NEW_PODS);
+            for key in first..first + NEW_PODS {
+                self.kube.add_pod(pod(key)).await;
+                tokio::time::sleep(APP_START).await;
+                let started = Instant::now();
+                let reply = dev_request(key).send(broker.addr).await;
+                latencies.push(started.elapsed());
+                if reply.status != 200 {
+                    return Err(format!("{mode}: new pod {key} answered {}: {}", reply.status, reply.body_text()));
+                }
+            }
+            latencies.sort();
+            let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1000.0);
+            let metrics = Req::get("/metrics").host("token-broker").send(broker.admin_addr).await.body_text();
+            let hits = metrics.lines().find_map(|l| l.strip_prefix("token_broker_cache_hits_total ")).unwrap_or("?");
+            println!(
+                "             {mode:<12}  first request p50 {} ms, max {} ms; cache hits {hits} of {NEW_PODS}",
+                ms(latencies[NEW_PODS / 2]),
+                ms(latencies[NEW_PODS - 1]),
+            );
+        }
+        println!();
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Memory: the broker with SCALE_PODS pods watched and as many keys cached.
 
 /// Pods watched, and keys cached, in the memory part.
@@ -309,6 +375,7 @@ async fn memory(kube: &KubeCluster) -> Result<(), String> {
          by a broker in a child process; RSS from /proc/<pid>/status"
     );
     let started = Instant::now();
+    let tokens_before = kube.token_requests(BROKER_USER).len();
     kube.service_account(SCALE_NAMESPACE, SCALE_NAMESPACE).await;
     let pods = Api::<Pod>::namespaced(kube.admin(), SCALE_NAMESPACE);
     let created = futures_util::stream::iter(0..SCALE_PODS)
@@ -368,7 +435,7 @@ async fn memory(kube: &KubeCluster) -> Result<(), String> {
         "  keys       {ok} of {SCALE_PODS} requests answered 200 in {:.0} s; cache_keys {keys}; \
          TokenRequests {}, STS calls {}",
         filled.as_secs_f64(),
-        kube.token_requests(BROKER_USER).len().saturating_sub(COLD_KEYS),
+        kube.token_requests(BROKER_USER).len().saturating_sub(tokens_before),
         sts.request_count()
     );
     println!("{:<42} {:>9} {:>10}", "broker RSS (child process)", "measured", "goal");

@@ -22,6 +22,8 @@ use std::process::ExitCode;
 use integration::clients::SdkClient;
 use integration::stack::Stack;
 use integration::{CREDENTIALS_PATH, ROLE_ARN, Req, wait};
+use serde_json::Value;
+use token_broker::audit;
 
 fn main() -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -146,6 +148,13 @@ async fn demo() -> Result<(), String> {
         return Err(format!("the filter saw ordinary port-80 traffic: imds_mesh.passed_on {passed_on:?}"));
     }
     show("requests the filter passed on", "0 (it runs on the metadata chain only)");
+    let audit = audit_events(&stack.broker.log)?;
+    for event in &audit {
+        show("broker audit log", event);
+    }
+    if !(audit.iter().any(|e| e.starts_with("issued")) && audit.iter().any(|e| e.starts_with("denied"))) {
+        return Err(format!("the broker's audit log lacks the issue or the refusal: {audit:?}"));
+    }
     app.assert_node_untouched();
     show("node's IMDS", "never reached");
     let seen = sts.seen();
@@ -156,4 +165,20 @@ async fn demo() -> Result<(), String> {
 
     println!("\nimds-mesh demo: OK. Everything it started is stopping now.");
     Ok(())
+}
+
+/// The audit events in the broker's JSON log, one line each: the outcome,
+/// who, which pod and role, and the access key issued or the rule that
+/// refused.
+fn audit_events(log: &std::path::Path) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let events = text.lines().filter_map(|line| serde_json::from_str::<Value>(line).ok());
+    let audit = events.filter(|event| event["target"] == audit::TARGET);
+    Ok(audit
+        .map(|event| {
+            let field = |name: &str| event["fields"][name].as_str().unwrap_or_default().to_owned();
+            let what = if field("outcome") == audit::ISSUED { field("access_key_id") } else { field("rule") };
+            format!("{} {} pod {} {}", field("outcome"), field("spiffe_id"), field("pod"), what)
+        })
+        .collect())
 }

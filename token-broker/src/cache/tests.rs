@@ -327,6 +327,34 @@ async fn get_cached_answers_only_a_servable_credential_of_its_own_key_and_never_
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_prefetch_fills_the_key_so_the_first_get_is_a_hit_and_never_fetches_twice() {
+    let (cache, upstream) = cache_with(config(), |_, _| ok(HOUR));
+    assert!(cache.prefetch(&nth_key(0)));
+    assert!(!cache.prefetch(&nth_key(0)), "a second prefetch while the first runs started another");
+    settle().await;
+    assert_eq!(upstream.calls(), 1);
+    assert!(!cache.prefetch(&nth_key(0)), "a prefetch of a servable key started a fetch");
+
+    let credentials = cache.get(&nth_key(0)).await.unwrap();
+    assert!(credentials.access_key_id.ends_with("-1"), "{credentials:?}");
+    let stats = cache.stats();
+    assert_eq!((stats.hits, stats.misses, stats.fetches, upstream.calls()), (1, 0, 1, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_prefetch_respects_the_backoff_of_a_failed_key() {
+    let (cache, upstream) = cache_with(config(), |_, _| err(FetchErrorKind::Throttled, Some(Duration::from_secs(90))));
+    assert!(cache.prefetch(&nth_key(0)));
+    settle().await;
+    assert_eq!(upstream.calls(), 1);
+    assert!(!cache.prefetch(&nth_key(0)), "a prefetch ignored the backoff");
+    tokio::time::advance(Duration::from_secs(90)).await;
+    assert!(cache.prefetch(&nth_key(0)));
+    settle().await;
+    assert_eq!(upstream.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn credentials_that_expire_too_soon_are_refused() {
     let (cache, _) = cache_with(config(), |_, _| ok(MIN_SERVED_LIFETIME));
     let error = cache.get(&nth_key(0)).await.unwrap_err();
