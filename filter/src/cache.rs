@@ -41,6 +41,10 @@ pub struct CredentialCache {
     version: u32,
 }
 
+/// The shared credential's value once a denial withdrew it: no credential
+/// (shared data has no delete).
+const WITHDRAWN: &[u8] = &[];
+
 /// CAS retries before a state update gives up (the lease then runs out).
 const CAS_ATTEMPTS: usize = 8;
 
@@ -92,13 +96,13 @@ impl CredentialCache {
         }
     }
 
-    /// Pulls the shared credential if another worker stored a newer one.
+    /// Pulls the shared credential if another worker stored a newer one, or
+    /// drops the local copy if it was withdrawn.
     pub fn sync(&mut self, store: &impl SharedStore) {
         if let Some((bytes, version)) = store.get(&self.credential_key)
             && version != self.version
-            && let Some(credential) = Credential::decode(&bytes)
         {
-            self.local = Some(credential);
+            self.local = Credential::decode(&bytes);
             self.version = version;
         }
     }
@@ -119,9 +123,13 @@ impl CredentialCache {
     /// the failure and its backoff. Returns the failure that stands, if any.
     pub fn finish_fetch(&mut self, now_ms: u64, result: FetchResult, store: &impl SharedStore) -> Option<Failure> {
         let result = result.and_then(|credential| {
-            if policy::servable(now_ms, credential.expires_at_ms) {
+            if policy::acceptable(now_ms, credential.expires_at_ms) {
                 Ok(credential)
             } else {
+                log::warn!(
+                    "broker credential expires at {} ms: nearly expired or later than STS issues",
+                    credential.expires_at_ms
+                );
                 Err((Failure::Malformed, None))
             }
         });
@@ -133,6 +141,12 @@ impl CredentialCache {
                 None
             }
             Err((failure, retry_after_ms)) => {
+                if failure.withdraws_credential() {
+                    // Every worker drops its copy when it next syncs (each
+                    // tick); this one at once.
+                    store.set(&self.credential_key, WITHDRAWN, None);
+                    self.sync(store);
+                }
                 self.update_state(store, |s| s.failed(now_ms, failure, retry_after_ms));
                 Some(failure)
             }
@@ -292,6 +306,31 @@ mod tests {
     }
 
     #[test]
+    fn a_denial_withdraws_the_cached_credential_on_every_worker() {
+        let store = MemoryStore::default();
+        let mut a = CredentialCache::new(&role(), &store);
+        let mut b = CredentialCache::new(&role(), &store);
+        a.begin_fetch(NOW, TIMEOUT, &store);
+        a.finish_fetch(NOW, Ok(credential()), &store);
+        b.sync(&store);
+        let refresh_at = NOW + HOUR - REFRESH_BEFORE_MS;
+        assert!(a.begin_fetch(refresh_at, TIMEOUT, &store));
+        assert_eq!(a.finish_fetch(refresh_at, Err((Failure::Denied, None)), &store), Some(Failure::Denied));
+        // Still 25 minutes of life, but the broker said no: not served.
+        assert_eq!(a.serve(refresh_at), None, "withdrawn at once on the worker that fetched");
+        assert_eq!(a.lookup(refresh_at, 800, &store), Lookup::Fail(Failure::Denied));
+        assert!(b.serve(refresh_at).is_some(), "the other worker's copy, until its tick");
+        b.sync(&store);
+        assert_eq!(b.serve(refresh_at), None, "withdrawn on the other worker at its next tick");
+        assert_eq!(b.lookup(refresh_at, 800, &store), Lookup::Fail(Failure::Denied));
+        // A later grant is served again.
+        assert!(a.begin_fetch(refresh_at + 30_000, TIMEOUT, &store));
+        let fresh = Credential::from_broker(&broker_body("2027-01-15T12:00:00Z")).unwrap();
+        assert_eq!(a.finish_fetch(refresh_at + 30_000, Ok(fresh), &store), None);
+        assert!(matches!(b.lookup(refresh_at + 30_000, 800, &store), Lookup::Hit(_)));
+    }
+
+    #[test]
     fn pod_not_found_is_retried_within_the_wait() {
         let store = MemoryStore::default();
         let mut cache = CredentialCache::new(&role(), &store);
@@ -310,6 +349,21 @@ mod tests {
         assert_eq!(cache.finish_fetch(late, Ok(credential()), &store), Some(Failure::Malformed));
         assert_eq!(cache.serve(late), None);
         assert!(!cache.begin_fetch(late + 999, TIMEOUT, &store), "backs off like any failure");
+    }
+
+    #[test]
+    fn a_credential_expiring_beyond_what_sts_issues_is_refused() {
+        let store = MemoryStore::default();
+        let mut cache = CredentialCache::new(&role(), &store);
+        assert!(cache.begin_fetch(NOW, TIMEOUT, &store));
+        let forever = Credential::from_broker(&broker_body("9999-12-31T23:59:59Z")).unwrap();
+        assert_eq!(cache.finish_fetch(NOW, Ok(forever), &store), Some(Failure::Malformed));
+        assert_eq!(cache.serve(NOW), None);
+        assert_eq!(cache.lookup(NOW, 0, &store), Lookup::Fail(Failure::Malformed));
+        // Retried like any failure, not in year 9999.
+        assert!(cache.begin_fetch(NOW + policy::BACKOFF_BASE_MS, TIMEOUT, &store));
+        let twelve_hours = Credential::from_broker(&broker_body("2027-01-15T22:00:00Z")).unwrap();
+        assert_eq!(cache.finish_fetch(NOW + 1000, Ok(twelve_hours), &store), None, "STS's longest is fine");
     }
 
     impl Lookup<'_> {

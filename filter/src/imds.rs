@@ -20,7 +20,10 @@ pub const FORWARDED_FOR_HEADER: &str = "x-forwarded-for";
 /// The request's headers, pseudo-headers included (`:method`, `:path`),
 /// names in lower case as Envoy hands them over.
 pub trait RequestHeaders {
+    /// The first value of header `name`.
     fn header(&self, name: &str) -> Option<&[u8]>;
+    /// Whether header `name` appears more than once.
+    fn repeated(&self, name: &str) -> bool;
 }
 
 /// Time for one request. Cache decisions may use the worker's last tick
@@ -184,11 +187,18 @@ fn route_request<'a>(
         }
     };
     let kind = match route {
-        Route::Token => RouteKind::Token,
+        Route::Token | Route::DatedToken => RouteKind::Token,
         Route::RoleList => RouteKind::RoleList,
         Route::Credentials(_) => RouteKind::Credentials,
         Route::Other => RouteKind::Other,
     };
+    if route == Route::DatedToken {
+        if method != b"PUT" {
+            return respond(kind, text(405, "Method Not Allowed"));
+        }
+        counters.token_rejected();
+        return respond(kind, text(403, "Forbidden"));
+    }
     if route == Route::Token {
         if method != b"PUT" {
             return respond(kind, text(405, "Method Not Allowed"));
@@ -197,7 +207,13 @@ fn route_request<'a>(
             counters.token_rejected();
             return respond(kind, text(403, "Forbidden"));
         }
-        return match token::parse_ttl(headers.header(TTL_HEADER)) {
+        // Two TTLs are ambiguous: refused as a bad TTL, never first-wins.
+        let ttl = if headers.repeated(TTL_HEADER) {
+            Err(BadTtl::NotANumber)
+        } else {
+            token::parse_ttl(headers.header(TTL_HEADER))
+        };
+        return match ttl {
             Ok(ttl) => {
                 counters.token_issued();
                 let token = signer.issue(clock.now_ms(), ttl);
@@ -216,6 +232,12 @@ fn route_request<'a>(
         return respond(kind, text(405, "Method Not Allowed"));
     }
     match headers.header(TOKEN_HEADER) {
+        // Two tokens are a malformed token (IMDS answers 401), whichever is
+        // valid.
+        Some(_) if headers.repeated(TOKEN_HEADER) => {
+            counters.token_rejected();
+            return respond(kind, text(401, "Unauthorized"));
+        }
         Some(token) if signer.verify(token, clock.now_ms()).is_err() => {
             counters.token_rejected();
             return respond(kind, text(401, "Unauthorized"));
@@ -267,12 +289,17 @@ mod tests {
     const NOW: u64 = 1_800_007_200_000; // 2027-01-15T10:00:00Z
     const ARN: &str = "arn:aws:iam::123456789012:role/team/app";
 
+    /// Headers in arrival order; a name may repeat.
     #[derive(Default, Clone)]
-    struct Headers(HashMap<&'static str, &'static str>);
+    struct Headers(Vec<(&'static str, &'static str)>);
 
     impl RequestHeaders for Headers {
         fn header(&self, name: &str) -> Option<&[u8]> {
-            self.0.get(name).map(|v| v.as_bytes())
+            self.0.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_bytes())
+        }
+
+        fn repeated(&self, name: &str) -> bool {
+            self.0.iter().filter(|(n, _)| *n == name).count() > 1
         }
     }
 
@@ -290,14 +317,13 @@ mod tests {
 
     /// `headers` plus the pseudo-headers of `method path`.
     fn request(method: &'static str, path: &'static str, headers: &Headers) -> Headers {
-        let mut all = headers.clone();
-        all.0.insert(":method", method);
-        all.0.insert(":path", path);
+        let mut all = Headers(vec![(":method", method), (":path", path)]);
+        all.0.extend(headers.0.iter().copied());
         all
     }
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> Headers {
-        Headers(pairs.iter().copied().collect())
+        Headers(pairs.to_vec())
     }
 
     fn responder(config: Config, store: &MemoryStore) -> Responder {
@@ -401,11 +427,43 @@ mod tests {
     }
 
     #[test]
+    fn token_put_on_a_dated_path_is_forbidden() {
+        let store = MemoryStore::default();
+        let mut r = warm(Config::default(), &store);
+        let ttl = headers(&[(TTL_HEADER, "60")]);
+        assert_eq!(status(&mut r, "PUT", "/2021-03-23/api/token", &ttl, &store), 403);
+        assert_eq!(status(&mut r, "PUT", "/latest/api/token", &ttl, &store), 200);
+    }
+
+    #[test]
     fn token_put_with_forwarded_for_is_forbidden() {
         let store = MemoryStore::default();
         let mut r = warm(Config::default(), &store);
         let proxied = headers(&[(TTL_HEADER, "60"), (FORWARDED_FOR_HEADER, "")]);
         assert_eq!(status(&mut r, "PUT", "/latest/api/token", &proxied, &store), 403);
+    }
+
+    #[test]
+    fn a_repeated_ttl_header_is_a_bad_request() {
+        let store = MemoryStore::default();
+        let mut r = warm(Config::default(), &store);
+        for pair in [["60", "abc"], ["60", "60"], ["abc", "60"]] {
+            let twice = headers(&[(TTL_HEADER, pair[0]), (TTL_HEADER, pair[1])]);
+            assert_eq!(status(&mut r, "PUT", "/latest/api/token", &twice, &store), 400, "{pair:?}");
+        }
+    }
+
+    #[test]
+    fn a_repeated_token_header_is_unauthorized() {
+        let store = MemoryStore::default();
+        let mut r = warm(Config::default(), &store);
+        let token: &'static str = Box::leak(token(&mut r, &store).into_boxed_str());
+        let path = "/latest/meta-data/iam/security-credentials/app";
+        assert_eq!(status(&mut r, "GET", path, &headers(&[(TOKEN_HEADER, token)]), &store), 200);
+        for pair in [[token, "forged"], ["forged", token], [token, token]] {
+            let twice = headers(&[(TOKEN_HEADER, pair[0]), (TOKEN_HEADER, pair[1])]);
+            assert_eq!(status(&mut r, "GET", path, &twice, &store), 401, "{pair:?}");
+        }
     }
 
     #[test]
@@ -455,6 +513,19 @@ mod tests {
         let body = br#"{"Code":"AccessDenied","Message":"pod does not carry the annotation"}"#;
         r.finish_fetch(NOW, Answer { status: Some(403), retry_after: None, body }, &store);
         let path = "/latest/meta-data/iam/security-credentials/app";
+        assert_eq!(status(&mut r, "GET", path, &Headers::default(), &store), 404);
+    }
+
+    #[test]
+    fn a_denial_withdraws_a_served_credential_at_once() {
+        let store = MemoryStore::default();
+        let mut r = warm(Config::default(), &store);
+        let path = "/latest/meta-data/iam/security-credentials/app";
+        assert_eq!(status(&mut r, "GET", path, &Headers::default(), &store), 200);
+        let refresh_at = NOW + 35 * 60_000;
+        r.tick(refresh_at, &store).unwrap();
+        let body = br#"{"Code":"AccessDenied","Message":"pod no longer carries the annotation"}"#;
+        r.finish_fetch(refresh_at, Answer { status: Some(403), retry_after: None, body }, &store);
         assert_eq!(status(&mut r, "GET", path, &Headers::default(), &store), 404);
     }
 

@@ -10,6 +10,11 @@ pub const REFRESH_BEFORE_MS: u64 = 25 * 60 * 1000;
 /// A credential with less than this left is never served: the app would sign
 /// a request that expires in flight.
 pub const MIN_SERVED_LIFETIME_MS: u64 = 60 * 1000;
+/// The longest life STS gives a credential: `AssumeRoleWithWebIdentity`
+/// caps `DurationSeconds` at 12 hours.
+pub const MAX_CREDENTIAL_LIFETIME_MS: u64 = 12 * 60 * 60 * 1000;
+/// How far the broker's clock may run ahead of this node's.
+pub const CLOCK_SKEW_ALLOWANCE_MS: u64 = 5 * 60 * 1000;
 /// Floor between two successful fetches, for a broker that keeps handing out
 /// credentials already inside the refresh window.
 pub const MIN_REFRESH_INTERVAL_MS: u64 = 5 * 1000;
@@ -87,6 +92,14 @@ impl Failure {
         }
     }
 
+    /// Whether this answer withdraws a cached credential at once. Only an
+    /// explicit denial does: the broker says this pod may no longer use the
+    /// role. An outage (5xx, timeouts, throttling) keeps serving the cache
+    /// while it is valid.
+    pub fn withdraws_credential(self) -> bool {
+        matches!(self, Self::Denied)
+    }
+
     /// How long to wait before the next fetch after `failures` consecutive
     /// failures (this one included).
     pub fn backoff_ms(self, failures: u32, retry_after_ms: Option<u64>) -> u64 {
@@ -157,6 +170,16 @@ pub fn servable(now_ms: u64, expires_at_ms: u64) -> bool {
     now_ms.saturating_add(MIN_SERVED_LIFETIME_MS) < expires_at_ms
 }
 
+/// Whether a credential the broker sent at `now_ms`, expiring at
+/// `expires_at_ms`, may be stored: servable now, and expiring no later than
+/// STS could have made it. A later expiry (say `9999-12-31T23:59:59Z`) is
+/// not a credential STS issued: it would schedule the next refresh past
+/// the credential's real end, and it is refused as malformed.
+pub fn acceptable(now_ms: u64, expires_at_ms: u64) -> bool {
+    servable(now_ms, expires_at_ms)
+        && expires_at_ms <= now_ms.saturating_add(MAX_CREDENTIAL_LIFETIME_MS + CLOCK_SKEW_ALLOWANCE_MS)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,6 +196,16 @@ mod tests {
         assert!(!servable(NOW, NOW));
         assert!(!servable(NOW, NOW - 1));
         assert!(!servable(u64::MAX, u64::MAX));
+    }
+
+    #[test]
+    fn credentials_expiring_beyond_what_sts_issues_are_not_acceptable() {
+        let latest = NOW + MAX_CREDENTIAL_LIFETIME_MS + CLOCK_SKEW_ALLOWANCE_MS;
+        assert!(acceptable(NOW, NOW + 60 * MIN));
+        assert!(acceptable(NOW, latest));
+        assert!(!acceptable(NOW, latest + 1));
+        assert!(!acceptable(NOW, 253_402_300_799_000), "9999-12-31T23:59:59Z");
+        assert!(!acceptable(NOW, NOW + MIN_SERVED_LIFETIME_MS), "nor nearly expired");
     }
 
     #[test]
@@ -223,6 +256,15 @@ mod tests {
         assert_eq!(failed.last_failure, Some(Failure::Denied));
         let ok = FetchState::succeeded(NOW, NOW + 60 * MIN);
         assert_eq!((ok.failures, ok.last_failure, ok.lease_until_ms), (0, None, 0));
+    }
+
+    #[test]
+    fn only_a_denial_withdraws_a_cached_credential() {
+        for status in [400, 401, 404, 429, 500, 502, 503, 504] {
+            assert!(!Failure::from_status(status).unwrap().withdraws_credential(), "{status}");
+        }
+        assert!(Failure::Denied.withdraws_credential());
+        assert!(!Failure::Malformed.withdraws_credential());
     }
 
     #[test]

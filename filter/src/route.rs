@@ -10,8 +10,11 @@ pub const MAX_PATH: usize = 1024;
 /// What an IMDS path asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route<'a> {
-    /// `/<version>/api/token`: the IMDSv2 session token.
+    /// `/latest/api/token`: the IMDSv2 session token.
     Token,
+    /// `/<dated version>/api/token`: real IMDS issues tokens only under
+    /// `latest` and answers a PUT here 403.
+    DatedToken,
     /// `/<version>/meta-data/iam/security-credentials[/]`: the role list.
     RoleList,
     /// `/<version>/meta-data/iam/security-credentials/<role>`.
@@ -67,7 +70,8 @@ pub fn route(path: &[u8]) -> Result<Route<'_>, BadPath> {
     }
     let tail: [Option<&str>; 5] = std::array::from_fn(|_| segments.next());
     Ok(match tail {
-        [Some("api"), Some("token"), None, _, _] if !trailing_slash => Route::Token,
+        [Some("api"), Some("token"), None, _, _] if !trailing_slash && version == "latest" => Route::Token,
+        [Some("api"), Some("token"), None, _, _] if !trailing_slash => Route::DatedToken,
         [Some("meta-data"), Some("iam"), Some("security-credentials"), None, _] => Route::RoleList,
         [Some("meta-data"), Some("iam"), Some("security-credentials"), Some(role), None] if !trailing_slash => {
             Route::Credentials(role)
@@ -98,8 +102,16 @@ mod tests {
             assert_eq!(route(list.as_bytes()), Ok(Route::RoleList));
             assert_eq!(route(format!("{list}/").as_bytes()), Ok(Route::RoleList));
             assert_eq!(route(format!("{list}/my-role").as_bytes()), Ok(Route::Credentials("my-role")));
-            assert_eq!(route(format!("/{version}/api/token").as_bytes()), Ok(Route::Token));
         }
+    }
+
+    #[test]
+    fn only_latest_issues_tokens() {
+        assert_eq!(route(b"/latest/api/token"), Ok(Route::Token));
+        for version in ["2016-09-02", "2021-03-23"] {
+            assert_eq!(route(format!("/{version}/api/token").as_bytes()), Ok(Route::DatedToken));
+        }
+        assert_eq!(route(b"/2021-03-23/api/token/"), Ok(Route::Other));
     }
 
     #[test]
@@ -145,9 +157,82 @@ mod tests {
         assert_eq!(route(&[b'/'; MAX_PATH + 1]), Err(BadPath("path too long")));
     }
 
+    /// What [`route`] must answer for `/<segments joined by />[/]`, worked
+    /// out from the IMDS paths rather than from the parser.
+    fn expected<'a>(segments: &[&'a str], trailing_slash: bool) -> Result<Route<'a>, ()> {
+        if segments.iter().any(|s| [".", "..", "%61", "a?b", "a\\b"].contains(s)) {
+            return Err(());
+        }
+        let dated = |v: &str| v == "2016-09-02";
+        let version = |v: &str| v == "latest" || dated(v);
+        Ok(match (segments, trailing_slash) {
+            (["latest", "api", "token"], false) => Route::Token,
+            ([v, "api", "token"], false) if dated(v) => Route::DatedToken,
+            ([v, "meta-data", "iam", "security-credentials"], _) if version(v) => Route::RoleList,
+            ([v, "meta-data", "iam", "security-credentials", role], false) if version(v) => Route::Credentials(role),
+            _ => Route::Other,
+        })
+    }
+
+    #[test]
+    fn every_path_of_imds_and_odd_segments_routes_as_imds_would() {
+        // Every path of up to five segments from IMDS's own words and the
+        // spellings that must be refused, with and without a trailing slash:
+        // deep enough to reach the credential and token routes, so a
+        // normalisation or a route for a wrong spelling fails here.
+        let words = [
+            "latest",
+            "2016-09-02",
+            "api",
+            "token",
+            "meta-data",
+            "iam",
+            "security-credentials",
+            "app",
+            ".",
+            "..",
+            "%61",
+            "a?b",
+            "a\\b",
+        ];
+        let mut checked = 0;
+        let mut reached = std::collections::HashSet::new();
+        for depth in 0..=5u32 {
+            for n in 0..words.len().pow(depth) {
+                let mut k = n;
+                let segments: Vec<&str> = (0..depth)
+                    .map(|_| {
+                        let word = words[k % words.len()];
+                        k /= words.len();
+                        word
+                    })
+                    .collect();
+                for trailing_slash in [false, true] {
+                    let path = format!("/{}{}", segments.join("/"), if trailing_slash { "/" } else { "" });
+                    let got = route(path.as_bytes()).map_err(|_| ());
+                    assert_eq!(got, expected(&segments, trailing_slash), "{path}");
+                    reached.insert(match got {
+                        Ok(Route::Token) => "token",
+                        Ok(Route::DatedToken) => "dated token",
+                        Ok(Route::RoleList) => "role list",
+                        Ok(Route::Credentials(_)) => "credentials",
+                        Ok(Route::Other) => "other",
+                        Err(()) => "refused",
+                    });
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 500_000, "{checked}");
+        for kind in ["token", "dated token", "role list", "credentials", "other", "refused"] {
+            assert!(reached.contains(kind), "{kind} never reached");
+        }
+    }
+
     #[test]
     fn every_short_byte_string_is_answered_without_panicking() {
-        // Exhaustive over a small alphabet that covers every branch.
+        // Raw bytes, exhaustive over a small alphabet; the words above cover
+        // the routes.
         let alphabet = [b'/', b'.', b'a', b'%', b'?', 0u8, 0xff, b'l'];
         let mut path = Vec::new();
         for n in 0..(alphabet.len().pow(5)) {
@@ -157,7 +242,7 @@ mod tests {
                 path.push(alphabet[k % alphabet.len()]);
                 k /= alphabet.len();
             }
-            let _ = route(&path);
+            assert!(!matches!(route(&path), Ok(Route::Credentials(_) | Route::Token)), "{path:?}");
         }
     }
 }

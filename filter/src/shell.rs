@@ -20,15 +20,13 @@ use crate::cache::SharedStore;
 use crate::config::{self, Config, Enablement, PodMetadata};
 use crate::imds::{self, FetchRequest, Reply, Responder, Response};
 use crate::metrics;
-use crate::token::KEY_LEN;
+use crate::token::{self, KEY_LEN};
 
 /// Tick while nothing waits: refresh-ahead checks, stats flush, pulling
 /// credentials other workers fetched.
 const SLOW_TICK: Duration = Duration::from_millis(1000);
 /// Tick while requests wait for a fetch (and at start-up, to prefetch).
 const FAST_TICK: Duration = Duration::from_millis(20);
-/// Shared-data key of the process-wide IMDSv2 token key.
-const TOKEN_KEY: &str = "imds-mesh/v1/token-key";
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -42,6 +40,8 @@ impl SharedStore for HostStore {
     fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
         match hostcalls::get_shared_data(key) {
             Ok((Some(value), Some(version))) => Some((value, version)),
+            // An empty value comes back without data.
+            Ok((None, Some(version))) => Some((Vec::new(), version)),
             _ => None,
         }
     }
@@ -64,6 +64,10 @@ impl HeaderPairs {
 impl imds::RequestHeaders for HeaderPairs {
     fn header(&self, name: &str) -> Option<&[u8]> {
         self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
+    }
+
+    fn repeated(&self, name: &str) -> bool {
+        self.0.iter().filter(|(n, _)| n == name).nth(1).is_some()
     }
 }
 
@@ -210,7 +214,7 @@ impl RootContext for Root {
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         let worker = self.worker.clone()?;
-        Some(Box::new(Request { context_id, worker }))
+        Some(Box::new(Request { context_id, worker, answered_here: false }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -264,6 +268,9 @@ impl Root {
 struct Request {
     context_id: u32,
     worker: Rc<RefCell<Worker>>,
+    /// The filter answers this request (at once or once a fetch lands): its
+    /// body and trailers must never let it continue upstream.
+    answered_here: bool,
 }
 
 impl Context for Request {}
@@ -285,6 +292,7 @@ impl HttpContext for Request {
             w.responder.counters.passed_on();
             return Action::Continue;
         }
+        self.answered_here = true;
         let headers = HeaderPairs::read();
         let clock = HostClock { tick_ms: w.tick_ms };
         let max_wait_ms = w.responder.config().max_wait_ms;
@@ -304,6 +312,23 @@ impl HttpContext for Request {
             }
         }
         Action::Pause
+    }
+
+    // A request the filter answers must never continue, whatever arrives
+    // after its headers (a body by Content-Length, chunked or HTTP/2 DATA;
+    // trailers), above all while it is held for a fetch. Envoy's
+    // proxy-wasm host turns a Pause at the headers into
+    // StopAllIterationAndWatermark (proxy-wasm-cpp-host's
+    // `convertVmCallResultToFilterHeadersStatus`), so today these calls do
+    // not come while a request is held; a host that kept plain
+    // StopIteration would make them, and the SDK's default Continue would
+    // then send the request on to the router and upstream.
+    fn on_http_request_body(&mut self, _body_size: usize, _end_of_stream: bool) -> Action {
+        if self.answered_here { Action::Pause } else { Action::Continue }
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        if self.answered_here { Action::Pause } else { Action::Continue }
     }
 }
 
@@ -345,15 +370,10 @@ fn pod_metadata() -> PodMetadata {
     }
 }
 
-/// The process-wide token key: created by the first root context to
-/// configure, then read by every other.
+/// The process-wide token key ([`token::shared_key`]), with a random one
+/// offered in case this root context is the first.
 fn token_key() -> Option<[u8; KEY_LEN]> {
-    let stored = || HostStore.get(TOKEN_KEY).and_then(|(bytes, _)| <[u8; KEY_LEN]>::try_from(bytes.as_slice()).ok());
-    if let Some(key) = stored() {
-        return Some(key);
-    }
     let mut fresh = [0u8; KEY_LEN];
     getrandom::fill(&mut fresh).ok()?;
-    HostStore.set(TOKEN_KEY, &fresh, None);
-    stored()
+    token::shared_key(&HostStore, &fresh)
 }

@@ -12,6 +12,8 @@ use hmac::digest::generic_array::GenericArray;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::cache::SharedStore;
+
 /// Bytes of key material; HMAC-SHA256's block-size-independent strength.
 pub const KEY_LEN: usize = 32;
 /// Truncated MAC length: 128 bits is far beyond online guessing.
@@ -24,6 +26,11 @@ const DOMAIN: &[u8] = b"imds-mesh token v1\0";
 /// The TTL bounds IMDS enforces on `X-aws-ec2-metadata-token-ttl-seconds`.
 pub const MIN_TTL_SECONDS: u64 = 1;
 pub const MAX_TTL_SECONDS: u64 = 21_600;
+
+/// Shared-data key of the process-wide token key.
+pub const SHARED_KEY: &str = "imds-mesh/v1/token-key";
+/// Shared-data key written only for the version Envoy gives the write.
+const CLAIM_KEY: &str = "imds-mesh/v1/token-key-claim";
 
 /// Tokens remembered as valid per worker, so SDKs that reuse one token for
 /// hours cost a comparison instead of an HMAC per request.
@@ -53,6 +60,29 @@ pub fn parse_ttl(header: Option<&[u8]>) -> Result<u64, BadTtl> {
     }
     let ttl = text.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
     if (MIN_TTL_SECONDS..=MAX_TTL_SECONDS).contains(&ttl) { Ok(ttl) } else { Err(BadTtl::OutOfRange) }
+}
+
+/// The process-wide token key: the one in shared data, or `fresh` if this
+/// root context is the first to configure. Root contexts configure
+/// concurrently (one per worker), and every one must end up with the same
+/// key, or tokens one worker issued are 401 on another.
+///
+/// Envoy's compare-and-swap cannot say "only if absent": a write carrying a
+/// version succeeds on a missing key, and a plain write overwrites. But
+/// versions come from one counter for all of shared data
+/// (proxy-wasm-cpp-host's `SharedData::nextCas`), so a version just given
+/// to another key ([`CLAIM_KEY`]) is one the token key cannot have: a write
+/// carrying it succeeds only while the token key is absent. Exactly one
+/// creator wins; everyone, the winner included, adopts what is stored.
+pub fn shared_key(store: &impl SharedStore, fresh: &[u8; KEY_LEN]) -> Option<[u8; KEY_LEN]> {
+    let stored = || store.get(SHARED_KEY).and_then(|(bytes, _)| <[u8; KEY_LEN]>::try_from(bytes.as_slice()).ok());
+    if let Some(key) = stored() {
+        return Some(key);
+    }
+    store.set(CLAIM_KEY, b"claim", None);
+    let (_, claim) = store.get(CLAIM_KEY)?;
+    store.set(SHARED_KEY, fresh, Some(claim));
+    stored()
 }
 
 /// Issues and checks tokens with one process-wide key.
@@ -118,7 +148,10 @@ impl TokenSigner {
 
 #[cfg(test)]
 mod tests {
+    use std::cell::Cell;
+
     use super::*;
+    use crate::cache::memory::MemoryStore;
     #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
@@ -126,6 +159,58 @@ mod tests {
 
     fn signer(seed: u8) -> TokenSigner {
         TokenSigner::new(&[seed; KEY_LEN])
+    }
+
+    /// Shared data where a rival root context configures from start to
+    /// finish just before this one's first write to `cut_in_before`.
+    struct Racing<'a> {
+        inner: &'a MemoryStore,
+        cut_in_before: &'static str,
+        rival: Cell<Option<[u8; KEY_LEN]>>,
+        rival_adopted: Cell<Option<[u8; KEY_LEN]>>,
+    }
+
+    impl SharedStore for Racing<'_> {
+        fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+            self.inner.get(key)
+        }
+
+        fn set(&self, key: &str, value: &[u8], version: Option<u32>) -> bool {
+            if key == self.cut_in_before
+                && let Some(rival) = self.rival.take()
+            {
+                self.rival_adopted.set(shared_key(self.inner, &rival));
+            }
+            self.inner.set(key, value, version)
+        }
+    }
+
+    #[test]
+    fn root_contexts_configuring_at_once_adopt_one_token_key() {
+        for cut_in_before in [CLAIM_KEY, SHARED_KEY] {
+            let store = MemoryStore::default();
+            let racing = Racing {
+                inner: &store,
+                cut_in_before,
+                rival: Cell::new(Some([2; KEY_LEN])),
+                rival_adopted: Cell::new(None),
+            };
+            let mine = shared_key(&racing, &[1; KEY_LEN]);
+            assert_eq!(racing.rival_adopted.get(), Some([2; KEY_LEN]), "the rival came first and won");
+            assert_eq!(mine, Some([2; KEY_LEN]), "the loser adopts the winner's key ({cut_in_before})");
+            // Tokens cross between them.
+            let token = TokenSigner::new(&[2; KEY_LEN]).issue(NOW, 60);
+            assert_eq!(TokenSigner::new(&mine.unwrap()).verify(token.as_bytes(), NOW), Ok(()));
+        }
+    }
+
+    #[test]
+    fn the_first_root_context_creates_the_token_key_and_later_ones_read_it() {
+        let store = MemoryStore::default();
+        assert_eq!(shared_key(&store, &[1; KEY_LEN]), Some([1; KEY_LEN]));
+        assert_eq!(shared_key(&store, &[2; KEY_LEN]), Some([1; KEY_LEN]));
+        store.set(SHARED_KEY, b"short", None);
+        assert_eq!(shared_key(&store, &[3; KEY_LEN]), None, "a malformed stored key is never replaced");
     }
 
     #[test]

@@ -16,13 +16,15 @@ pub struct Req {
     host: Option<String>,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
+    /// Sends the body chunked, then these trailers.
+    trailers: Option<Vec<(String, String)>>,
     source: Option<IpAddr>,
 }
 
 impl Req {
     pub fn new(method: &str, path: impl Into<Vec<u8>>) -> Self {
         let (headers, body) = (Vec::new(), Vec::new());
-        Self { method: method.to_owned(), path: path.into(), host: None, headers, body, source: None }
+        Self { method: method.to_owned(), path: path.into(), host: None, headers, body, trailers: None, source: None }
     }
 
     pub fn get(path: impl Into<Vec<u8>>) -> Self {
@@ -54,6 +56,13 @@ impl Req {
         self
     }
 
+    /// Sends the body with `Transfer-Encoding: chunked`, as one chunk,
+    /// followed by `trailers`.
+    pub fn chunked(mut self, trailers: &[(&str, &str)]) -> Self {
+        self.trailers = Some(trailers.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect());
+        self
+    }
+
     /// Connects from `address` (a loopback address standing for a pod's IP,
     /// or for the broker sidecar's `127.0.0.6`) instead of the kernel's
     /// choice, `127.0.0.1`.
@@ -73,6 +82,20 @@ impl Req {
         out.extend_from_slice(format!("Host: {host}\r\n").as_bytes());
         for (name, value) in &self.headers {
             out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+        }
+        if let Some(trailers) = &self.trailers {
+            out.extend_from_slice(b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n");
+            if !self.body.is_empty() {
+                out.extend_from_slice(format!("{:x}\r\n", self.body.len()).as_bytes());
+                out.extend_from_slice(&self.body);
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(b"0\r\n");
+            for (name, value) in trailers {
+                out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+            }
+            out.extend_from_slice(b"\r\n");
+            return out;
         }
         if !self.body.is_empty() || self.method == "PUT" || self.method == "POST" {
             out.extend_from_slice(format!("Content-Length: {}\r\n", self.body.len()).as_bytes());

@@ -147,6 +147,18 @@ async fn imdsv2_token_flow_works_and_bad_token_requests_are_refused() {
     assert_eq!(envoy.imds(Req::put("/latest/api/token")).await.status, 400, "missing ttl");
     let proxied = Req::token("60").header("X-Forwarded-For", "203.0.113.9");
     assert_eq!(envoy.imds(proxied).await.status, 403);
+    // Only /latest issues tokens, as on EC2.
+    let dated = Req::put("/2021-03-23/api/token").header("X-aws-ec2-metadata-token-ttl-seconds", "60");
+    assert_eq!(envoy.imds(dated).await.status, 403, "token PUT on a dated path");
+    // Two TTLs or two tokens are ambiguous, whichever comes first.
+    let two_ttls = Req::token("60").header("X-aws-ec2-metadata-token-ttl-seconds", "abc");
+    assert_eq!(envoy.imds(two_ttls).await.status, 400, "two TTL headers");
+    for pair in [[token.as_str(), "forged"], ["forged", token.as_str()], [token.as_str(), token.as_str()]] {
+        let twice = Req::get(CREDENTIALS_PATH)
+            .header("X-aws-ec2-metadata-token", pair[0])
+            .header("X-aws-ec2-metadata-token", pair[1]);
+        assert_eq!(envoy.imds(twice).await.status, 401, "two token headers");
+    }
 
     let mut tampered = token.clone().into_bytes();
     tampered[3] = if tampered[3] == b'A' { b'B' } else { b'A' };
@@ -167,19 +179,39 @@ async fn a_token_from_another_sidecar_is_refused() {
 }
 
 #[tokio::test]
-async fn a_token_expires_on_time() {
+async fn a_token_is_accepted_until_its_ttl_ends_and_refused_after() {
     let broker = hour_broker().await;
     let envoy = Envoy::sidecar().broker(&broker).start().await;
-    let issued_at = Instant::now();
-    let token = envoy.imds(Req::token("1")).await.body_text();
+    // Long enough for a few requests: each takes up to a second here (Envoy
+    // closes a `Connection: close` exchange after its delayed-close timeout).
+    let ttl = Duration::from_secs(5);
+    // The filter stamps the expiry between these two instants.
+    let before_issue = Instant::now();
+    let token = envoy.imds(Req::token("5")).await.body_text();
+    let after_issue = Instant::now();
     let with_token = || Req::get(ROLE_LIST).header("X-aws-ec2-metadata-token", &token);
-    let first = envoy.imds(with_token()).await.status;
-    let refused = wait::until("the token to expire", || async {
-        (envoy.imds(with_token()).await.status == 401).then(Instant::now)
-    })
-    .await;
-    assert!(first == 200 || issued_at.elapsed() >= Duration::from_secs(1), "fresh token refused");
-    assert!(refused.duration_since(issued_at) >= Duration::from_millis(900), "token expired early");
+    let mut accepted = 0;
+    loop {
+        let sent = Instant::now();
+        let status = envoy.imds(with_token()).await.status;
+        let answered = Instant::now();
+        match status {
+            // Checked after `sent`, before an expiry no later than `after_issue + ttl`.
+            200 => {
+                assert!(sent < after_issue + ttl, "accepted after it expired");
+                accepted += 1;
+            }
+            // Checked before `answered`, at or after an expiry no earlier than `before_issue + ttl`.
+            401 => {
+                assert!(answered >= before_issue + ttl, "refused {:?} after issue", answered - before_issue);
+                break;
+            }
+            other => panic!("answered {other}"),
+        }
+        assert!(before_issue.elapsed() < ttl + Duration::from_secs(10), "never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(accepted >= 2, "accepted only {accepted} times within its five seconds");
 }
 
 #[tokio::test]
@@ -192,6 +224,29 @@ async fn tokens_are_valid_on_every_worker() {
     let replies =
         futures_join(40, |_| envoy.imds(Req::get(CREDENTIALS_PATH).header("X-aws-ec2-metadata-token", &token))).await;
     assert!(replies.iter().all(|r| r.status == 200), "{:?}", replies.iter().map(|r| r.status).collect::<Vec<_>>());
+    // Every connection carried one request, all answered 200: each worker
+    // that accepted a connection accepted the token.
+    let per_worker = worker_connections(&envoy).await;
+    assert_eq!(per_worker.len(), 2, "{per_worker:?}");
+    assert!(per_worker.iter().all(|&n| n > 0), "not every worker answered: {per_worker:?}");
+}
+
+/// Connections each worker accepted on the filter's listener (Envoy's
+/// `listener.<address>.worker_<n>.downstream_cx_total`).
+async fn worker_connections(envoy: &Envoy) -> Vec<u64> {
+    let prefix = format!("listener.{}_{}.worker_", envoy.addr.ip(), envoy.addr.port());
+    let stats = Req::get("/stats?filter=downstream_cx_total").host("admin").send(envoy.admin_addr).await;
+    stats
+        .body_text()
+        .lines()
+        .filter_map(|line| {
+            let (name, value) = line.split_once(": ")?;
+            let worker = name.strip_prefix(&prefix)?.strip_suffix(".downstream_cx_total")?;
+            Some((worker.parse::<u32>().ok()?, value.trim().parse().ok()?))
+        })
+        .collect::<std::collections::BTreeMap<u32, u64>>()
+        .into_values()
+        .collect()
 }
 
 #[tokio::test]
@@ -391,6 +446,44 @@ async fn a_denial_is_answered_404_and_remembered() {
 }
 
 #[tokio::test]
+async fn a_denial_withdraws_a_cached_credential_at_once() {
+    // Due for refresh two seconds after it arrives; the refresh is denied.
+    let lifetime = REFRESH_BEFORE + Duration::from_secs(2);
+    let broker = ScriptedBroker::start(move |n| {
+        if n == 0 {
+            Scripted::credentials_for(lifetime, n)
+        } else {
+            Scripted::error(403, "AccessDenied", "pod no longer carries the annotation")
+        }
+    })
+    .await;
+    let envoy = Envoy::sidecar().broker(&broker).start().await;
+    served_key(&envoy).await;
+    wait::until("the denied refresh", || async { (broker.call_count() >= 2).then_some(()) }).await;
+    // Every worker drops it within its next tick (a second), with 25
+    // minutes of life left on it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for _ in 0..10 {
+        assert_eq!(envoy.imds(Req::get(CREDENTIALS_PATH)).await.status, 404, "a denied credential was served");
+    }
+}
+
+#[tokio::test]
+async fn a_credential_expiring_later_than_sts_issues_is_not_served() {
+    let broker = ScriptedBroker::start(|n| {
+        let mut scripted = Scripted::credentials_for(HOUR, n);
+        let mut doc: serde_json::Value = serde_json::from_str(&scripted.body).unwrap();
+        doc["Expiration"] = "9999-12-31T23:59:59Z".into();
+        scripted.body = doc.to_string();
+        scripted
+    })
+    .await;
+    let envoy = Envoy::sidecar().broker(&broker).start().await;
+    envoy.wait_for_stat("imds_mesh.broker_fetches.malformed", 1).await;
+    assert_eq!(envoy.imds(Req::get(CREDENTIALS_PATH)).await.status, 503);
+}
+
+#[tokio::test]
 async fn an_unknown_pod_is_retried_soon() {
     let broker = ScriptedBroker::start(|n| {
         if n < 2 {
@@ -432,6 +525,46 @@ async fn an_unusable_broker_answer_is_not_served() {
     let envoy = Envoy::sidecar().broker(&broker).start().await;
     envoy.wait_for_stat("imds_mesh.broker_fetches.malformed", 1).await;
     assert_eq!(envoy.imds(Req::get(CREDENTIALS_PATH)).await.status, 503);
+}
+
+#[tokio::test]
+async fn a_held_request_with_a_body_is_answered_here_and_never_goes_upstream() {
+    // The start-up fetch hangs, so every credential request is held for the
+    // whole wait, and its body and trailers arrive while it is held. (Envoy's
+    // wasm host already stops the whole stream at a paused header callback;
+    // the filter's body and trailer callbacks pause as well.)
+    let broker = ScriptedBroker::start(|n| Scripted::credentials_for(HOUR, n).delayed(Duration::from_secs(30))).await;
+    let upstream = Upstream::start().await;
+    // A host the route table sends to the upstream, were it not answered here.
+    let host = "metadata.google.internal";
+    let envoy = Envoy::sidecar()
+        .broker(&broker)
+        .upstream(&upstream)
+        .config(|c| {
+            c.extra_hosts = vec![host.into()];
+            c.broker_timeout_ms = 30_000;
+        })
+        .start()
+        .await;
+    let body = &b"held body"[..];
+    let with_length = Req::get(CREDENTIALS_PATH).host(host).body(body);
+    let chunked = Req::get(CREDENTIALS_PATH).host(host).body(body).chunked(&[("x-trailer", "held")]);
+    for (name, request) in [("content-length", with_length), ("chunked with trailers", chunked)] {
+        let reply = envoy.imds(request).await;
+        // The filter's own answer once the wait ran out.
+        assert_eq!((reply.status, reply.body_text().as_str()), (503, "Service Unavailable"), "{name}");
+    }
+    let h2 = clients::SdkClient::node("h2_request.mjs", &envoy)
+        .env("H2_AUTHORITY", host)
+        .env("H2_METHOD", "GET")
+        .env("H2_PATH", CREDENTIALS_PATH)
+        .env("H2_BODY", "held body")
+        .run()
+        .await;
+    assert_eq!((h2["status"].as_u64(), h2["body"].as_str()), (Some(503), Some("Service Unavailable")), "HTTP/2: {h2}");
+    assert!(upstream.requests().is_empty(), "a held request went upstream");
+    envoy.wait_for_stat("imds_mesh.requests.credentials.5xx", 3).await;
+    assert!(!envoy.log().contains("panicked"), "the filter panicked");
 }
 
 // --- 2f: configuration ----------------------------------------------------------
