@@ -343,3 +343,56 @@ mod tests {
         assert_eq!(median([4.0, 1.0, 2.0, 3.0].into_iter()), 2.5);
     }
 }
+
+/// A process's memory, from `/proc/<pid>/status` and `/proc/<pid>/smaps`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Memory {
+    /// `VmRSS`.
+    pub rss_kb: u64,
+    /// `RssAnon`: resident anonymous pages, what a container's memory
+    /// accounting charges for a process (file-backed pages of a shared
+    /// binary are not).
+    pub anon_kb: u64,
+    /// `VmHWM`: the peak of `VmRSS`.
+    pub peak_kb: u64,
+    /// Resident anonymous pages in executable mappings: JIT-compiled code
+    /// (V8's code space holds the Wasm modules' machine code).
+    pub code_kb: u64,
+}
+
+impl Memory {
+    /// The memory of process `pid` now.
+    pub fn of(pid: u32) -> Result<Self, String> {
+        let read = |file: &str| {
+            std::fs::read_to_string(format!("/proc/{pid}/{file}")).map_err(|e| format!("/proc/{pid}/{file}: {e}"))
+        };
+        let status = read("status")?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .unwrap_or_default()
+        };
+        let mut memory =
+            Self { rss_kb: field("VmRSS:"), anon_kb: field("RssAnon:"), peak_kb: field("VmHWM:"), ..Self::default() };
+        // Each mapping is a header line (`start-end perms offset dev inode
+        // [path]`) followed by `Key: value kB` lines.
+        let mut executable = false;
+        for line in read("smaps")?.lines() {
+            let mut words = line.split_whitespace();
+            let (Some(first), second) = (words.next(), words.next()) else { continue };
+            if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+                executable = second.is_some_and(|perms| perms.contains('x'));
+            } else if first == "Anonymous:" && executable {
+                memory.code_kb += second.and_then(|kb| kb.parse::<u64>().ok()).unwrap_or_default();
+            }
+        }
+        Ok(memory)
+    }
+}
+
+/// Kilobytes as megabytes, one decimal.
+pub fn mb(kb: u64) -> String {
+    format!("{:.1} MB", kb as f64 / 1024.0)
+}

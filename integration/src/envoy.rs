@@ -80,6 +80,9 @@ pub struct EnvoyBuilder {
     upstream: Option<SocketAddr>,
     workers: u32,
     direct_body: Option<Vec<u8>>,
+    floor_body: Option<Vec<u8>>,
+    /// Another module and `pluginConfig` in the filter's place.
+    module: Option<(PathBuf, Value)>,
     sdk_endpoint: bool,
     filter_listener: Option<SocketAddr>,
     with_filter: bool,
@@ -95,6 +98,9 @@ pub struct Envoy {
     pub plain_addr: SocketAddr,
     /// A `direct_response` listener, when asked for.
     pub direct_addr: Option<SocketAddr>,
+    /// A listener with the floor filter ([`paths::floor_wasm`]), when asked
+    /// for.
+    pub floor_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
 }
 
@@ -110,6 +116,8 @@ impl Envoy {
             upstream: None,
             workers: 2,
             direct_body: None,
+            floor_body: None,
+            module: None,
             sdk_endpoint: false,
             filter_listener: None,
             with_filter: true,
@@ -187,6 +195,21 @@ impl EnvoyBuilder {
         self
     }
 
+    /// Adds a listener whose only filter is the proxy-wasm floor
+    /// ([`paths::floor_wasm`]) answering every request with `body` (the
+    /// benchmark's baseline for the filter's own answer).
+    pub fn floor_response(mut self, body: Vec<u8>) -> Self {
+        self.floor_body = Some(body);
+        self
+    }
+
+    /// Runs `wasm` with `plugin_config` where the filter would run (the
+    /// benchmark's floor, alone in a sidecar of its own).
+    pub fn module(mut self, wasm: PathBuf, plugin_config: Value) -> Self {
+        self.module = Some((wasm, plugin_config));
+        self
+    }
+
     /// Also answers IMDS for `Host: 127.0.0.1:<listener port>`, so SDKs
     /// pointed at [`Envoy::endpoint`] reach the filter (in a pod they send
     /// `Host: 169.254.169.254`).
@@ -209,8 +232,10 @@ impl EnvoyBuilder {
             pod: self.pod.workload(),
             outbound: self.filter_listener.unwrap_or(loopback(ports.filter)),
             admin: loopback(ports.admin),
-            wasm: self.with_filter.then(paths::filter_wasm),
-            plugin_config: config,
+            wasm: self
+                .with_filter
+                .then(|| self.module.as_ref().map_or_else(paths::filter_wasm, |(wasm, _)| wasm.clone())),
+            plugin_config: self.module.as_ref().map_or(config, |(_, config)| config.clone()),
             broker: BrokerRoute {
                 address: self.broker.unwrap_or(closed),
                 mtls: self.broker_mtls.clone(),
@@ -224,6 +249,9 @@ impl EnvoyBuilder {
         let mut extra = vec![envoy::outbound_listener("outbound_80_without_filter", loopback(ports.plain), Vec::new())];
         if let (Some(body), Some(port)) = (&self.direct_body, ports.direct) {
             extra.push(direct_listener(port, body));
+        }
+        if let (Some(body), Some(port)) = (&self.floor_body, ports.floor) {
+            extra.push(floor_listener(port, body));
         }
         if let Some(listeners) = bootstrap["static_resources"]["listeners"].as_array_mut() {
             listeners.extend(extra);
@@ -270,7 +298,7 @@ impl EnvoyBuilder {
     }
 
     fn spawn_in(&self, netns: Option<&NetNs>) -> (Envoy, PathBuf) {
-        let ports = Ports::free(self.direct_body.is_some());
+        let ports = Ports::free(self.direct_body.is_some(), self.floor_body.is_some());
         launch(&self.bootstrap(&ports), &ports, self.workers, netns)
     }
 }
@@ -313,6 +341,7 @@ fn launch(bootstrap: &Value, ports: &Ports, workers: u32, netns: Option<&NetNs>)
         addr: loopback(ports.filter),
         plain_addr: loopback(ports.plain),
         direct_addr: ports.direct.map(loopback),
+        floor_addr: ports.floor.map(loopback),
         admin_addr: loopback(ports.admin),
     };
     (envoy, config_path)
@@ -324,16 +353,23 @@ pub struct Ports {
     pub filter: u16,
     pub plain: u16,
     pub direct: Option<u16>,
+    pub floor: Option<u16>,
     pub admin: u16,
 }
 
 impl Ports {
     /// Ports the kernel reports free right now.
-    pub fn free(direct: bool) -> Self {
+    pub fn free(direct: bool, floor: bool) -> Self {
         let sockets: Vec<TcpListener> =
-            (0..4).map(|_| TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"))).collect();
+            (0..5).map(|_| TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"))).collect();
         let port = |i: usize| sockets[i].local_addr().map(|a| a.port()).unwrap_or_else(|e| panic!("{e}"));
-        Self { filter: port(0), plain: port(1), direct: direct.then(|| port(2)), admin: port(3) }
+        Self {
+            filter: port(0),
+            plain: port(1),
+            direct: direct.then(|| port(2)),
+            floor: floor.then(|| port(4)),
+            admin: port(3),
+        }
     }
 }
 
@@ -350,7 +386,7 @@ impl Envoy {
     /// address in `x-imds-mesh-peer-address` and forward to the broker at
     /// `broker` from `127.0.0.6`; `identity` is the broker's certificate.
     pub async fn broker_sidecar(broker: SocketAddr, identity: &WorkloadFiles) -> Envoy {
-        let ports = Ports::free(false);
+        let ports = Ports::free(false, false);
         let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
         let sidecar = BrokerSidecar {
             inbound: loopback(ports.filter),
@@ -367,10 +403,15 @@ impl Envoy {
     /// [`crate::istio`]): `addr` is the listener tests talk to, `admin` the
     /// bootstrap's admin address. Validated, then started and awaited.
     pub async fn start_bootstrap(bootstrap: &Value, addr: SocketAddr, admin: SocketAddr, workers: u32) -> Envoy {
-        let ports = Ports { filter: addr.port(), plain: addr.port(), direct: None, admin: admin.port() };
+        let ports = Ports { filter: addr.port(), plain: addr.port(), direct: None, floor: None, admin: admin.port() };
         let (mut envoy, config_path) = launch(bootstrap, &ports, workers, None);
         (envoy.addr, envoy.plain_addr) = (addr, addr);
         until_ready(envoy, &config_path).await
+    }
+
+    /// The Envoy process's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Sends a request to the listener with the filter.
@@ -453,6 +494,18 @@ fn assert_valid(config_path: &Path) {
         config_path.display(),
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// A listener whose only HTTP filter (before the router) is the floor
+/// filter answering `body`.
+fn floor_listener(port: u16, body: &[u8]) -> Value {
+    let floor = envoy::wasm_filter(&paths::floor_wasm(), &Value::from(String::from_utf8_lossy(body)));
+    let virtual_hosts = json!([{ "name": "all", "domains": ["*"], "routes": [{ "match": { "prefix": "/" }, "direct_response": { "status": 404 } }] }]);
+    json!({
+        "name": "floor",
+        "address": envoy::socket(SocketAddr::from(([127, 0, 0, 1], port))),
+        "filter_chains": [{ "filters": [envoy::http_connection_manager("floor", virtual_hosts, vec![floor, envoy::router()])] }],
+    })
 }
 
 fn direct_listener(port: u16, body: &[u8]) -> Value {

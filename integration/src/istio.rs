@@ -331,7 +331,7 @@ pub async fn start_broker_sidecar(
     broker: SocketAddr,
     certificates: &WorkloadFiles,
 ) -> Envoy {
-    let admin = SocketAddr::from(([127, 0, 0, 1], Ports::free(false).admin));
+    let admin = SocketAddr::from(([127, 0, 0, 1], Ports::free(false, false).admin));
     let rewrites = Rewrites::new(admin)
         .inbound(inbound)
         .original_destination(&format!("inbound|{}||", render::BROKER_PORT), broker)
@@ -374,7 +374,7 @@ impl AppSidecar {
     ) -> Self {
         let (node_imds, upstream) = (Upstream::start().await, Upstream::start().await);
         let outbound = loopback_port(METADATA_PORT);
-        let admin = SocketAddr::from(([127, 0, 0, 1], Ports::free(false).admin));
+        let admin = SocketAddr::from(([127, 0, 0, 1], Ports::free(false, false).admin));
         let mut rewrites = METADATA_SERVICES
             .iter()
             .fold(Rewrites::new(admin), |r, s| {

@@ -43,6 +43,15 @@ pub fn filter_wasm() -> PathBuf {
     wasm
 }
 
+/// The proxy-wasm floor filter (`integration/floor-filter`, built by
+/// `just floor-filter`): `IMDS_MESH_FLOOR_WASM`, else the target directory.
+pub fn floor_wasm() -> PathBuf {
+    let wasm = std::env::var_os("IMDS_MESH_FLOOR_WASM")
+        .map_or_else(|| target_dir().join("imds-mesh/floor_filter.wasm"), PathBuf::from);
+    assert!(wasm.exists(), "{} is missing: run `just floor-filter`", wasm.display());
+    wasm
+}
+
 /// Istio's xDS generator (`integration/istio-xds`, built by
 /// `just istio-xds`): `IMDS_MESH_ISTIO_XDS`, else the target directory.
 pub fn istio_xds() -> PathBuf {

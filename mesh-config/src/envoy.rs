@@ -302,8 +302,14 @@ pub fn router() -> Value {
 }
 
 /// The filter as Istio's WasmPlugin installs it: V8, `FAIL_RELOAD`, the
-/// `pluginConfig` as a JSON string.
+/// `pluginConfig` as a JSON string. A `plugin_config` that is itself a JSON
+/// string is passed as it is, not quoted (a module that wants raw bytes,
+/// such as the benchmark's floor filter).
 pub fn wasm_filter(wasm: &Path, plugin_config: &Value) -> Value {
+    let configuration = match plugin_config {
+        Value::String(raw) => raw.clone(),
+        config => config.to_string(),
+    };
     json!({
         "name": "imds-mesh",
         "typed_config": {
@@ -317,7 +323,7 @@ pub fn wasm_filter(wasm: &Path, plugin_config: &Value) -> Value {
                 },
                 "configuration": {
                     "@type": "type.googleapis.com/google.protobuf.StringValue",
-                    "value": plugin_config.to_string(),
+                    "value": configuration,
                 },
                 "failure_policy": "FAIL_RELOAD",
             },

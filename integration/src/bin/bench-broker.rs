@@ -411,7 +411,7 @@ async fn memory(kube: &KubeCluster) -> Result<(), String> {
 
     // The broker as it keeps pods now.
     let (mut child, ready) = spawn_memory_child("broker", &sts.endpoint(), &kubeconfig).await?;
-    let synced = Rss::of(&child)?;
+    let synced = memory_of(&child)?;
     let addr: std::net::SocketAddr = ready.parse().map_err(|e| format!("child said {ready:?}: {e}"))?;
     let started = Instant::now();
     let requests = futures_util::stream::iter(0..SCALE_PODS)
@@ -423,12 +423,12 @@ async fn memory(kube: &KubeCluster) -> Result<(), String> {
     let filled = started.elapsed();
     let metrics = Req::get("/metrics").host("token-broker").send(addr).await.body_text();
     let keys = metrics.lines().find_map(|line| line.strip_prefix("token_broker_cache_keys ")).unwrap_or("?").to_owned();
-    let cached = Rss::of(&child)?;
+    let cached = memory_of(&child)?;
     let _ = child.kill().await;
 
     // The same watch keeping whole pods, as the broker did before.
     let (mut whole, listed) = spawn_memory_child("whole-pods", &sts.endpoint(), &kubeconfig).await?;
-    let whole_rss = Rss::of(&whole)?;
+    let whole_rss = memory_of(&whole)?;
     let _ = whole.kill().await;
 
     println!(
@@ -439,16 +439,16 @@ async fn memory(kube: &KubeCluster) -> Result<(), String> {
         sts.request_count()
     );
     println!("{:<42} {:>9} {:>10}", "broker RSS (child process)", "measured", "goal");
-    println!("{:<42} {:>9}", format!("{SCALE_PODS} pods watched, nothing cached"), synced.current());
+    println!("{:<42} {:>9}", format!("{SCALE_PODS} pods watched, nothing cached"), bench::mb(synced.rss_kb));
     println!(
         "{:<42} {:>9} {:>10} {}",
         format!("{SCALE_PODS} pods watched, {keys} keys cached"),
-        cached.current(),
+        bench::mb(cached.rss_kb),
         format!("<= {RSS_TARGET_MB:.0} MB"),
-        verdict(cached.current_mb() <= RSS_TARGET_MB)
+        verdict((cached.rss_kb as f64 / 1024.0) <= RSS_TARGET_MB)
     );
-    println!("{:<42} {:>9}", "peak (VmHWM) since the child started", cached.peak());
-    println!("{:<42} {:>9}", format!("whole Pods in a reflector ({listed} listed)"), whole_rss.current());
+    println!("{:<42} {:>9}", "peak (VmHWM) since the child started", bench::mb(cached.peak_kb));
+    println!("{:<42} {:>9}", format!("whole Pods in a reflector ({listed} listed)"), bench::mb(whole_rss.rss_kb));
     println!();
     Ok(())
 }
@@ -481,37 +481,9 @@ async fn spawn_memory_child(
     Ok((child, ready.to_owned()))
 }
 
-/// A process's resident set, from `/proc/<pid>/status`.
-struct Rss {
-    current_kb: u64,
-    peak_kb: u64,
-}
-
-impl Rss {
-    fn of(child: &tokio::process::Child) -> Result<Self, String> {
-        let pid = child.id().ok_or("the memory child has exited")?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| format!("{e}"))?;
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix(name))
-                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                .unwrap_or_default()
-        };
-        Ok(Self { current_kb: field("VmRSS:"), peak_kb: field("VmHWM:") })
-    }
-
-    fn current_mb(&self) -> f64 {
-        self.current_kb as f64 / 1024.0
-    }
-
-    fn current(&self) -> String {
-        format!("{:.1} MB", self.current_mb())
-    }
-
-    fn peak(&self) -> String {
-        format!("{:.1} MB", self.peak_kb as f64 / 1024.0)
-    }
+/// The memory of a child process now.
+fn memory_of(child: &tokio::process::Child) -> Result<bench::Memory, String> {
+    bench::Memory::of(child.id().ok_or("the memory child has exited")?)
 }
 
 /// The child mode: `broker` serves `token_broker::server::run` on loopback
