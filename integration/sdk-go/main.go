@@ -32,7 +32,7 @@ type report struct {
 	SecretAccessKey string `json:"secretAccessKey"`
 	SessionToken    string `json:"sessionToken"`
 	CanExpire       bool   `json:"canExpire"`
-	Expires         string `json:"expires"`
+	Expiration      string `json:"expiration"`
 	Arn             string `json:"arn"`
 	Account         string `json:"account"`
 	UserID          string `json:"userId"`
@@ -66,7 +66,7 @@ func run() error {
 		SecretAccessKey: creds.SecretAccessKey,
 		SessionToken:    creds.SessionToken,
 		CanExpire:       creds.CanExpire,
-		Expires:         creds.Expires.UTC().Format(time.RFC3339Nano),
+		Expiration:      creds.Expires.UTC().Format(time.RFC3339Nano),
 		Arn:             aws.ToString(identity.Arn),
 		Account:         aws.ToString(identity.Account),
 		UserID:          aws.ToString(identity.UserId),

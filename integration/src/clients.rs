@@ -136,22 +136,35 @@ impl IssuedCredentials {
         }
     }
 
-    /// The broker's v1 success carrying these credentials, for every call.
+    /// Asserts that `app`, what an SDK app printed (`accessKeyId`,
+    /// `secretAccessKey`, `sessionToken`, `expiration`, and the `arn` STS
+    /// named when the app called it with them), holds these credentials,
+    /// expiring when STS said, and that STS named `arn`.
+    pub fn assert_held_by(&self, app: &Value, arn: &str) {
+        assert_eq!(app["accessKeyId"], self.access_key_id.as_str(), "{app}");
+        assert_eq!(app["secretAccessKey"], self.secret_access_key.as_str());
+        assert_eq!(app["sessionToken"], self.session_token.as_str());
+        let expiration = app["expiration"].as_str().unwrap_or_else(|| panic!("no expiration: {app}"));
+        let expiration =
+            OffsetDateTime::parse(expiration, &Rfc3339).unwrap_or_else(|e| panic!("expiration {expiration}: {e}"));
+        assert_eq!(expiration, self.expiration);
+        assert_eq!(app["arn"], arn, "{app}");
+    }
+
+    /// The broker's v1 success carrying these credentials, for every call:
+    /// the document the broker itself renders.
     pub fn script(&self) -> impl FnMut(usize) -> Scripted + Send + 'static {
-        let format = |at: OffsetDateTime| at.format(&Rfc3339).unwrap_or_else(|e| panic!("{at}: {e}"));
-        let body = serde_json::json!({
-            "Code": "Success",
-            "LastUpdated": format(whole_seconds(OffsetDateTime::now_utc())),
-            "Type": "AWS-HMAC",
-            "AccessKeyId": self.access_key_id,
-            "SecretAccessKey": self.secret_access_key,
-            "Token": self.session_token,
-            "Expiration": format(self.expiration),
-        });
+        let credentials = token_broker::sts::Credentials {
+            access_key_id: self.access_key_id.clone(),
+            secret_access_key: self.secret_access_key.clone(),
+            session_token: self.session_token.clone(),
+            expiration: self.expiration,
+            last_updated: OffsetDateTime::now_utc(),
+        };
         let answer = Scripted {
             status: 200,
             headers: vec![("content-type".into(), "application/json".into())],
-            body: body.to_string(),
+            body: token_broker::fetch::credential_document(&credentials).to_string(),
             delay: std::time::Duration::ZERO,
         };
         move |_| answer.clone()

@@ -21,7 +21,7 @@
 //! - [`paths`]: where the venv, the Envoy binary and the built filter live.
 //! - [`envoy`]: the sidecar bootstrap and the running Envoy.
 //! - [`broker`]: a scripted broker speaking the v1 contract.
-//! - [`clients`]: real AWS SDK clients (Python, node) as child processes.
+//! - [`clients`]: real AWS SDK clients (Python, node, Go, Java) as child processes.
 //! - [`upstream`]: a plain HTTP upstream that records what reaches it.
 //! - [`sts`]: AWS STS from PyPI `moto`, in server mode.
 //! - [`sts_oidc`]: the web identity token checks AWS STS makes, in front of moto.
@@ -33,6 +33,7 @@
 //! - [`pki`]: a mesh CA and workload certificates (rcgen), and TLS clients.
 //! - [`registry`]: an OCI registry (Debian `docker-registry`) for the filter's image.
 //! - [`real_broker`]: the real token broker, in-process, in any identity mode.
+//! - [`logs`]: an in-memory sink for the broker's own logging setup in tests.
 //! - [`process`]: readiness and teardown of child processes.
 //! - [`wait`]: polling for eventual states without timing assumptions.
 //! - [`stack`]: the whole local stack, as `just demo` and `just up` run it.
@@ -45,6 +46,7 @@ pub mod envoy;
 pub mod http;
 pub mod istio;
 pub mod kube_cluster;
+pub mod logs;
 pub mod netns;
 pub mod paths;
 pub mod pki;

@@ -86,6 +86,23 @@ impl RealBroker {
         Self::with_kube(cluster.broker_config(&mesh_config::render::Options::default()).await, sts_endpoint)
     }
 
+    /// [`RealBroker::on`] with the namespace policy on: the RBAC rendered
+    /// for it (the broker may list and watch namespaces) and the broker
+    /// reading each namespace's `annotation`.
+    pub async fn with_namespace_policy(
+        cluster: &KubeCluster,
+        sts_endpoint: String,
+        annotation: &str,
+    ) -> RealBrokerBuilder {
+        let options = mesh_config::render::Options {
+            namespace_policy_annotation: Some(annotation.to_owned()),
+            ..Default::default()
+        };
+        let policy = token_broker::authz::NamespacePolicy { annotation: annotation.to_owned() };
+        Self::with_kube(cluster.broker_config(&options).await, sts_endpoint)
+            .tune(|config| config.namespace_policy = Some(policy))
+    }
+
     /// A broker whose Kubernetes client uses `kube` (a real API server, as
     /// some service account), to configure and start.
     pub fn with_kube(kube: kube::Config, sts_endpoint: String) -> RealBrokerBuilder {

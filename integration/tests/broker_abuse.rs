@@ -217,11 +217,7 @@ async fn the_namespace_policy_comes_from_a_watch_and_holds_through_an_outage() {
     drop(unrendered);
 
     // Rendered with the policy: the broker may list and watch namespaces.
-    let options = Options { namespace_policy_annotation: Some(POLICY_ANNOTATION.into()), ..Options::default() };
-    let broker = RealBroker::with_kube(cluster.broker_config(&options).await, sts.endpoint())
-        .tune(|config| config.namespace_policy = policy())
-        .start()
-        .await;
+    let broker = RealBroker::with_namespace_policy(&cluster, sts.endpoint(), POLICY_ANNOTATION).await.start().await;
     let allowed = request("app-0", ROLE_ARN).send(broker.addr).await;
     assert_eq!(allowed.status, 200, "{}", allowed.body_text());
     let forbidden = request("other-0", other_role).send(broker.addr).await;

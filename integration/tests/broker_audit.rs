@@ -4,9 +4,8 @@
 //! per caller refused, saying who, which pod, which role and what came of
 //! it, and never a secret. Against a real API server and moto STS.
 
-use std::sync::{Arc, Mutex, PoisonError};
-
 use integration::kube_cluster::{self, KubeCluster};
+use integration::logs::LogBuffer;
 use integration::real_broker::{credentials_request, dev_credentials_request};
 use integration::{RealBroker, Req, Sts};
 use serde_json::Value;
@@ -18,47 +17,16 @@ use tracing_subscriber::util::SubscriberInitExt;
 const NS: &str = "default";
 const ROLE: &str = "arn:aws:iam::123456789012:role/app";
 
-/// What the broker's log layer wrote.
-#[derive(Clone, Default)]
-struct LogBuffer(Arc<Mutex<Vec<u8>>>);
-
-impl LogBuffer {
-    /// The audit events so far, parsed.
-    fn audit_events(&self) -> Vec<Value> {
-        let bytes = self.0.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        let text = String::from_utf8(bytes).unwrap_or_else(|e| panic!("{e}"));
-        let lines =
-            text.lines().map(|line| serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("{e}: {line}")));
-        lines.filter(|line| line["target"] == audit::TARGET).collect()
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(PoisonError::into_inner)).into_owned()
-    }
-}
-
-impl std::io::Write for LogBuffer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 // One test in this binary: the subscriber is the process's global default
 // (see broker_service.rs's log test for why not a scoped one).
 #[tokio::test(flavor = "current_thread")]
 async fn each_credential_issued_and_each_refusal_is_one_json_audit_line_without_secrets() {
     let logs = LogBuffer::default();
-    let writer = logs.clone();
     // `--log warn --log-format json`, as main.rs sets them up.
     let filter = telemetry::log_filter("warn").unwrap_or_else(|e| panic!("{e}"));
     tracing_subscriber::registry()
         .with(filter)
-        .with(tracing_subscriber::fmt::layer().json().with_writer(move || writer.clone()))
+        .with(tracing_subscriber::fmt::layer().json().with_writer(logs.writer()))
         .try_init()
         .unwrap_or_else(|e| panic!("{e}"));
 
@@ -86,7 +54,7 @@ async fn each_credential_issued_and_each_refusal_is_one_json_audit_line_without_
         .await;
     assert_eq!(malformed.status, 400, "{}", malformed.body_text());
 
-    let events = logs.audit_events();
+    let events: Vec<Value> = logs.json_lines().into_iter().filter(|line| line["target"] == audit::TARGET).collect();
     let outcomes: Vec<&str> = events.iter().map(|e| e["fields"]["outcome"].as_str().unwrap_or("?")).collect();
     assert_eq!(outcomes, ["issued", "issued", "denied", "unauthenticated"], "{events:#?}");
 

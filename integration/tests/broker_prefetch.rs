@@ -11,7 +11,6 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams};
 use mesh_config::render::Options;
 use serde_json::json;
-use token_broker::authz::NamespacePolicy;
 use token_broker::kube::{DEFAULT_WATCH_STALENESS_BOUND, PodWatch};
 
 const NS: &str = "default";
@@ -84,12 +83,7 @@ async fn pods_running_before_the_broker_started_and_pods_the_rules_refuse_are_no
         })])
         .await;
     cluster.add_pod(kube_cluster::enabled_pod("team-a", "running-0", "running", app_role)).await;
-    let options = Options { namespace_policy_annotation: Some(POLICY_ANNOTATION.into()), ..Options::default() };
-    let policy = NamespacePolicy { annotation: POLICY_ANNOTATION.into() };
-    let broker = RealBroker::with_kube(cluster.broker_config(&options).await, sts.endpoint())
-        .tune(|config| config.namespace_policy = Some(policy))
-        .start()
-        .await;
+    let broker = RealBroker::with_namespace_policy(&cluster, sts.endpoint(), POLICY_ANNOTATION).await.start().await;
 
     // Refused by the namespace policy, then one it permits.
     let admin_role = "arn:aws:iam::123456789012:role/admin";

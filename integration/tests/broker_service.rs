@@ -9,13 +9,14 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use imds_filter::config::{ENABLE_LABEL, ROLE_ANNOTATION};
 use integration::broker::{Scripted, ScriptedBroker};
 use integration::kube_cluster::{self, BROKER_USER, KubeCluster, pod_ip};
+use integration::logs::LogBuffer;
 use integration::real_broker::SIDECAR_SOURCE;
 use integration::scripted_sts::{self, ScriptedSts};
 use integration::{ROLE_ARN, RealBroker, Reply, Req, Sts, wait};
@@ -26,7 +27,6 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use token_broker::app::AppConfig;
-use token_broker::authz::NamespacePolicy;
 use token_broker::identity::{self, IdentityMode, SpiffeId, XfccVerifier};
 use token_broker::kube::{Cluster, DENIAL_EVENT_REASON};
 use token_broker::peer::PEER_ADDRESS_HEADER;
@@ -363,12 +363,7 @@ async fn the_namespace_policy_narrows_the_roles_a_namespace_may_use() {
     let sts = Sts::trusting(&cluster).await;
     cluster.add_pod(pod("web-0", SA)).await;
     // Rendered with the policy, the broker may list and watch namespaces.
-    let options = Options { namespace_policy_annotation: Some(POLICY_ANNOTATION.into()), ..Options::default() };
-    let policy = NamespacePolicy { annotation: POLICY_ANNOTATION.into() };
-    let broker = RealBroker::with_kube(cluster.broker_config(&options).await, sts.endpoint())
-        .tune(|config| config.namespace_policy = Some(policy))
-        .start()
-        .await;
+    let broker = RealBroker::with_namespace_policy(&cluster, sts.endpoint(), POLICY_ANNOTATION).await.start().await;
     let with_policy = |pattern: &str| {
         let namespace = json!({
             "apiVersion": "v1",
@@ -717,27 +712,6 @@ async fn sts_down_serves_cached_credentials_and_answers_502_for_new_keys() {
     assert_eq!(sts.request_count(), 2, "only the new key reached STS");
 }
 
-/// An in-memory log sink for a `fmt` layer.
-#[derive(Clone, Default)]
-struct LogBuffer(Arc<Mutex<Vec<u8>>>);
-
-impl LogBuffer {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(PoisonError::into_inner)).into_owned()
-    }
-}
-
-impl std::io::Write for LogBuffer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// The token in the scripted API server's undecodable TokenRequest answer.
 const UNDECODABLE_TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.undecodable-token-request-answer.c2lnbmF0dXJl";
 
@@ -751,11 +725,10 @@ async fn no_key_secret_or_token_reaches_the_broker_logs() {
     // The broker's own logging (main.rs `init_logging`): the filter it
     // builds, at its default level, with its caps; both formats it offers.
     let filter = telemetry::log_filter(telemetry::DEFAULT_LOG_FILTER).unwrap_or_else(|e| panic!("{e}"));
-    let (text, json) = (logs.clone(), logs.clone());
     let subscriber = tracing_subscriber::registry()
         .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_ansi(false).with_writer(move || text.clone()))
-        .with(tracing_subscriber::fmt::layer().json().with_writer(move || json.clone()));
+        .with(tracing_subscriber::fmt::layer().with_ansi(false).with_writer(logs.writer()))
+        .with(tracing_subscriber::fmt::layer().json().with_writer(logs.writer()));
     subscriber.try_init().unwrap_or_else(|e| panic!("{e}"));
 
     let cluster = KubeCluster::start().await;
