@@ -178,8 +178,10 @@ fn encode_state(state: &FetchState) -> Vec<u8> {
     serde_json::to_vec(state).unwrap_or_default()
 }
 
-/// An in-memory [`SharedStore`] with Envoy's versioning rules, for tests.
-#[cfg(test)]
+/// An in-memory [`SharedStore`] with Envoy's versioning rules, for tests
+/// (and, with the feature `test-support`, other crates' tests and the fuzz
+/// targets).
+#[cfg(any(test, feature = "test-support"))]
 pub mod memory {
     use std::cell::{Cell, RefCell};
     use std::collections::HashMap;

@@ -456,8 +456,8 @@ pub fn fetch_error_response(error: &FetchError) -> BrokerError {
 /// Values are percent-decoded as RFC 3986 says (a `+` stays a `+`: IAM role
 /// names may contain it, and the filter percent-encodes it). The pod name
 /// stays borrowed from the query unless it needed decoding: it is looked up,
-/// never stored.
-fn parse_query(query: Option<&str>) -> Result<(String, std::borrow::Cow<'_, str>), BrokerError> {
+/// never stored. Public for the fuzz targets (`fuzz/`).
+pub fn parse_query(query: Option<&str>) -> Result<(String, std::borrow::Cow<'_, str>), BrokerError> {
     let invalid = |message: &str| BrokerError::InvalidRequest(message.to_owned());
     let (mut role_arn, mut pod) = (None, None);
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {

@@ -182,11 +182,23 @@ impl Expiring for Credentials {
     }
 }
 
-/// The credentials in a successful answer.
-fn credentials(output: &AssumeRoleWithWebIdentityOutput) -> Result<Credentials, String> {
+/// The credentials in a successful answer. Public for the fuzz targets
+/// (`fuzz/`), which feed it the SDK's parse of arbitrary STS answers.
+pub fn credentials(output: &AssumeRoleWithWebIdentityOutput) -> Result<Credentials, String> {
     let Some(sts) = output.credentials() else {
         return Err("the answer holds no Credentials".into());
     };
+    // The SDK fills a required field the XML lacks with "": such a key could
+    // sign nothing, and the filter refuses a document with an empty field.
+    for (field, value) in [
+        ("AccessKeyId", sts.access_key_id()),
+        ("SecretAccessKey", sts.secret_access_key()),
+        ("SessionToken", sts.session_token()),
+    ] {
+        if value.is_empty() {
+            return Err(format!("the answer's Credentials have no {field}"));
+        }
+    }
     let expiration = OffsetDateTime::from_unix_timestamp_nanos(sts.expiration().as_nanos())
         .map_err(|_| "Expiration is out of range".to_owned())?;
     Ok(Credentials {
@@ -318,7 +330,9 @@ impl StsError {
         }
     }
 
-    fn from_sdk(error: &SdkError<AssumeRoleWithWebIdentityError, HttpResponse>, token: &str) -> Self {
+    /// What a failed SDK call means, its messages scrubbed of `token` and
+    /// bounded. Public for the fuzz targets (`fuzz/`).
+    pub fn from_sdk(error: &SdkError<AssumeRoleWithWebIdentityError, HttpResponse>, token: &str) -> Self {
         let failed = |code: &str| {
             let message = scrub(&DisplayErrorContext(error).to_string(), token);
             Self::Failed { code: code.into(), message: bounded(&message) }
@@ -375,6 +389,31 @@ fn bounded(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_with_an_empty_credential_field_is_refused() {
+        // What the SDK makes of `<Credentials>` missing `<AccessKeyId>`
+        // (found by `fuzz/fuzz_targets/broker_sts_response.rs`).
+        let answer = |key: &str, secret: &str, token: &str| {
+            let sts = aws_sdk_sts::types::Credentials::builder()
+                .access_key_id(key)
+                .secret_access_key(secret)
+                .session_token(token)
+                .expiration(aws_sdk_sts::primitives::DateTime::from_secs(1_800_000_000))
+                .build()
+                .expect("all fields set");
+            AssumeRoleWithWebIdentityOutput::builder().credentials(sts).build()
+        };
+        assert!(credentials(&answer("ASIAEXAMPLE", "secret", "token")).is_ok());
+        for (key, secret, token, field) in [
+            ("", "secret", "token", "AccessKeyId"),
+            ("ASIAEXAMPLE", "", "token", "SecretAccessKey"),
+            ("ASIAEXAMPLE", "secret", "", "SessionToken"),
+        ] {
+            let error = credentials(&answer(key, secret, token)).expect_err("kept an empty field");
+            assert!(error.contains(field), "{error}");
+        }
+    }
 
     #[test]
     fn access_denied_is_the_pods_denial() {
