@@ -79,8 +79,10 @@ pub fn parse_retry_after(value: &[u8]) -> Option<u64> {
     Some(seconds.saturating_mul(1000))
 }
 
-/// `Code: Message` of a contract error body, bounded for a log line. Error
-/// bodies carry no secrets by contract; anything else is not echoed.
+/// `Code: Message` of a contract error body, bounded for a log line and kept
+/// on it (control characters, line breaks included, become spaces, so a body
+/// cannot forge log lines). Error bodies carry no secrets by contract;
+/// anything else is not echoed.
 pub fn error_summary(body: &[u8]) -> String {
     #[derive(Deserialize)]
     #[serde(rename_all = "PascalCase")]
@@ -91,7 +93,8 @@ pub fn error_summary(body: &[u8]) -> String {
     }
     match serde_json::from_slice::<ErrorBody>(body) {
         Ok(e) => {
-            let mut text = format!("{}: {}", e.code, e.message);
+            let mut text: String =
+                format!("{}: {}", e.code, e.message).chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
             if let Some((cut, _)) = text.char_indices().nth(300) {
                 text.truncate(cut);
             }
@@ -170,5 +173,11 @@ mod tests {
         let long = format!(r#"{{"Code":"X","Message":"{}"}}"#, "m".repeat(1000));
         assert_eq!(error_summary(long.as_bytes()).len(), 300);
         assert_eq!(error_summary(b"<html>secret</html>"), "non-contract body of 19 bytes");
+    }
+
+    #[test]
+    fn an_error_body_cannot_break_the_log_line() {
+        let forged = br#"{"Code":"Unavailable","Message":"retry\n[critical] forged line\r\u001b[2J"}"#;
+        assert_eq!(error_summary(forged), "Unavailable: retry [critical] forged line  [2J");
     }
 }
