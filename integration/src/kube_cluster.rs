@@ -137,9 +137,17 @@ impl KubeCluster {
     /// Freezes the API server (SIGSTOP): a hung control plane. Unlike
     /// [`Self::stop_apiserver`], connections are still accepted (by the
     /// kernel) and open ones stay open, but nothing is answered until
-    /// [`Self::resume_apiserver`].
-    pub fn pause_apiserver(&self) {
-        self.signal_apiserver("-STOP");
+    /// [`Self::resume_apiserver`]. Returns once every thread of the server
+    /// has stopped: `kill` returns when the signal is sent, and a thread
+    /// busy in the kernel (writing the audit log, say) stops only when it
+    /// leaves it, so a request sent at once could still be answered.
+    pub async fn pause_apiserver(&self) {
+        let pid = self.signal_apiserver("-STOP");
+        wait::until("every API server thread to stop", || {
+            let stopped = thread_states(pid).iter().all(|state| matches!(state, 'T' | 't'));
+            async move { stopped.then_some(()) }
+        })
+        .await;
     }
 
     /// Lets a [`Self::pause_apiserver`]d server run again (SIGCONT).
@@ -147,13 +155,15 @@ impl KubeCluster {
         self.signal_apiserver("-CONT");
     }
 
-    fn signal_apiserver(&self, signal: &str) {
+    /// Sends `signal` to the API server; returns its pid.
+    fn signal_apiserver(&self, signal: &str) -> u32 {
         let pid = self.apiserver.as_ref().map(Child::id).unwrap_or_else(|| panic!("the API server is not running"));
         let status = Command::new("kill")
             .args([signal, &pid.to_string()])
             .status()
             .unwrap_or_else(|e| panic!("kill {signal} {pid}: {e}"));
         assert!(status.success(), "kill {signal} {pid}: {status}");
+        pid
     }
 
     /// Starts the API server (again), on the same port with the same keys,
@@ -608,4 +618,16 @@ fn hex_token() -> String {
     let seed = std::collections::hash_map::RandomState::new();
     let (a, b) = (seed.hash_one(std::process::id()), seed.hash_one(std::time::SystemTime::now()));
     format!("{a:016x}{b:016x}")
+}
+
+/// The scheduler state (`R`, `S`, `D`, `T`...) of every thread of process
+/// `pid`, from `/proc/<pid>/task/*/stat`.
+fn thread_states(pid: u32) -> Vec<char> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap_or_else(|e| panic!("/proc/{pid}/task: {e}"));
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("stat")).ok())
+        // `pid (comm) state ...`: comm may hold spaces and parentheses, so
+        // the state follows the last `)`.
+        .filter_map(|stat| stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()))
+        .collect()
 }

@@ -108,7 +108,7 @@ async fn a_hung_api_server_costs_a_request_at_most_the_call_deadline() {
     assert_eq!(cached.status, 200, "{}", cached.body_text());
 
     // The server accepts connections (the kernel does) and answers nothing.
-    cluster.pause_apiserver();
+    cluster.pause_apiserver().await;
     let within_patience = |req: Req| async move {
         tokio::time::timeout(wait::PATIENCE, req.send(broker.addr))
             .await
