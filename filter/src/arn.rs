@@ -56,16 +56,18 @@ impl RoleArn {
         let Some(path_and_name) = resource.strip_prefix("role/") else {
             return Err(InvalidArn("resource must start with role/"));
         };
-        let name_offset = path_and_name.rfind('/').map_or(0, |slash| slash + 1);
-        let (path, name) = path_and_name.split_at(name_offset);
+        let (path, name) = match path_and_name.rsplit_once('/') {
+            Some((path, name)) => (Some(path), name),
+            None => (None, path_and_name),
+        };
         if name.is_empty() || name.len() > MAX_ROLE_NAME || !name.bytes().all(is_name_byte) {
             return Err(InvalidArn("role name must be 1-64 of [A-Za-z0-9+=,.@_-]"));
         }
         // IAM paths are `/` or `/segment/.../`; ours omit the leading slash
-        // because `role/` already supplies it.
-        if path.split('/').any(|segment| segment.bytes().any(|b| !is_path_byte(b)))
-            || path.starts_with('/')
-            || path.contains("//")
+        // because `role/` already supplies it, so every segment before the
+        // name is non-empty.
+        if path
+            .is_some_and(|path| path.split('/').any(|segment| segment.is_empty() || !segment.bytes().all(is_path_byte)))
         {
             return Err(InvalidArn("invalid role path"));
         }
@@ -80,7 +82,7 @@ impl RoleArn {
     /// The role name, the last path segment: what IMDS lists under
     /// `security-credentials/`.
     pub fn name(&self) -> &str {
-        &self.arn[self.name_start..]
+        self.arn.get(self.name_start..).unwrap_or_default()
     }
 }
 

@@ -1,26 +1,38 @@
 //! The filter's side of the broker contract (v1): the request it sends and
 //! how it reads every answer.
 
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
-use serde::Deserialize;
-
 use crate::arn::RoleArn;
 use crate::cache::FetchResult;
 use crate::credentials::Credential;
+use crate::hex;
+use crate::json::{self, Value};
 use crate::policy::Failure;
-
-/// Query values keep only RFC 3986 unreserved characters unescaped.
-const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
 
 /// `:path` of the credential request for `role` on behalf of `pod`. The
 /// namespace and service account are never sent: the broker takes them from
 /// the caller's verified mesh identity.
 pub fn request_path(role: &RoleArn, pod: &str) -> String {
-    format!(
-        "/v1/credentials?role_arn={}&pod={}",
-        utf8_percent_encode(role.as_str(), QUERY_VALUE),
-        utf8_percent_encode(pod, QUERY_VALUE)
-    )
+    let mut path = String::with_capacity(48 + role.as_str().len() * 2 + pod.len());
+    path.push_str("/v1/credentials?role_arn=");
+    push_query_value(&mut path, role.as_str());
+    path.push_str("&pod=");
+    push_query_value(&mut path, pod);
+    path
+}
+
+/// Appends `value` percent-encoded for a query: only RFC 3986's unreserved
+/// characters stay as they are.
+fn push_query_value(out: &mut String, value: &str) {
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(char::from(byte));
+        } else {
+            let [high, low] = hex::pair(byte, hex::UPPER);
+            out.push('%');
+            out.push(char::from(high));
+            out.push(char::from(low));
+        }
+    }
 }
 
 /// `:authority` of the credential request for `role`: a name for the role
@@ -32,13 +44,10 @@ pub fn request_path(role: &RoleArn, pod: &str) -> String {
 /// roles spread over the replicas. The broker's sidecar accepts any host.
 pub fn request_authority(role: &RoleArn, broker_authority: &str) -> String {
     use sha2::{Digest, Sha256};
-    use std::fmt::Write;
     let digest = Sha256::digest(role.as_str().as_bytes());
     let mut authority = String::with_capacity(19 + broker_authority.len());
     authority.push_str("r-");
-    for byte in &digest[..8] {
-        let _ = write!(authority, "{byte:02x}");
-    }
+    hex::push_lower(&mut authority, &digest[..8]);
     authority.push('.');
     authority.push_str(broker_authority);
     authority
@@ -74,8 +83,7 @@ pub fn read_answer(answer: Answer<'_>) -> FetchResult {
 /// `Retry-After` in delta-seconds, as milliseconds. The HTTP-date form is
 /// not used by the broker and is ignored (the default backoff applies).
 pub fn parse_retry_after(value: &[u8]) -> Option<u64> {
-    let text = std::str::from_utf8(value).ok()?.trim();
-    let seconds: u64 = text.parse().ok()?;
+    let seconds: u64 = std::str::from_utf8(value.trim_ascii()).ok()?.parse().ok()?;
     Some(seconds.saturating_mul(1000))
 }
 
@@ -84,24 +92,24 @@ pub fn parse_retry_after(value: &[u8]) -> Option<u64> {
 /// cannot forge log lines). Error bodies carry no secrets by contract;
 /// anything else is not echoed.
 pub fn error_summary(body: &[u8]) -> String {
-    #[derive(Deserialize)]
-    #[serde(rename_all = "PascalCase")]
-    struct ErrorBody {
-        code: String,
-        #[serde(default)]
-        message: String,
+    let member = |members: &[(String, Value)], name: &str| {
+        members.iter().find(|(n, _)| n == name).and_then(|(_, value)| value.as_str().map(str::to_owned))
+    };
+    let (code, message) = match json::parse(body) {
+        Ok(Value::Object(members)) => (member(&members, "Code"), member(&members, "Message")),
+        _ => (None, None),
+    };
+    let Some(code) = code else {
+        return format!("non-contract body of {} bytes", body.len());
+    };
+    let mut text: String = format!("{code}: {}", message.unwrap_or_default())
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if let Some((cut, _)) = text.char_indices().nth(300) {
+        text.truncate(cut);
     }
-    match serde_json::from_slice::<ErrorBody>(body) {
-        Ok(e) => {
-            let mut text: String =
-                format!("{}: {}", e.code, e.message).chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
-            if let Some((cut, _)) = text.char_indices().nth(300) {
-                text.truncate(cut);
-            }
-            text
-        }
-        Err(_) => format!("non-contract body of {} bytes", body.len()),
-    }
+    text
 }
 
 #[cfg(test)]
@@ -135,6 +143,18 @@ mod tests {
             request_path(&role, "web-0"),
             "/v1/credentials?role_arn=arn%3Aaws%3Aiam%3A%3A123456789012%3Arole%2Fteam%2Fapp%2Bx&pod=web-0"
         );
+    }
+
+    #[test]
+    fn query_values_are_encoded_as_the_percent_encoding_crate_encodes_them() {
+        use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+        const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+        let every_ascii: String = (0..128u8).map(char::from).collect();
+        for value in [every_ascii.as_str(), "arn:aws:iam::123456789012:role/team/app+x", "pod é 😀", ""] {
+            let mut ours = String::new();
+            push_query_value(&mut ours, value);
+            assert_eq!(ours, utf8_percent_encode(value, UNRESERVED).to_string(), "{value:?}");
+        }
     }
 
     #[test]

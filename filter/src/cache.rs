@@ -60,7 +60,7 @@ impl CredentialCache {
         // Created once, before any CAS: Envoy's compare-and-swap cannot
         // express "only if absent", so racing creators would both win.
         if store.get(&cache.state_key).is_none() {
-            store.set(&cache.state_key, &encode_state(&FetchState::default()), None);
+            store.set(&cache.state_key, &FetchState::default().encode(), None);
         }
         cache
     }
@@ -113,7 +113,7 @@ impl CredentialCache {
     pub fn begin_fetch(&mut self, now_ms: u64, timeout_ms: u64, store: &impl SharedStore) -> bool {
         match self.state(store) {
             Some((state, version)) if state.fetch_due(now_ms) => {
-                store.set(&self.state_key, &encode_state(&state.leased(now_ms, timeout_ms)), Some(version))
+                store.set(&self.state_key, &state.leased(now_ms, timeout_ms).encode(), Some(version))
             }
             _ => false,
         }
@@ -160,22 +160,18 @@ impl CredentialCache {
 
     fn state(&self, store: &impl SharedStore) -> Option<(FetchState, u32)> {
         let (bytes, version) = store.get(&self.state_key)?;
-        Some((serde_json::from_slice(&bytes).unwrap_or_default(), version))
+        Some((FetchState::decode(&bytes).unwrap_or_default(), version))
     }
 
     fn update_state(&self, store: &impl SharedStore, change: impl Fn(FetchState) -> FetchState) {
         for _ in 0..CAS_ATTEMPTS {
             let (state, version) = self.state(store).map_or((FetchState::default(), None), |(s, v)| (s, Some(v)));
-            if store.set(&self.state_key, &encode_state(&change(state)), version) {
+            if store.set(&self.state_key, &change(state).encode(), version) {
                 return;
             }
         }
         log::warn!("fetch state update lost to concurrent writers; the lease will run out");
     }
-}
-
-fn encode_state(state: &FetchState) -> Vec<u8> {
-    serde_json::to_vec(state).unwrap_or_default()
 }
 
 /// An in-memory [`SharedStore`] with Envoy's versioning rules, for tests

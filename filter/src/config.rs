@@ -3,9 +3,10 @@
 
 use std::fmt;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::arn::RoleArn;
+use crate::arn::{InvalidArn, RoleArn};
+use crate::json::{self, Value};
 
 /// The label that enables the emulator on a pod; only the exact value
 /// [`ENABLED_VALUE`] enables it, as on GKE multi-cloud where this label comes
@@ -39,7 +40,7 @@ pub const METADATA_ADDRESSES: [MetadataAddress; 2] = [
 pub const METADATA_PORT: u16 = 80;
 
 /// Whether GET requests must carry an IMDSv2 session token.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum HttpTokens {
     /// IMDSv1 and IMDSv2 both work (the EC2 default).
@@ -51,8 +52,9 @@ pub enum HttpTokens {
 
 /// The WasmPlugin `pluginConfig`. Every field has a default; unknown fields
 /// are rejected so a typo cannot silently fall back to a default.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+/// [`Config::from_json`] reads it; `Serialize` writes it, for the tools
+/// that render it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Config {
     /// Envoy cluster of the token broker (Istio names it
     /// `outbound|<port>||<host>`).
@@ -108,18 +110,60 @@ impl Config {
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(Self::default());
         }
-        let config: Self = serde_json::from_slice(bytes)
-            .map_err(|e| ConfigError { field: field_of(&e.to_string()), reason: e.to_string() })?;
+        let document = json::parse(bytes).map_err(|e| ConfigError { field: DOCUMENT, reason: e.to_string() })?;
+        let Value::Object(members) = document else {
+            return Err(wrong_type(DOCUMENT, "a JSON object", &document));
+        };
+        let mut config = Self::default();
+        let mut seen = Vec::with_capacity(members.len());
+        for (name, value) in members {
+            let Some(field) = FIELDS.iter().copied().find(|f| *f == name) else {
+                return Err(ConfigError {
+                    field: UNKNOWN_FIELD,
+                    reason: format!("unknown field `{name}`, expected one of {}", Fields),
+                });
+            };
+            if seen.contains(&field) {
+                return Err(ConfigError { field, reason: "appears more than once".to_owned() });
+            }
+            seen.push(field);
+            config.set(field, value)?;
+        }
         config.validate()?;
         Ok(config)
     }
 
+    /// Sets one field from its JSON value, checking only the JSON type.
+    fn set(&mut self, field: &'static str, value: Value) -> Result<(), ConfigError> {
+        match field {
+            "broker_cluster" => self.broker_cluster = string(field, value)?,
+            "broker_authority" => self.broker_authority = string(field, value)?,
+            "broker_timeout_ms" => self.broker_timeout_ms = milliseconds(field, &value)?,
+            "max_wait_ms" => self.max_wait_ms = milliseconds(field, &value)?,
+            "http_tokens" => {
+                self.http_tokens = match value.as_str() {
+                    Some("optional") => HttpTokens::Optional,
+                    Some("required") => HttpTokens::Required,
+                    _ => return Err(wrong_type(field, "\"optional\" or \"required\"", &value)),
+                }
+            }
+            "extra_hosts" => {
+                let Value::Array(items) = value else { return Err(wrong_type(field, "an array of strings", &value)) };
+                self.extra_hosts = items.into_iter().map(|item| string(field, item)).collect::<Result<_, _>>()?;
+            }
+            "role_arn" => self.role_arn = optional_string(field, value)?,
+            "pod_name" => self.pod_name = optional_string(field, value)?,
+            _ => return Err(ConfigError { field, reason: "is not read".to_owned() }),
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let fail = |field, reason: &str| Err(ConfigError { field, reason: reason.to_owned() });
-        if self.broker_cluster.trim().is_empty() {
+        if self.broker_cluster.chars().all(char::is_whitespace) {
             return fail("broker_cluster", "must not be empty");
         }
-        if self.broker_authority.trim().is_empty() || self.broker_authority.contains(char::is_whitespace) {
+        if self.broker_authority.is_empty() || self.broker_authority.contains(char::is_whitespace) {
             return fail("broker_authority", "must be a host name without spaces");
         }
         if !(100..=30_000).contains(&self.broker_timeout_ms) {
@@ -128,46 +172,85 @@ impl Config {
         if self.max_wait_ms > 950 {
             return fail("max_wait_ms", "must be at most 950: SDKs give IMDS one second");
         }
-        if let Some(host) = self.extra_hosts.iter().find(|h| !is_authority(h)) {
-            return fail("extra_hosts", &format!("{host:?} is not a host or host:port"));
+        if let Some(at) = self.extra_hosts.iter().position(|h| !is_authority(h)) {
+            return fail("extra_hosts", &format!("entry {at} is not a host or host:port"));
         }
         if let Some(arn) = &self.role_arn {
             RoleArn::parse(arn).map_err(|e| ConfigError { field: "role_arn", reason: e.to_string() })?;
         }
-        if self.pod_name.as_deref().is_some_and(|p| !is_dns_label_path(p)) {
+        if self.pod_name.as_deref().is_some_and(|p| !is_dns_label_path(p.as_bytes())) {
             return fail("pod_name", "must be a Kubernetes object name");
         }
         Ok(())
     }
 }
 
-/// serde names the unknown or mistyped field in its message; pick it out so
-/// the log line leads with it.
-fn field_of(message: &str) -> &'static str {
-    const FIELDS: &[&str] = &[
-        "broker_cluster",
-        "broker_authority",
-        "broker_timeout_ms",
-        "max_wait_ms",
-        "http_tokens",
-        "extra_hosts",
-        "role_arn",
-        "pod_name",
-    ];
-    if message.starts_with("unknown field") {
-        return "(unknown field)";
+/// Every `pluginConfig` field, as JSON names it.
+pub const FIELDS: [&str; 8] = [
+    "broker_cluster",
+    "broker_authority",
+    "broker_timeout_ms",
+    "max_wait_ms",
+    "http_tokens",
+    "extra_hosts",
+    "role_arn",
+    "pod_name",
+];
+fn string(field: &'static str, value: Value) -> Result<String, ConfigError> {
+    match value {
+        Value::String(text) => Ok(text),
+        other => Err(wrong_type(field, "a string", &other)),
     }
-    FIELDS.iter().find(|f| message.contains(&format!("`{f}`"))).copied().unwrap_or("(document)")
 }
+
+/// A string, or null for none.
+fn optional_string(field: &'static str, value: Value) -> Result<Option<String>, ConfigError> {
+    match value {
+        Value::Null => Ok(None),
+        other => string(field, other).map(Some),
+    }
+}
+
+fn milliseconds(field: &'static str, value: &Value) -> Result<u64, ConfigError> {
+    value.as_u64().ok_or_else(|| match value {
+        Value::Number(_) => ConfigError {
+            field,
+            reason: "must be a whole number of milliseconds, without sign, fraction or exponent".to_owned(),
+        },
+        other => wrong_type(field, "a whole number of milliseconds", other),
+    })
+}
+
+fn wrong_type(field: &'static str, want: &str, found: &Value) -> ConfigError {
+    ConfigError { field, reason: format!("must be {want}, not {}", found.kind()) }
+}
+
+/// [`FIELDS`] as a list for messages.
+struct Fields;
+
+impl fmt::Display for Fields {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, field) in FIELDS.iter().enumerate() {
+            f.write_str(if i == 0 { "" } else { ", " })?;
+            f.write_str(field)?;
+        }
+        Ok(())
+    }
+}
+
+/// [`ConfigError::field`] when the document itself is wrong.
+pub const DOCUMENT: &str = "(document)";
+/// [`ConfigError::field`] for a field the filter does not know.
+pub const UNKNOWN_FIELD: &str = "(unknown field)";
 
 fn is_authority(text: &str) -> bool {
     !text.is_empty() && text.len() <= 255 && text.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
 }
 
-fn is_dns_label_path(text: &str) -> bool {
+fn is_dns_label_path(text: &[u8]) -> bool {
     !text.is_empty()
         && text.len() <= 253
-        && text.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b))
+        && text.iter().all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b))
 }
 
 /// What the filter does for this pod: serve a role, or answer every IMDS
@@ -175,7 +258,31 @@ fn is_dns_label_path(text: &str) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Enablement {
     Enabled { role: RoleArn, pod: String },
-    Disabled { reason: String },
+    Disabled { reason: DisabledReason },
+}
+
+/// Why the filter serves nothing for this pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DisabledReason {
+    LabelAbsent,
+    LabelNotEnabled,
+    AnnotationAbsent,
+    AnnotationNotUtf8,
+    AnnotationInvalid(InvalidArn),
+    PodNameInvalid,
+}
+
+impl fmt::Display for DisabledReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::LabelAbsent => write!(f, "label {ENABLE_LABEL} is absent"),
+            Self::LabelNotEnabled => write!(f, "label {ENABLE_LABEL} is not exactly \"{ENABLED_VALUE}\""),
+            Self::AnnotationAbsent => write!(f, "annotation {ROLE_ANNOTATION} is absent"),
+            Self::AnnotationNotUtf8 => write!(f, "annotation {ROLE_ANNOTATION} is not UTF-8"),
+            Self::AnnotationInvalid(e) => write!(f, "annotation {ROLE_ANNOTATION}: {e}"),
+            Self::PodNameInvalid => f.write_str("node metadata NAME (the pod name) is absent or invalid"),
+        }
+    }
 }
 
 /// The pod facts Istio puts in node metadata, as raw bytes.
@@ -191,33 +298,32 @@ impl Config {
     /// A role in the config stands for the annotation and the label (for use
     /// outside Istio); otherwise the label must be exactly `True`.
     pub fn enablement(&self, pod: &PodMetadata) -> Enablement {
-        let disabled = |reason: String| Enablement::Disabled { reason };
+        let disabled = |reason| Enablement::Disabled { reason };
         let role = match &self.role_arn {
             Some(arn) => arn.clone(),
             None => {
                 match pod.enable_label.as_deref() {
-                    None => return disabled(format!("label {ENABLE_LABEL} is absent")),
+                    None => return disabled(DisabledReason::LabelAbsent),
                     Some(label) if label != ENABLED_VALUE.as_bytes() => {
-                        return disabled(format!("label {ENABLE_LABEL} is not exactly \"{ENABLED_VALUE}\""));
+                        return disabled(DisabledReason::LabelNotEnabled);
                     }
                     Some(_) => {}
                 }
-                match &pod.role_annotation {
-                    Some(arn) => String::from_utf8_lossy(arn).into_owned(),
-                    None => return disabled(format!("annotation {ROLE_ANNOTATION} is absent")),
+                match pod.role_annotation.as_deref().map(std::str::from_utf8) {
+                    Some(Ok(arn)) => arn.to_owned(),
+                    Some(Err(_)) => return disabled(DisabledReason::AnnotationNotUtf8),
+                    None => return disabled(DisabledReason::AnnotationAbsent),
                 }
             }
         };
         let role = match RoleArn::parse(&role) {
             Ok(role) => role,
-            Err(e) => return disabled(format!("annotation {ROLE_ANNOTATION}: {e}")),
+            Err(e) => return disabled(DisabledReason::AnnotationInvalid(e)),
         };
         let pod = match (&self.pod_name, &pod.name) {
             (Some(name), _) => name.clone(),
-            (None, Some(name)) if is_dns_label_path(&String::from_utf8_lossy(name)) => {
-                String::from_utf8_lossy(name).into_owned()
-            }
-            _ => return disabled("node metadata NAME (the pod name) is absent or invalid".to_owned()),
+            (None, Some(name)) if is_dns_label_path(name) => String::from_utf8(name.clone()).unwrap_or_default(),
+            _ => return disabled(DisabledReason::PodNameInvalid),
         };
         Enablement::Enabled { role, pod }
     }
@@ -275,8 +381,15 @@ mod tests {
     fn bad_config_names_the_field() {
         for (json, field) in [
             (&br#"{"broker_clustr":"x"}"#[..], "(unknown field)"),
-            (br#"{"http_tokens":"always"}"#, "(document)"),
-            (br#"{"broker_timeout_ms":"2s"}"#, "(document)"),
+            (br#"{"http_tokens":"always"}"#, "http_tokens"),
+            (br#"{"broker_timeout_ms":"2s"}"#, "broker_timeout_ms"),
+            (br#"{"broker_timeout_ms":2000.0}"#, "broker_timeout_ms"),
+            (br#"{"max_wait_ms":-1}"#, "max_wait_ms"),
+            (br#"{"extra_hosts":"a"}"#, "extra_hosts"),
+            (br#"{"extra_hosts":[1]}"#, "extra_hosts"),
+            (br#"{"broker_cluster":null}"#, "broker_cluster"),
+            (br#"{"pod_name":"a","pod_name":"b"}"#, "pod_name"),
+            (br#"["broker_cluster"]"#, "(document)"),
             (br#"{"broker_timeout_ms":0}"#, "broker_timeout_ms"),
             (br#"{"max_wait_ms":1000}"#, "max_wait_ms"),
             (br#"{"broker_cluster":" "}"#, "broker_cluster"),
@@ -291,6 +404,31 @@ mod tests {
         }
         let err = Config::from_json(br#"{"broker_clustr":"x"}"#).unwrap_err();
         assert!(err.to_string().contains("broker_clustr"), "{err}");
+        let err = Config::from_json(br#"{"http_tokens":"always"}"#).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"invalid pluginConfig field `http_tokens`: must be "optional" or "required", not a string"#
+        );
+    }
+
+    #[test]
+    fn null_clears_an_optional_field() {
+        let config = Config::from_json(br#"{"role_arn":null,"pod_name":null}"#).unwrap();
+        assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn what_serialize_writes_reads_back() {
+        let config = Config {
+            http_tokens: HttpTokens::Required,
+            extra_hosts: vec!["metadata.local".to_owned()],
+            role_arn: Some(ARN.to_owned()),
+            pod_name: Some("web-0".to_owned()),
+            ..Config::default()
+        };
+        for config in [config, Config::default()] {
+            assert_eq!(Config::from_json(&serde_json::to_vec(&config).unwrap()), Ok(config.clone()));
+        }
     }
 
     #[test]
@@ -311,7 +449,7 @@ mod tests {
         let config = Config::default();
         for (annotation, want) in [(None, "absent"), (Some("arn:aws:iam::123:role/x"), "12 digits")] {
             match config.enablement(&pod(Some("True"), annotation, Some("web-0"))) {
-                Enablement::Disabled { reason } => assert!(reason.contains(want), "{reason}"),
+                Enablement::Disabled { reason } => assert!(reason.to_string().contains(want), "{reason}"),
                 other => panic!("{other:?}"),
             }
         }

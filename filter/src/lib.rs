@@ -7,6 +7,8 @@
 //!
 //! Layout:
 //! - [`config`]: `pluginConfig`, enablement from the pod's label and annotation.
+//! - [`json`]: the strict JSON reader and string writer the filter needs.
+//! - [`hex`]: hex digits for tokens, the broker authority and escapes.
 //! - [`arn`]: IAM role ARN parsing.
 //! - [`route`]: strict IMDS path parsing.
 //! - [`token`]: stateless IMDSv2 session tokens.
@@ -24,7 +26,9 @@ pub mod broker;
 pub mod cache;
 pub mod config;
 pub mod credentials;
+pub mod hex;
 pub mod imds;
+pub mod json;
 pub mod metrics;
 pub mod policy;
 pub mod route;

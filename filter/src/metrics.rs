@@ -15,18 +15,10 @@ pub enum RouteKind {
 
 const ROUTES: [&str; 5] = ["token", "role_list", "credentials", "other", "invalid"];
 const CLASSES: [&str; 3] = ["2xx", "4xx", "5xx"];
-const FETCH_OUTCOMES: [&str; 10] = [
-    "success",
-    "invalid",
-    "unauthenticated",
-    "denied",
-    "pod_not_found",
-    "throttled",
-    "unavailable",
-    "sts_error",
-    "timeout",
-    "malformed",
-];
+/// Fetch outcomes: success, then each failure at `1 + failure as usize`.
+const FETCH_OUTCOMES: usize = 1 + Failure::ALL.len();
+/// Counters in all: requests by route and class, five singles, fetches.
+pub const COUNTERS: usize = ROUTES.len() * CLASSES.len() + 5 + FETCH_OUTCOMES;
 
 /// Counts since the last flush, in [`names`] order.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -37,7 +29,7 @@ pub struct Counters {
     cache_hits: u64,
     cache_misses: u64,
     passed_on: u64,
-    fetches: [u64; 10],
+    fetches: [u64; FETCH_OUTCOMES],
 }
 
 impl Counters {
@@ -79,26 +71,27 @@ impl Counters {
 
     /// One broker call ended: `None` for success.
     pub fn fetch(&mut self, failure: Option<Failure>) {
-        let label = failure.map_or("success", Failure::label);
-        if let Some(slot) = FETCH_OUTCOMES.iter().position(|o| *o == label) {
-            self.fetches[slot] += 1;
-        }
+        self.fetches[failure.map_or(0, |f| f as usize + 1)] += 1;
     }
 
     /// The counts in [`names`] order, resetting them to zero.
-    pub fn take(&mut self) -> impl Iterator<Item = u64> + use<> {
+    pub fn take(&mut self) -> [u64; COUNTERS] {
         let taken = std::mem::take(self);
-        let requests = taken.requests.into_iter().flatten();
-        requests
-            .chain([taken.tokens_issued, taken.tokens_rejected, taken.cache_hits, taken.cache_misses, taken.passed_on])
-            .chain(taken.fetches)
+        let mut counts = [0; COUNTERS];
+        let singles =
+            [taken.tokens_issued, taken.tokens_rejected, taken.cache_hits, taken.cache_misses, taken.passed_on];
+        let all = taken.requests.as_flattened().iter().chain(&singles).chain(&taken.fetches);
+        for (slot, count) in counts.iter_mut().zip(all) {
+            *slot = *count;
+        }
+        counts
     }
 }
 
 /// Envoy stat names, in the order [`Counters::take`] yields counts. Envoy
 /// shows them prefixed with `wasmcustom.`.
 pub fn names() -> Vec<String> {
-    let mut names = Vec::new();
+    let mut names = Vec::with_capacity(COUNTERS);
     for route in ROUTES {
         for class in CLASSES {
             names.push(format!("imds_mesh.requests.{route}.{class}"));
@@ -107,7 +100,7 @@ pub fn names() -> Vec<String> {
     for name in ["tokens.issued", "tokens.rejected", "cache.hits", "cache.misses", "passed_on"] {
         names.push(format!("imds_mesh.{name}"));
     }
-    for outcome in FETCH_OUTCOMES {
+    for outcome in std::iter::once("success").chain(Failure::ALL.map(Failure::label)) {
         names.push(format!("imds_mesh.broker_fetches.{outcome}"));
     }
     names
@@ -128,7 +121,7 @@ mod tests {
         counters.passed_on();
         counters.fetch(Some(Failure::Denied));
         let names = names();
-        let counts: Vec<u64> = counters.take().collect();
+        let counts = counters.take();
         assert_eq!(names.len(), counts.len());
         let counted: Vec<&str> = names.iter().zip(&counts).filter(|(_, c)| **c > 0).map(|(n, _)| n.as_str()).collect();
         assert_eq!(
@@ -141,23 +134,19 @@ mod tests {
                 "imds_mesh.broker_fetches.denied"
             ]
         );
-        assert!(counters.take().all(|c| c == 0));
+        assert!(counters.take().iter().all(|c| *c == 0));
     }
 
     #[test]
-    fn every_failure_has_a_fetch_outcome() {
-        for failure in [
-            Failure::Invalid,
-            Failure::Unauthenticated,
-            Failure::Denied,
-            Failure::PodNotFound,
-            Failure::Throttled,
-            Failure::Unavailable,
-            Failure::StsError,
-            Failure::Timeout,
-            Failure::Malformed,
-        ] {
-            assert!(FETCH_OUTCOMES.contains(&failure.label()), "{failure:?}");
+    fn every_fetch_outcome_counts_under_its_own_name() {
+        let names = names();
+        for failure in std::iter::once(None).chain(Failure::ALL.map(Some)) {
+            let mut counters = Counters::default();
+            counters.fetch(failure);
+            let counts = counters.take();
+            let counted: Vec<&String> = names.iter().zip(&counts).filter(|(_, c)| **c > 0).map(|(n, _)| n).collect();
+            let label = failure.map_or("success", Failure::label);
+            assert_eq!(counted, [&format!("imds_mesh.broker_fetches.{label}")]);
         }
     }
 }

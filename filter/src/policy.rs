@@ -1,8 +1,6 @@
 //! When to serve, refresh or refetch a credential, and how to treat each
 //! broker answer: pure functions of (now, expiry, state).
 
-use serde::{Deserialize, Serialize};
-
 /// Refresh once a credential has less than this left. botocore refetches on
 /// every call below 15 minutes; 25 keeps a 10-minute cushion for broker
 /// trouble before apps notice.
@@ -29,7 +27,7 @@ pub const RETRY_AFTER_MAX_MS: u64 = 5 * 60 * 1000;
 
 /// How a fetch from the broker failed, one per row of the v1 contract plus
 /// the transport failures Envoy reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
     /// 400 InvalidRequest: our request is wrong; retrying will not help soon.
     Invalid,
@@ -52,6 +50,20 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// Every failure, in declaration order, so `failure as usize` is its
+    /// index here: [`FetchState::encode`] and the metrics use it.
+    pub const ALL: [Self; 9] = [
+        Self::Invalid,
+        Self::Unauthenticated,
+        Self::Denied,
+        Self::PodNotFound,
+        Self::Throttled,
+        Self::Unavailable,
+        Self::StsError,
+        Self::Timeout,
+        Self::Malformed,
+    ];
+
     /// The failure a broker status stands for (`None` for 200).
     pub fn from_status(status: u32) -> Option<Self> {
         Some(match status {
@@ -119,7 +131,7 @@ impl Failure {
 
 /// The fetch bookkeeping for one role, shared by every worker (in proxy-wasm
 /// shared data, updated by compare-and-swap).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FetchState {
     /// A fetch is in flight until this time (the lease); 0 when none.
     pub lease_until_ms: u64,
@@ -132,6 +144,39 @@ pub struct FetchState {
 }
 
 impl FetchState {
+    /// The length of [`encode`](Self::encode)'s output.
+    pub const ENCODED_LEN: usize = 21;
+
+    /// The shared-data form: both times and the failure count
+    /// little-endian (as the VM stores them), then the last failure as 1 + its index in [`Failure::ALL`] (0 for
+    /// none).
+    pub fn encode(&self) -> [u8; Self::ENCODED_LEN] {
+        let mut out = [0; Self::ENCODED_LEN];
+        out[..8].copy_from_slice(&self.lease_until_ms.to_le_bytes());
+        out[8..16].copy_from_slice(&self.next_attempt_ms.to_le_bytes());
+        out[16..20].copy_from_slice(&self.failures.to_le_bytes());
+        out[20] = self.last_failure.map_or(0, |f| f as u8 + 1);
+        out
+    }
+
+    /// Reads what [`encode`](Self::encode) wrote; `None` for anything else.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        let bytes: &[u8; Self::ENCODED_LEN] = bytes.try_into().ok()?;
+        let (lease, rest) = bytes.split_first_chunk::<8>()?;
+        let (next, rest) = rest.split_first_chunk::<8>()?;
+        let (failures, [failure]) = rest.split_first_chunk::<4>()? else { return None };
+        let last_failure = match failure {
+            0 => None,
+            n => Some(*Failure::ALL.get(usize::from(*n) - 1)?),
+        };
+        Some(Self {
+            lease_until_ms: u64::from_le_bytes(*lease),
+            next_attempt_ms: u64::from_le_bytes(*next),
+            failures: u32::from_le_bytes(*failures),
+            last_failure,
+        })
+    }
+
     /// Whether a fetch is in flight (its lease has not run out).
     pub fn fetching(&self, now_ms: u64) -> bool {
         now_ms < self.lease_until_ms
@@ -188,6 +233,25 @@ mod tests {
 
     const NOW: u64 = 1_800_000_000_000;
     const MIN: u64 = 60_000;
+
+    #[test]
+    fn every_failure_sits_at_its_own_index() {
+        for (i, failure) in Failure::ALL.into_iter().enumerate() {
+            assert_eq!(failure as usize, i, "{failure:?}");
+        }
+    }
+
+    #[test]
+    fn fetch_state_round_trips_through_shared_data() {
+        for last_failure in std::iter::once(None).chain(Failure::ALL.map(Some)) {
+            let state = FetchState { lease_until_ms: NOW, next_attempt_ms: u64::MAX, failures: 7, last_failure };
+            assert_eq!(FetchState::decode(&state.encode()), Some(state));
+        }
+        let mut unknown = FetchState::default().encode();
+        unknown[FetchState::ENCODED_LEN - 1] = Failure::ALL.len() as u8 + 1;
+        assert_eq!(FetchState::decode(&unknown), None);
+        assert_eq!(FetchState::decode(b"{}"), None);
+    }
 
     #[test]
     fn expired_or_nearly_expired_credentials_are_never_served() {

@@ -94,7 +94,7 @@ fn now_ms() -> u64 {
     hostcalls::get_current_time()
         .ok()
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .map_or(0, |d| d.as_secs().saturating_mul(1000).saturating_add(u64::from(d.subsec_millis())))
 }
 
 /// What one worker's contexts share.
@@ -140,7 +140,8 @@ impl Context for Root {
         let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
             .ok()
             .flatten()
-            .and_then(|s| std::str::from_utf8(&s).ok()?.parse().ok());
+            .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u64>().ok())
+            .and_then(|s| u32::try_from(s).ok());
         let retry_after =
             hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, "retry-after").ok().flatten();
         let body =
@@ -204,7 +205,7 @@ impl RootContext for Root {
             }
         }
         self.answer_waiters();
-        let counts: Vec<u64> = worker.borrow_mut().responder.counters.take().collect();
+        let counts = worker.borrow_mut().responder.counters.take();
         for (id, count) in self.metric_ids.iter().zip(counts) {
             if count > 0 {
                 let _ = hostcalls::increment_metric(*id, i64::try_from(count).unwrap_or(i64::MAX));

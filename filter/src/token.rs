@@ -1,18 +1,18 @@
 //! Stateless IMDSv2 session tokens.
 //!
-//! A token is `base64url(expiry || HMAC-SHA256(key, DOMAIN || expiry)[..MAC_LEN])`.
+//! A token is `hex(expiry || HMAC-SHA256(key, DOMAIN || expiry)[..MAC_LEN])`,
+//! in lowercase hex: 48 characters.
 //! The key is random per Envoy process and shared by every worker through
 //! proxy-wasm shared data, so any worker can check a token another issued,
 //! and nothing is stored per token.
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::digest::KeyInit;
 use hmac::digest::generic_array::GenericArray;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::cache::SharedStore;
+use crate::hex;
 
 /// Bytes of key material; HMAC-SHA256's block-size-independent strength.
 pub const KEY_LEN: usize = 32;
@@ -88,7 +88,8 @@ pub fn shared_key(store: &impl SharedStore, fresh: &[u8; KEY_LEN]) -> Option<[u8
 /// Issues and checks tokens with one process-wide key.
 pub struct TokenSigner {
     mac: Hmac<Sha256>,
-    memo: [Option<(Vec<u8>, u64)>; MEMO_SLOTS],
+    /// Tokens that verified, with their expiry (zero: an empty slot).
+    memo: [([u8; 2 * TOKEN_LEN], u64); MEMO_SLOTS],
     next_slot: usize,
 }
 
@@ -100,7 +101,7 @@ impl TokenSigner {
         let mut block = [0u8; 64];
         block[..KEY_LEN].copy_from_slice(key);
         let mac = <Hmac<Sha256> as KeyInit>::new(GenericArray::from_slice(&block));
-        Self { mac, memo: Default::default(), next_slot: 0 }
+        Self { mac, memo: [([0; 2 * TOKEN_LEN], 0); MEMO_SLOTS], next_slot: 0 }
     }
 
     /// A token valid until `now_ms + ttl_seconds`.
@@ -109,19 +110,18 @@ impl TokenSigner {
         let mut raw = [0u8; TOKEN_LEN];
         raw[..EXPIRY_LEN].copy_from_slice(&expiry_ms.to_be_bytes());
         raw[EXPIRY_LEN..].copy_from_slice(&self.tag(expiry_ms)[..MAC_LEN]);
-        URL_SAFE_NO_PAD.encode(raw)
+        let mut text = String::with_capacity(2 * TOKEN_LEN);
+        hex::push_lower(&mut text, &raw);
+        text
     }
 
     /// Checks a token presented at `now_ms`.
     pub fn verify(&mut self, token: &[u8], now_ms: u64) -> Result<(), BadToken> {
-        if let Some((_, expiry_ms)) = self.memo.iter().flatten().find(|(known, _)| known.as_slice() == token) {
+        if let Some((_, expiry_ms)) = self.memo.iter().find(|(known, expiry_ms)| *expiry_ms > 0 && known == token) {
             return if now_ms < *expiry_ms { Ok(()) } else { Err(BadToken::Expired) };
         }
-        let mut raw = [0u8; TOKEN_LEN];
-        match URL_SAFE_NO_PAD.decode_slice(token, &mut raw) {
-            Ok(TOKEN_LEN) => {}
-            _ => return Err(BadToken::Malformed),
-        }
+        // Lowercase only, so each token has one spelling.
+        let raw: [u8; TOKEN_LEN] = hex::decode_lower(token).ok_or(BadToken::Malformed)?;
         let (expiry, tag) = raw.split_at(EXPIRY_LEN);
         let mut expiry_bytes = [0u8; EXPIRY_LEN];
         expiry_bytes.copy_from_slice(expiry);
@@ -133,8 +133,11 @@ impl TokenSigner {
         if now_ms >= expiry_ms {
             return Err(BadToken::Expired);
         }
-        self.memo[self.next_slot] = Some((token.to_vec(), expiry_ms));
-        self.next_slot = (self.next_slot + 1) % MEMO_SLOTS;
+        // A token that decoded has exactly this length.
+        if let Ok(known) = token.try_into() {
+            self.memo[self.next_slot] = (known, expiry_ms);
+            self.next_slot = (self.next_slot + 1) % MEMO_SLOTS;
+        }
         Ok(())
     }
 
@@ -231,6 +234,7 @@ mod tests {
     fn issued_token_is_valid_until_its_ttl_ends() {
         let mut s = signer(1);
         let token = s.issue(NOW, 60);
+        assert!(token.len() == 48 && token.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')), "{token}");
         assert_eq!(s.verify(token.as_bytes(), NOW), Ok(()));
         assert_eq!(s.verify(token.as_bytes(), NOW + 59_999), Ok(()));
         assert_eq!(s.verify(token.as_bytes(), NOW + 60_000), Err(BadToken::Expired));
@@ -248,11 +252,13 @@ mod tests {
     fn tampered_token_is_refused() {
         let mut s = signer(1);
         let token = s.issue(NOW, 60);
-        let mut raw = URL_SAFE_NO_PAD.decode(&token).unwrap();
+        let mut raw: [u8; TOKEN_LEN] = hex::decode_lower(token.as_bytes()).unwrap();
         raw[7] ^= 0x01; // stretch the expiry
-        let tampered = URL_SAFE_NO_PAD.encode(&raw);
+        let tampered: String = raw.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(s.verify(tampered.as_bytes(), NOW), Err(BadToken::Forged));
-        for junk in [&b""[..], b"x", b"!!!!", &[0xff; 32], &token.as_bytes()[..token.len() - 1]] {
+        let upper = token.to_ascii_uppercase();
+        let short = &token.as_bytes()[..token.len() - 2];
+        for junk in [&b""[..], b"x", b"!!!!", &[0xff; 48], short, upper.as_bytes(), &[b'g'; 48]] {
             assert_eq!(s.verify(junk, NOW), Err(BadToken::Malformed));
         }
     }

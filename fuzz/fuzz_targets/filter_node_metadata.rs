@@ -89,7 +89,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         Enablement::Disabled { reason } => {
-            assert!(!reason.is_empty());
+            assert!(!reason.to_string().is_empty());
             // The exact label, a valid annotation and name always enable.
             let valid_name = input.name.as_deref().is_some_and(|n| {
                 !n.is_empty()
@@ -128,7 +128,7 @@ fuzz_target!(|data: &[u8]| {
     };
     if let Some(body) = served {
         let stored = input.shared_credential.as_deref().expect("served with nothing stored");
-        let expiry = u64::from_be_bytes(stored[..8].try_into().unwrap());
+        let expiry = u64::from_le_bytes(stored[..8].try_into().unwrap());
         assert!(now.saturating_add(MIN_SERVED_LIFETIME_MS) < expiry, "served at {now} a credential expiring {expiry}");
         assert_eq!(body, stored[8..]);
     }

@@ -133,7 +133,8 @@ impl EnvoyBuilder {
 
     /// Edits the filter's `pluginConfig`, starting from the defaults.
     pub fn config(mut self, edit: impl FnOnce(&mut Config)) -> Self {
-        let mut config: Config = serde_json::from_value(self.config.clone()).unwrap_or_default();
+        let json = serde_json::to_vec(&self.config).unwrap_or_default();
+        let mut config = Config::from_json(&json).unwrap_or_default();
         edit(&mut config);
         self.config = serde_json::to_value(config).unwrap_or(Value::Null);
         self
