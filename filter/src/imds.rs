@@ -80,6 +80,10 @@ struct Served {
     role: RoleArn,
     pod: String,
     cache: CredentialCache,
+    /// `/latest/meta-data/iam/security-credentials/<role name>`: the path
+    /// nearly every credential request has, routed without the general
+    /// parser (it routes there exactly as [`route::route`] would).
+    credentials_path: String,
 }
 
 const TEXT: &str = "text/plain";
@@ -93,7 +97,12 @@ impl Responder {
     /// A responder for this pod; `key` is the process-wide token key.
     pub fn new(config: Config, enablement: Enablement, key: &[u8; KEY_LEN], store: &impl SharedStore) -> Self {
         let served = match enablement {
-            Enablement::Enabled { role, pod } => Some(Served { cache: CredentialCache::new(&role, store), role, pod }),
+            Enablement::Enabled { role, pod } => Some(Served {
+                cache: CredentialCache::new(&role, store),
+                credentials_path: format!("/latest/meta-data/iam/security-credentials/{}", role.name()),
+                role,
+                pod,
+            }),
             Enablement::Disabled { .. } => None,
         };
         Self { config, served, signer: TokenSigner::new(key), counters: Counters::default() }
@@ -179,7 +188,13 @@ fn route_request<'a>(
     let Some(served) = served else {
         return respond(RouteKind::Other, text(404, "Not Found"));
     };
-    let route = match route::route(headers.header(":path").unwrap_or_default()) {
+    let path = headers.header(":path").unwrap_or_default();
+    let route = if path == served.credentials_path.as_bytes() {
+        Ok(Route::Credentials(served.role.name()))
+    } else {
+        route::route(path)
+    };
+    let route = match route {
         Ok(route) => route,
         Err(route::BadPath(reason)) => {
             log::debug!("IMDS request refused: {reason}");
@@ -382,6 +397,16 @@ mod tests {
         }
         assert_eq!(status(&mut r, "GET", "/latest/meta-data/iam/security-credentials/other", &none, &store), 404);
         assert_eq!(status(&mut r, "GET", "/latest/meta-data/instance-id", &none, &store), 404);
+    }
+
+    #[test]
+    fn the_canonical_credential_path_routes_as_the_parser_routes_it() {
+        let store = MemoryStore::default();
+        let r = warm(Config::default(), &store);
+        let served = r.served.as_ref().unwrap();
+        let path = served.credentials_path.as_bytes();
+        assert_eq!(route::route(path), Ok(Route::Credentials(served.role.name())));
+        assert_eq!(path, b"/latest/meta-data/iam/security-credentials/app");
     }
 
     #[test]

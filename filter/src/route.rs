@@ -55,20 +55,29 @@ pub fn route(path: &[u8]) -> Result<Route<'_>, BadPath> {
     if rest.is_empty() {
         return Ok(Route::Other);
     }
-    let mut segments = rest.split('/');
-    if segments.clone().any(|s| s.is_empty()) {
+    // One pass over the segments (this runs on every request): keep the
+    // version and the five after it, note any empty or dot segment.
+    let mut parts: [Option<&str>; 6] = [None; 6];
+    let (mut empty, mut dot) = (false, false);
+    for (i, segment) in rest.split('/').enumerate() {
+        empty |= segment.is_empty();
+        dot |= segment == "." || segment == "..";
+        if let Some(part) = parts.get_mut(i) {
+            *part = Some(segment);
+        }
+    }
+    if empty {
         return Err(BadPath("empty path segment"));
     }
-    if segments.clone().any(|s| s == "." || s == "..") {
+    if dot {
         return Err(BadPath("dot segment in path"));
     }
-    let Some(version) = segments.next() else {
+    let [Some(version), tail @ ..] = parts else {
         return Ok(Route::Other);
     };
-    if !is_api_version(version) {
+    if !is_api_version(version.as_bytes()) {
         return Ok(Route::Other);
     }
-    let tail: [Option<&str>; 5] = std::array::from_fn(|_| segments.next());
     Ok(match tail {
         [Some("api"), Some("token"), None, _, _] if !trailing_slash && version == "latest" => Route::Token,
         [Some("api"), Some("token"), None, _, _] if !trailing_slash => Route::DatedToken,
@@ -81,11 +90,10 @@ pub fn route(path: &[u8]) -> Result<Route<'_>, BadPath> {
 }
 
 /// `latest` or a dated version such as `2016-09-02`.
-fn is_api_version(segment: &str) -> bool {
-    if segment == "latest" {
+fn is_api_version(b: &[u8]) -> bool {
+    if b == b"latest" {
         return true;
     }
-    let b = segment.as_bytes();
     b.len() == 10 && b.iter().enumerate().all(|(i, c)| if i == 4 || i == 7 { *c == b'-' } else { c.is_ascii_digit() })
 }
 

@@ -18,7 +18,7 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Metr
 use crate::broker::Answer;
 use crate::cache::SharedStore;
 use crate::config::{self, Config, Enablement, PodMetadata};
-use crate::imds::{self, FetchRequest, Reply, Responder, Response};
+use crate::imds::{self, FetchRequest, Reply, RequestHeaders as _, Responder, Response};
 use crate::metrics;
 use crate::token::{self, KEY_LEN};
 
@@ -84,10 +84,6 @@ impl imds::Clock for HostClock {
     fn now_ms(&self) -> u64 {
         now_ms()
     }
-}
-
-fn request_header(name: &str) -> Option<Vec<u8>> {
-    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name).ok().flatten()
 }
 
 fn now_ms() -> u64 {
@@ -279,12 +275,16 @@ impl Context for Request {}
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let mut w = self.worker.borrow_mut();
-        // Deployed as rendered, only requests on the metadata filter chain come
-        // here; where the filter runs on all port-80 traffic (other meshes,
-        // the local bootstraps), passthrough pays for exactly two host calls. Each call that returns data re-enters the VM
-        // (the host calls back to allocate) and is the dominant cost, so the
-        // full header list is read only once a request is known to be IMDS.
-        let is_imds = request_header(":authority").is_some_and(|a| w.responder.config().is_imds_authority(&a))
+        // Each host call that returns data re-enters the VM (the host calls
+        // back to allocate) and dominates a request's cost. Deployed as
+        // rendered, only requests on the metadata filter chain come here, so
+        // the full header list, which an IMDS answer needs anyway, is read
+        // first and the `:authority` taken from it: one call per request.
+        // Where the filter runs on all port-80 traffic (other meshes, the
+        // local bootstraps), a request for another host pays for a second
+        // call, its original destination.
+        let headers = HeaderPairs::read();
+        let is_imds = headers.header(":authority").is_some_and(|a| w.responder.config().is_imds_authority(a))
             || hostcalls::get_property(vec!["destination", "address"])
                 .ok()
                 .flatten()
@@ -294,7 +294,6 @@ impl HttpContext for Request {
             return Action::Continue;
         }
         self.answered_here = true;
-        let headers = HeaderPairs::read();
         let clock = HostClock { tick_ms: w.tick_ms };
         let max_wait_ms = w.responder.config().max_wait_ms;
         let Worker { responder, waiters, .. } = &mut *w;

@@ -268,10 +268,21 @@ pub fn print_targets_heading() {
 /// One target row: the median of the per-round `ratios` (with their spread)
 /// against `target`.
 pub fn print_ratio_target(what: &str, ratios: Vec<f64>, target: f64) {
-    let (lo, hi) = ratios.iter().fold((f64::MAX, 0.0_f64), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
-    let m = median(ratios.into_iter());
-    let spread = format!("{lo:.2}..{hi:.2}");
+    let (m, spread) = median_and_spread(ratios);
     println!("{what:<42} {m:>9.3} {spread:>15} {:>10} {}", format!(">= {target:.2}"), verdict(m >= target));
+}
+
+/// The median of per-round ratios, and their spread as `min..max`.
+fn median_and_spread(ratios: Vec<f64>) -> (f64, String) {
+    let (lo, hi) = ratios.iter().fold((f64::MAX, 0.0_f64), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+    (median(ratios.into_iter()), format!("{lo:.2}..{hi:.2}"))
+}
+
+/// A ratio row without a target: the median of the per-round `ratios`,
+/// with their spread.
+pub fn print_ratio(what: &str, ratios: Vec<f64>) {
+    let (m, spread) = median_and_spread(ratios);
+    println!("{what:<42} {m:>9.3} {spread:>15}");
 }
 
 /// `wrk -v`'s first line, or `None` when wrk is not installed.

@@ -101,6 +101,9 @@ pub struct Envoy {
     /// A listener with the floor filter ([`paths::floor_wasm`]), when asked
     /// for.
     pub floor_addr: Option<SocketAddr>,
+    /// A listener with the floor filter reading the request headers before
+    /// it answers (its root id [`FLOOR_READING_HEADERS`]), with the floor.
+    pub floor_reading_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
 }
 
@@ -196,9 +199,10 @@ impl EnvoyBuilder {
         self
     }
 
-    /// Adds a listener whose only filter is the proxy-wasm floor
+    /// Adds two listeners whose only filter is the proxy-wasm floor
     /// ([`paths::floor_wasm`]) answering every request with `body` (the
-    /// benchmark's baseline for the filter's own answer).
+    /// benchmark's baseline for the filter's own answer): as it is, and
+    /// reading the request headers first ([`FLOOR_READING_HEADERS`]).
     pub fn floor_response(mut self, body: Vec<u8>) -> Self {
         self.floor_body = Some(body);
         self
@@ -252,7 +256,10 @@ impl EnvoyBuilder {
             extra.push(direct_listener(port, body));
         }
         if let (Some(body), Some(port)) = (&self.floor_body, ports.floor) {
-            extra.push(floor_listener(port, body));
+            extra.push(floor_listener("floor", port, body, None));
+        }
+        if let (Some(body), Some(port)) = (&self.floor_body, ports.floor_reading) {
+            extra.push(floor_listener("floor_reading_headers", port, body, Some(FLOOR_READING_HEADERS)));
         }
         if let Some(listeners) = bootstrap["static_resources"]["listeners"].as_array_mut() {
             listeners.extend(extra);
@@ -343,6 +350,7 @@ fn launch(bootstrap: &Value, ports: &Ports, workers: u32, netns: Option<&NetNs>)
         plain_addr: loopback(ports.plain),
         direct_addr: ports.direct.map(loopback),
         floor_addr: ports.floor.map(loopback),
+        floor_reading_addr: ports.floor_reading.map(loopback),
         admin_addr: loopback(ports.admin),
     };
     (envoy, config_path)
@@ -355,6 +363,7 @@ pub struct Ports {
     pub plain: u16,
     pub direct: Option<u16>,
     pub floor: Option<u16>,
+    pub floor_reading: Option<u16>,
     pub admin: u16,
 }
 
@@ -362,13 +371,14 @@ impl Ports {
     /// Ports the kernel reports free right now.
     pub fn free(direct: bool, floor: bool) -> Self {
         let sockets: Vec<TcpListener> =
-            (0..5).map(|_| TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"))).collect();
+            (0..6).map(|_| TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"))).collect();
         let port = |i: usize| sockets[i].local_addr().map(|a| a.port()).unwrap_or_else(|e| panic!("{e}"));
         Self {
             filter: port(0),
             plain: port(1),
             direct: direct.then(|| port(2)),
             floor: floor.then(|| port(4)),
+            floor_reading: floor.then(|| port(5)),
             admin: port(3),
         }
     }
@@ -404,7 +414,14 @@ impl Envoy {
     /// [`crate::istio`]): `addr` is the listener tests talk to, `admin` the
     /// bootstrap's admin address. Validated, then started and awaited.
     pub async fn start_bootstrap(bootstrap: &Value, addr: SocketAddr, admin: SocketAddr, workers: u32) -> Envoy {
-        let ports = Ports { filter: addr.port(), plain: addr.port(), direct: None, floor: None, admin: admin.port() };
+        let ports = Ports {
+            filter: addr.port(),
+            plain: addr.port(),
+            direct: None,
+            floor: None,
+            floor_reading: None,
+            admin: admin.port(),
+        };
         let (mut envoy, config_path) = launch(bootstrap, &ports, workers, None);
         (envoy.addr, envoy.plain_addr) = (addr, addr);
         until_ready(envoy, &config_path).await
@@ -497,15 +514,22 @@ fn assert_valid(config_path: &Path) {
     );
 }
 
+/// The floor filter's root id under which it reads the request headers
+/// before answering (`integration/floor-filter`).
+pub const FLOOR_READING_HEADERS: &str = "read-headers";
+
 /// A listener whose only HTTP filter (before the router) is the floor
 /// filter answering `body`.
-fn floor_listener(port: u16, body: &[u8]) -> Value {
-    let floor = envoy::wasm_filter(&paths::floor_wasm(), &Value::from(String::from_utf8_lossy(body)));
+fn floor_listener(name: &str, port: u16, body: &[u8], root_id: Option<&str>) -> Value {
+    let mut floor = envoy::wasm_filter(&paths::floor_wasm(), &Value::from(String::from_utf8_lossy(body)));
+    if let Some(root_id) = root_id {
+        floor["typed_config"]["config"]["root_id"] = Value::from(root_id);
+    }
     let virtual_hosts = json!([{ "name": "all", "domains": ["*"], "routes": [{ "match": { "prefix": "/" }, "direct_response": { "status": 404 } }] }]);
     json!({
-        "name": "floor",
+        "name": name,
         "address": envoy::socket(SocketAddr::from(([127, 0, 0, 1], port))),
-        "filter_chains": [{ "filters": [envoy::http_connection_manager("floor", virtual_hosts, vec![floor, envoy::router()])] }],
+        "filter_chains": [{ "filters": [envoy::http_connection_manager(name, virtual_hosts, vec![floor, envoy::router()])] }],
     })
 }
 

@@ -19,12 +19,17 @@
 //!   filter that answers every request with one fixed body) answering the
 //!   same bytes as b, on a listener of the first Envoy: what any proxy-wasm
 //!   filter pays, the baseline b is held to.
+//! - h: the floor again, reading the request's header list before it
+//!   answers, in the one host call the filter makes for it: what any filter
+//!   that answers from the request pays. h/g is the cost of that read
+//!   alone, b/h everything else the filter does.
 //!
 //! Reading the output: one line per round with req/s and p99 per case, then
 //! the median per case over the rounds, then the targets. A ratio is taken
 //! within each round, between a case and its baseline run right next to it,
 //! and the median of those per-round ratios is held against the target:
-//! `b/g` >= 0.97 (the filter's local answer vs the floor's), `b/a` >= 0.90
+//! `b/g` >= 0.97 (the filter's local answer vs the floor's; b/h and h/g,
+//! its two parts, are printed without a target), `b/a` >= 0.90
 //! (vs Envoy's own), `c/d` and
 //! `e/f` >= 0.97 (what the filter costs traffic it only looks at, on every
 //! route and as deployed), and the .wasm against 150 KB. PASS/MISS are information, not a verdict: the exit code is 0
@@ -77,6 +82,7 @@ const D: usize = 3;
 const E: usize = 4;
 const F: usize = 5;
 const G: usize = 6;
+const H: usize = 7;
 
 /// One load to measure.
 struct Case {
@@ -112,7 +118,7 @@ struct Bench {
     /// Istio's generated sidecars of an enabled and a plain pod (e, f).
     _generated: [AppSidecar; 2],
     _mesh: Mesh,
-    cases: [Case; 7],
+    cases: [Case; 8],
     wrk: Wrk,
     /// The credential JSON served in cases a and b.
     body: Vec<u8>,
@@ -135,7 +141,7 @@ async fn run(options: Options) -> Result<(), String> {
         load.connections, load.secs
     );
     println!(
-        "  rounds       {}: a b g c d e f, then f e d c g b a, and so on; {WARM_UP_SECS}s unmeasured warm-up per case first",
+        "  rounds       {}: a b g h c d e f, then f e d c h g b a, and so on; {WARM_UP_SECS}s unmeasured warm-up per case first",
         options.rounds
     );
     println!("  nproc        {}", nproc().await);
@@ -195,6 +201,8 @@ impl Bench {
             .await;
         let direct = envoy.direct_addr.ok_or("the harness started Envoy without the direct_response listener")?;
         let floor = envoy.floor_addr.ok_or("the harness started Envoy without the floor listener")?;
+        let floor_reading =
+            envoy.floor_reading_addr.ok_or("the harness started Envoy without the floor listener reading headers")?;
         let (generated, mesh) = istio_sidecars(workers).await;
         let case = |key, what, addr, host, path| Case { key, what, addr, host, path };
         let cases = [
@@ -217,6 +225,7 @@ impl Bench {
                 PASSTHROUGH_PATH,
             ),
             case("g", "floor filter, fixed answer", floor, IMDS_HOST, CREDENTIALS_PATH),
+            case("h", "floor filter reading headers", floor_reading, IMDS_HOST, CREDENTIALS_PATH),
         ];
         wait::until("the filter to serve the credential", || async {
             (envoy.imds(Req::get(CREDENTIALS_PATH)).await.status == 200).then_some(())
@@ -268,12 +277,12 @@ async fn istio_sidecars(workers: u32) -> ([AppSidecar; 2], Mesh) {
 /// case stays next to its baseline (a-b, c-d, e-f), so a per-round ratio
 /// compares runs seconds apart, and within a pair each goes first in half
 /// the rounds.
-fn schedule(round: usize) -> [usize; 7] {
-    if round.is_multiple_of(2) { [A, B, G, C, D, E, F] } else { [F, E, D, C, G, B, A] }
+fn schedule(round: usize) -> [usize; 8] {
+    if round.is_multiple_of(2) { [A, B, G, H, C, D, E, F] } else { [F, E, D, C, H, G, B, A] }
 }
 
 /// The targets: per-round paired ratios (median, spread) and the .wasm size.
-fn print_targets(samples: &[Vec<Sample>; 7], wasm_size: u64) {
+fn print_targets(samples: &[Vec<Sample>; 8], wasm_size: u64) {
     let ratios = |x: usize, base: usize, of: fn(&Sample) -> f64| bench::ratios(samples, x, base, of);
     bench::print_targets_heading();
     for (what, x, base, target) in [
@@ -283,6 +292,11 @@ fn print_targets(samples: &[Vec<Sample>; 7], wasm_size: u64) {
         ("e/f req/s (passthrough on Istio's output)", E, F, PASSTHROUGH_TARGET),
     ] {
         bench::print_ratio_target(what, ratios(x, base, |s| s.rps), target);
+        if x == B && base == G {
+            // b/g's two parts: the header read (h/g) and the rest (b/h).
+            bench::print_ratio("  h/g: the floor reading headers", ratios(H, G, |s| s.rps));
+            bench::print_ratio("  b/h: the filter vs that floor", ratios(B, H, |s| s.rps));
+        }
     }
     let size_goal = format!("<= {WASM_SIZE_TARGET}");
     println!(
@@ -458,6 +472,7 @@ mod tests {
         for round in 0..4 {
             assert_eq!(at(round, A).abs_diff(at(round, B)), 1, "round {round}");
             assert_eq!(at(round, G).abs_diff(at(round, B)), 1, "round {round}");
+            assert_eq!(at(round, H).abs_diff(at(round, G)), 1, "round {round}");
             assert_eq!(at(round, C).abs_diff(at(round, D)), 1, "round {round}");
             assert_eq!(at(round, E).abs_diff(at(round, F)), 1, "round {round}");
             assert_ne!(at(round, A) < at(round, B), at(round + 1, A) < at(round + 1, B), "round {round}");
