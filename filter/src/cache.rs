@@ -41,6 +41,14 @@ pub struct CredentialCache {
     version: u32,
 }
 
+/// Shared-data keys, a role's ARN after each. The `v2` is the encoding's:
+/// shared data belongs to the Envoy process, not to a VM, so a filter
+/// updated in a running sidecar finds what the previous build stored, and
+/// must not read it in its own encoding (v1 held the fetch state as JSON and
+/// the expiry big-endian).
+pub const CREDENTIAL_KEY_PREFIX: &str = "imds-mesh/v2/credential/";
+pub const STATE_KEY_PREFIX: &str = "imds-mesh/v2/fetch/";
+
 /// The shared credential's value once a denial withdrew it: no credential
 /// (shared data has no delete).
 const WITHDRAWN: &[u8] = &[];
@@ -52,8 +60,8 @@ impl CredentialCache {
     /// The cache for `role`; creates its shared fetch state if absent.
     pub fn new(role: &RoleArn, store: &impl SharedStore) -> Self {
         let cache = Self {
-            credential_key: format!("imds-mesh/v1/credential/{role}"),
-            state_key: format!("imds-mesh/v1/fetch/{role}"),
+            credential_key: format!("{CREDENTIAL_KEY_PREFIX}{role}"),
+            state_key: format!("{STATE_KEY_PREFIX}{role}"),
             local: None,
             version: 0,
         };

@@ -11,7 +11,7 @@
 #![no_main]
 
 use imds_filter::arn::RoleArn;
-use imds_filter::cache::{CredentialCache, Lookup, SharedStore};
+use imds_filter::cache::{CREDENTIAL_KEY_PREFIX, CredentialCache, Lookup, STATE_KEY_PREFIX, SharedStore};
 use imds_filter::config::{Config, ENABLED_VALUE, Enablement, PodMetadata};
 use imds_filter::credentials::Credential;
 use imds_filter::policy::MIN_SERVED_LIFETIME_MS;
@@ -110,10 +110,10 @@ fuzz_target!(|data: &[u8]| {
     let store = MemoryStore::default();
     let role = RoleArn::parse(ROLE_ARN).unwrap();
     if let Some(bytes) = &input.shared_state {
-        store.set(&format!("imds-mesh/v1/fetch/{role}"), bytes, None);
+        store.set(&format!("{STATE_KEY_PREFIX}{role}"), bytes, None);
     }
     if let Some(bytes) = &input.shared_credential {
-        store.set(&format!("imds-mesh/v1/credential/{role}"), bytes, None);
+        store.set(&format!("{CREDENTIAL_KEY_PREFIX}{role}"), bytes, None);
         let decoded = Credential::decode(bytes);
         assert_eq!(decoded.is_some(), bytes.len() >= 8);
         if let Some(credential) = decoded {
