@@ -147,9 +147,9 @@ impl FetchState {
     /// The length of [`encode`](Self::encode)'s output.
     pub const ENCODED_LEN: usize = 21;
 
-    /// The shared-data form: both times and the failure count
-    /// little-endian (as the VM stores them), then the last failure as 1 + its index in [`Failure::ALL`] (0 for
-    /// none).
+    /// The shared-data form: both times and the failure count little-endian
+    /// (as the VM stores them), then the last failure as 1 + its index in
+    /// [`Failure::ALL`] (0 for none).
     pub fn encode(&self) -> [u8; Self::ENCODED_LEN] {
         let mut out = [0; Self::ENCODED_LEN];
         out[..8].copy_from_slice(&self.lease_until_ms.to_le_bytes());
